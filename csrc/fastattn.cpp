@@ -1,0 +1,37 @@
+// Operator schemas of the `fastattn` namespace and the Python module `fastattn._C`.
+//
+// Each backend registers its kernels for these schemas in its own file
+// (csrc/cpu/*.cpp for CPU, csrc/cuda_bindings.cpp for CUDA). Conventions shared by all:
+//   q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), Hq % Hkv == 0, last dim contiguous.
+//   mask: None, or a bool (true = attend) / additive float tensor already expanded to
+//         (B, Hq, Sq, Sk) (broadcast dims have stride 0).
+//   causal: 0 none, 1 top-left (SDPA), 2 bottom-right (query i sees keys <= i + Sk - Sq).
+//   lse: float32 (B, Hq, Sq), natural log; -inf for rows that see no key (their output is 0).
+//   softmax ops work over the last dim of a 4-d x (B, H, R, C) with the same mask rules;
+//   softmax_bwd returns the gradient w.r.t. the softmax input (scale*x + mask).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn, m) {
+  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int causal)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? mask, float scale, int causal, bool mask_grad)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int causal) -> Tensor");
+  m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
+}
+
+#ifndef FASTATTN_CUDA_ARCHS
+#define FASTATTN_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastattn compiled kernels (operators live in torch.ops.fastattn)";
+#ifdef FASTATTN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("cuda_archs") = FASTATTN_CUDA_ARCHS;
+}

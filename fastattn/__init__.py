@@ -1,0 +1,22 @@
+"""fastattn: fused attention and masked-softmax kernels for PyTorch.
+
+    import fastattn
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # drop-in for SDPA
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)  # bottom-right causal, GQA
+    probs = fastattn.softmax(scores, mask=mask, scale=0.125)               # fused masked softmax
+"""
+from ._version import __version__
+from .dispatch import BACKENDS, backends, use_backend
+from .functional import attention, scaled_dot_product_attention, softmax
+from .info import info
+
+__all__ = [
+    "__version__",
+    "BACKENDS",
+    "attention",
+    "backends",
+    "info",
+    "scaled_dot_product_attention",
+    "softmax",
+    "use_backend",
+]

@@ -1,0 +1,20 @@
+"""Command line: `python -m fastattn info`."""
+import argparse
+import json
+import sys
+
+from .info import info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastattn", description="fastattn command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions and which backends are usable here, and why not")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(json.dumps(info(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

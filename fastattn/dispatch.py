@@ -1,0 +1,132 @@
+"""Which backend runs a call, and why the others can't.
+
+Backends, in the order automatic dispatch tries them:
+  cuda       CUDA C++ kernels (fastattn._C built with CUDA), CUDA tensors
+  triton     Triton kernels, CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, and
+             only when forced: the interpreter is for testing, not speed)
+  cpu        C++ CPU kernels (fastattn._C), CPU tensors
+  reference  pure PyTorch, anything (materialises the score matrix)
+A backend can be forced per call (`backend=`), for a block of code (`use_backend(name)`), or
+for the process (environment variable FASTATTN_BACKEND). A forced backend that cannot run a
+call raises a ValueError saying why, instead of silently running another.
+"""
+import contextlib
+import os
+
+import torch
+
+from . import ops
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# Order for CUDA tensors: Triton first until GPU measurements say otherwise (see README).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+_NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The backend forced by use_backend(); a plain module global so torch.compile can read it.
+_forced_backend = None
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Forces `name` for every fastattn call in this block (process-wide, not per thread)."""
+    global _forced_backend
+    check_backend_name(name, "use_backend")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def check_backend_name(name, argument="backend"):
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _has_kernel(dispatch_key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attn_fwd", dispatch_key)
+
+
+def build_status():
+    """{backend: None if built and importable here, else the reason it is not}."""
+    status = {"reference": None, "cpu": ops.C_IMPORT_ERROR, "triton": ops.TRITON_IMPORT_ERROR}
+    if ops._C is not None and not _has_kernel("CPU"):
+        status["cpu"] = "fastattn._C has no CPU kernels registered"
+    if ops._C is None:
+        status["cuda"] = ops.C_IMPORT_ERROR
+    elif not ops._C.with_cuda or not _has_kernel("CUDA"):
+        status["cuda"] = "fastattn._C was built without CUDA (no CUDA torch or nvcc at build time)"
+    elif not torch.cuda.is_available():
+        status["cuda"] = "no CUDA device is available"
+    else:
+        status["cuda"] = None
+    if status["triton"] is None and not torch.cuda.is_available() and not _triton_interpreted():
+        status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels interpreted on CPU)"
+    return status
+
+
+def _device_reason(backend, device):
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend takes CPU tensors, got {device.type}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {device.type}"
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+        return f"the triton backend takes CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device.type}"
+    return None
+
+
+def attention_reason(backend, q, k, v, mask):
+    """None if `backend` can run this attention call, else why not."""
+    reason = build_status()[backend] or _device_reason(backend, q.device)
+    if reason or backend == "reference":
+        return reason
+    if q.dtype not in _NATIVE_DTYPES:
+        return f"the {backend} backend takes float16, bfloat16 or float32, got {q.dtype}"
+    if backend == "cpu" and max(q.shape[-1], v.shape[-1]) > 256:
+        return f"the cpu backend supports head dims up to 256, got {q.shape[-1]} and {v.shape[-1]}"
+    if backend == "triton":
+        return ops.triton_backend.supports(q, k, v, mask)
+    if backend == "cuda":
+        from . import cuda_support
+
+        return cuda_support.supports(q, k, v, mask)
+    return None
+
+
+def softmax_reason(backend, x):
+    """None if `backend` can run this fused softmax call, else why not."""
+    reason = build_status()[backend] or _device_reason(backend, x.device)
+    if reason is None and backend != "reference" and x.dtype not in _NATIVE_DTYPES:
+        reason = f"the {backend} backend takes float16, bfloat16 or float32, got {x.dtype}"
+    return reason
+
+
+def requested_backend(backend):
+    """The backend the caller forced, if any: argument, then use_backend(), then FASTATTN_BACKEND."""
+    check_backend_name(backend)
+    name = backend or _forced_backend or os.environ.get("FASTATTN_BACKEND") or None
+    check_backend_name(name, "FASTATTN_BACKEND")
+    return name
+
+
+def choose(reason_for, device, backend=None):
+    """Picks the backend for one call. `reason_for(name)` returns None when `name` can run it."""
+    forced = requested_backend(backend)
+    if forced is not None:
+        reason = reason_for(forced)
+        if reason is not None:
+            raise ValueError(f"backend {forced!r} cannot run this call: {reason}")
+        return forced
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        if reason_for(name) is None:
+            return name
+    return "reference"
+
+
+def backends():
+    """{backend: {"usable": bool, "reason": why not or None}} for this machine."""
+    return {name: {"usable": reason is None, "reason": reason} for name, reason in build_status().items()}

@@ -1,0 +1,100 @@
+"""The public functions: argument checks, backend choice, then one op call."""
+import torch
+
+from . import dispatch, ops, reference
+from .reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+
+
+def _ops_for(backend):
+    return ops.TRITON_OPS if backend == "triton" else ops.NATIVE_OPS
+
+
+def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
+    """Runs checked inputs on the chosen backend; returns (out, lse)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if dropout_p > 0.0:  # no fused dropout yet: the reference path applies it
+        if dispatch.requested_backend(backend) not in (None, "reference"):
+            raise ValueError("dropout_p > 0 runs on the reference backend only; do not force another backend")
+        return reference.attention(q, k, v, mask, scale, causal, dropout_p)
+    chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, mask), q.device, backend)
+    if chosen == "reference":
+        return reference.attention(q, k, v, mask, scale, causal)
+    q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
+    return _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+
+
+def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None):
+    """Fused attention softmax(scale * q @ k^T + mask) @ v.
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (GQA/MQA:
+    query head h reads key/value head h // (Hq // Hkv), without copies).
+    attn_mask: broadcastable to (B, Hq, Sq, Sk); bool (True = attend) or float (added).
+    causal: query i sees keys j <= i + Sk - Sq (bottom-right alignment, as KV-cache decoding
+    needs; equal to the usual rule when Sq == Sk).
+    return_lse: also return the natural-log sum-exp of each row's scores, float32 (B, Hq, Sq),
+    -inf for rows that see no key (their output is zero).
+    backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
+    """
+    mask = ops.check_attention_inputs(q, k, v, attn_mask, enable_gqa=True)
+    out, lse = _attention(q, k, v, mask, scale, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, backend)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention (same signature, same
+    results). Differences: rows with no visible key give zeros instead of NaN; attn_mask and
+    is_causal may be combined; dropout_p > 0 runs the unfused reference path. Inputs may be
+    (B, H, S, D) or (B, S, D)."""
+    squeeze = query.dim() == 3
+    if squeeze:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    mask = ops.check_attention_inputs(query, key, value, attn_mask, enable_gqa=enable_gqa)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    out, _ = _attention(query, key, value, mask, scale, causal, None, dropout_p)
+    return out.squeeze(1) if squeeze else out
+
+
+def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
+    """Fused softmax(scale * x + mask) along `dim`, forward and backward, any row length.
+
+    mask: broadcastable to x; bool (True = keep) or float (added after scaling).
+    causal: x's last two dims are (queries, keys), with attention()'s bottom-right rule; needs
+    dim == -1. Rows with nothing visible give zeros.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim")
+    dim = dim % x.dim()
+    if causal and (x.dim() < 2 or dim != x.dim() - 1):
+        raise ValueError("causal=True needs x with (..., queries, keys) dims and dim=-1")
+    mask = ops.prepare_mask(mask, x.shape, x, "mask")
+    causal_code = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+    if dim != x.dim() - 1:
+        x = x.movedim(dim, -1)
+        mask = None if mask is None else mask.movedim(dim, -1)
+    chosen = dispatch.choose(lambda name: dispatch.softmax_reason(name, x), x.device, backend)
+    if chosen == "reference":
+        y = reference.softmax(x, mask, scale, causal_code)
+    else:
+        shape = x.shape
+        x4 = ops.last_dim_contiguous(_as_4d(x))
+        mask4 = None if mask is None else _as_4d(mask)
+        y = _ops_for(chosen).softmax_fwd(x4, mask4, float(scale), causal_code).reshape(shape)
+    return y.movedim(-1, dim) if dim != y.dim() - 1 else y
+
+
+def _as_4d(t):
+    """(..., R, C) -> (B, H, R, C): pads leading dims with 1s or folds the extra ones."""
+    if t.dim() <= 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.reshape(-1, t.shape[-3], t.shape[-2], t.shape[-1])

@@ -1,0 +1,194 @@
+"""Custom operators: loading the compiled ops, their fake (meta) implementations, the autograd
+formulas shared by every kernel family, and the user-facing argument checks.
+
+Two op families share one set of schemas (csrc/fastattn.cpp):
+  fastattn::attn_fwd / attn_bwd / softmax_fwd / softmax_bwd          (C++: CPU, CUDA kernels)
+  fastattn::triton_attn_fwd / ... / triton_softmax_bwd                 (Triton kernels)
+"""
+import torch
+
+from . import reference
+
+try:  # registers the C++ ops and their CPU (and, in CUDA builds, CUDA) kernels
+    from . import _C
+except ImportError as error:  # pure-Python install: the reference backend still works
+    _C = None
+    C_IMPORT_ERROR = f"fastattn._C is not built ({error})"
+else:
+    C_IMPORT_ERROR = None
+
+try:  # registers the Triton ops when triton imports
+    from . import triton as triton_backend
+except ImportError as error:
+    triton_backend = None
+    TRITON_IMPORT_ERROR = f"fastattn.triton failed to import ({error})"
+else:
+    TRITON_IMPORT_ERROR = None if getattr(triton_backend, "AVAILABLE", False) else getattr(
+        triton_backend, "UNAVAILABLE_REASON", "fastattn.triton has no kernels"
+    )
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_attention_inputs(q, k, v, attn_mask, enable_gqa=True):
+    """Validates (B, H, S, D) inputs; returns the mask prepared for the kernels: None, or a
+    tensor expanded (without copying) to (B, Hq, Sq, Sk) with a kernel-readable dtype."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        _check_tensor(name, t, 4)
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"key and value must have batch size {B} like query, got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"key must have head_dim {D} like query: expected (B, Hkv, Sk, {D}), got {tuple(k.shape)}")
+    if k.shape[1] != Hkv or k.shape[2] != Sk:
+        raise ValueError(
+            f"key and value must agree in heads and sequence length: key {tuple(k.shape)}, value {tuple(v.shape)}"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if Hq != Hkv and not enable_gqa:
+        raise ValueError(
+            f"query has {Hq} heads but key/value have {Hkv}: pass enable_gqa=True for grouped-query attention"
+        )
+    return prepare_mask(attn_mask, (B, Hq, Sq, Sk), q, "attn_mask")
+
+
+def prepare_mask(mask, shape, like, name):
+    """Checks that `mask` broadcasts to `shape` and returns it expanded (a stride-0 view, no
+    copy) in a dtype the kernels read: bool, float32 or `like`'s dtype."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like the inputs, got {mask.device}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True = attend) or floating point (added to the scores), got {mask.dtype}")
+    if mask.dim() > len(shape):
+        raise ValueError(f"{name} must have at most {len(shape)} dims broadcastable to {tuple(shape)}, got {tuple(mask.shape)}")
+    try:
+        if torch.broadcast_shapes(mask.shape, shape) != torch.Size(shape):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}") from None
+    if mask.is_floating_point() and mask.dtype not in (torch.float32, like.dtype):
+        mask = mask.to(like.dtype)
+    if mask.stride(-1) != 1 and mask.shape[-1] != 1:
+        mask = mask.contiguous()
+    return mask.expand(shape)
+
+
+def last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- fake kernels
+# Shapes and dtypes of each op's outputs, for torch.compile / FakeTensor tracing.
+
+
+def _fake_attn_fwd(q, k, v, mask, scale, causal):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
+def _fake_attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad):
+    B, Hq, Sq, _ = q.shape
+    dmask_shape = (B, Hq, Sq, k.shape[2]) if mask_grad else (0,)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
+
+
+def _fake_softmax_fwd(x, mask, scale, causal):
+    return x.new_empty(x.shape)
+
+
+def _fake_softmax_bwd(grad_y, y):
+    return y.new_empty(y.shape)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _lse_gradient_terms(g_lse, q, k, mask, lse, scale, causal):
+    """Extra dq, dk, dmask when the caller differentiates the returned log-sum-exp
+    (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss."""
+    group = q.shape[1] // k.shape[1]
+    k32 = k.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k32.transpose(-2, -1)) * scale
+    scores = reference._masked_scores(scores, mask, causal)
+    finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    dscores = torch.exp(scores - finite_lse.unsqueeze(-1)) * g_lse.unsqueeze(-1)
+    dq = torch.matmul(dscores, k32) * scale
+    dk = (torch.matmul(dscores.transpose(-2, -1), q.float()) * scale).unflatten(1, (k.shape[1], group)).sum(2)
+    return dq, dk, dscores
+
+
+class OpFamily:
+    """The four ops of one kernel family with autograd attached."""
+
+    def __init__(self, prefix, register_fakes):
+        names = [f"fastattn::{prefix}{op}" for op in ("attn_fwd", "attn_bwd", "softmax_fwd", "softmax_bwd")]
+        if register_fakes:
+            for name, fake in zip(names, (_fake_attn_fwd, _fake_attn_bwd, _fake_softmax_fwd, _fake_softmax_bwd)):
+                torch.library.register_fake(name)(fake)
+        packet = torch.ops.fastattn
+        self.attn_fwd, self.attn_bwd, self.softmax_fwd, self.softmax_bwd = (
+            getattr(packet, name.split("::")[1]).default for name in names
+        )
+        torch.library.register_autograd(names[0], self._attention_backward, setup_context=self._attention_setup)
+        torch.library.register_autograd(names[2], self._softmax_backward, setup_context=self._softmax_setup)
+
+    @staticmethod
+    def _attention_setup(ctx, inputs, output):
+        q, k, v, mask, scale, causal = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale, ctx.causal = scale, causal
+        ctx.set_materialize_grads(False)
+
+    def _attention_backward(self, ctx, grad_out, grad_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        mask_grad = ctx.needs_input_grad[3]
+        if grad_out is None:  # only the lse was used
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dmask = self.attn_bwd(
+            last_dim_contiguous(grad_out), q, k, v, out, lse, mask, ctx.scale, ctx.causal, mask_grad
+        )
+        if grad_lse is not None:
+            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, lse, ctx.scale, ctx.causal)
+            dq, dk = dq + dq_lse.to(dq.dtype), dk + dk_lse.to(dk.dtype)
+            if mask_grad:
+                dmask = dmask + dmask_lse
+        return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None
+
+    @staticmethod
+    def _softmax_setup(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.scale = inputs[2]
+
+    def _softmax_backward(self, ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        grad_scores = self.softmax_bwd(last_dim_contiguous(grad_y), y)  # d loss / d (scale*x + mask)
+        grad_x = grad_scores * ctx.scale if ctx.needs_input_grad[0] else None
+        grad_mask = grad_scores if ctx.needs_input_grad[1] else None
+        return grad_x, grad_mask, None, None
+
+
+NATIVE_OPS = OpFamily("", register_fakes=True) if _C is not None else None
+TRITON_OPS = OpFamily("triton_", register_fakes=False) if TRITON_IMPORT_ERROR is None else None
