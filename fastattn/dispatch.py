@@ -51,7 +51,7 @@ def _has_kernel(dispatch_key):
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attn_fwd", dispatch_key)
 
 
-def build_status():
+def _probe_build_status():
     """{backend: None if built and importable here, else the reason it is not}."""
     status = {"reference": None, "cpu": ops.C_IMPORT_ERROR, "triton": ops.TRITON_IMPORT_ERROR}
     if ops._C is not None and not _has_kernel("CPU"):
@@ -67,6 +67,14 @@ def build_status():
     if status["triton"] is None and not torch.cuda.is_available() and not _triton_interpreted():
         status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels interpreted on CPU)"
     return status
+
+
+# Probed once at import: torch.compile then reads a constant instead of tracing the probes.
+_BUILD_STATUS = _probe_build_status()
+
+
+def build_status():
+    return _BUILD_STATUS
 
 
 def _device_reason(backend, device):

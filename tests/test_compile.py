@@ -1,0 +1,72 @@
+"""torch.library.opcheck on the compiled ops, torch.compile(fullgraph=True) on the public
+functions, and gradcheck of the fused backward in float64."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import ops, reference
+
+needs_cpu_kernels = pytest.mark.skipif(
+    not fastattn.backends()["cpu"]["usable"], reason="fastattn._C (CPU kernels) is not built"
+)
+
+
+def _attention_samples(dtype=torch.float32):
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 9, 13, 32
+    q = torch.randn(B, Hq, Sq, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, D, dtype=dtype, requires_grad=True)
+    padding = (torch.rand(B, 1, 1, Sk) > 0.3).expand(B, Hq, Sq, Sk)
+    bias = torch.randn(1, Hq, Sq, Sk, dtype=dtype, requires_grad=True)
+    yield (q, k, v, None, 0.2, reference.CAUSAL_NONE)
+    yield (q, k, v, padding, 0.2, reference.CAUSAL_BOTTOM_RIGHT)
+    yield (q, k, v, bias.expand(B, Hq, Sq, Sk), 0.2, reference.CAUSAL_TOP_LEFT)
+
+
+@needs_cpu_kernels
+def test_opcheck_attention_ops():
+    for args in _attention_samples():
+        torch.library.opcheck(ops.NATIVE_OPS.attn_fwd, args)
+        q, k, v, mask, scale, causal = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        out, lse = ops.NATIVE_OPS.attn_fwd(q, k, v, mask, scale, causal)
+        mask_grad = mask is not None and mask.is_floating_point()
+        torch.library.opcheck(
+            ops.NATIVE_OPS.attn_bwd, (torch.randn_like(out), q, k, v, out, lse, mask, scale, causal, mask_grad)
+        )
+
+
+@needs_cpu_kernels
+def test_opcheck_softmax_ops():
+    x = torch.randn(2, 3, 5, 70, requires_grad=True)
+    mask = (torch.rand(2, 1, 1, 70) > 0.5).expand(x.shape)
+    for args in ((x, None, 0.5, 0), (x, mask, 1.0, 2)):
+        torch.library.opcheck(ops.NATIVE_OPS.softmax_fwd, args)
+    y = ops.NATIVE_OPS.softmax_fwd(x.detach(), mask, 1.0, 2)
+    torch.library.opcheck(ops.NATIVE_OPS.softmax_bwd, (torch.randn_like(y), y))
+
+
+def _model_step(q, k, v, padding, bias):
+    out = fastattn.attention(q, k, v, attn_mask=padding, causal=True)
+    out = out + fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    probs = fastattn.softmax(q @ q.transpose(-1, -2), mask=padding[..., :1, : q.shape[2]], scale=0.1)
+    return (out.sum() + probs.sum()) * 1.0
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if fastattn.backends()[b]["usable"]])
+def test_compile_fullgraph_forward_and_backward(backend):
+    torch._dynamo.reset()
+    q = torch.randn(2, 4, 11, 32, requires_grad=True)
+    k = torch.randn(2, 2, 11, 32, requires_grad=True)
+    v = torch.randn(2, 2, 11, 32, requires_grad=True)
+    padding = torch.rand(2, 1, 1, 11) > 0.2
+    bias = torch.randn(1, 4, 11, 11, requires_grad=True)
+    inputs = (q, k, v, bias)
+    with fastattn.use_backend(backend):
+        compiled = torch.compile(_model_step, fullgraph=True)
+        got = compiled(q, k, v, padding, bias)
+        got_grads = torch.autograd.grad(got, inputs)
+        expected = _model_step(q, k, v, padding, bias)
+        expected_grads = torch.autograd.grad(expected, inputs)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
