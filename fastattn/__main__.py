@@ -1,4 +1,4 @@
-"""Command line: `python -m fastattn info`."""
+"""Command line: `python -m fastattn info | check`."""
 import argparse
 import json
 import sys
@@ -10,10 +10,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastattn", description="fastattn command line")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and which backends are usable here, and why not")
+    commands.add_parser("check", help="self-test every usable backend against the reference")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(json.dumps(info(), indent=2))
-    return 0
+        return 0
+    from .selfcheck import run_checks
+
+    return 0 if run_checks() else 1
 
 
 if __name__ == "__main__":
