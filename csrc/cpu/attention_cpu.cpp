@@ -1,0 +1,275 @@
+// CPU implementations of the fastattn operators: raw-input checks, output allocation,
+// instruction-set selection and threading. The kernels themselves are in kernels.h, compiled
+// per instruction set (kernels_<isa>.cpp).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "params.h"
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+bool cpu_has_avx512() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// The fastest variant this CPU runs; FASTATTN_CPU_ISA=avx512|avx2|generic forces one (for
+// tests and comparisons).
+const KernelTable& kernels() {
+  static const KernelTable* best = [] {
+    if (kernels_avx512() && cpu_has_avx512()) return kernels_avx512();
+    if (kernels_avx2() && cpu_has_avx2()) return kernels_avx2();
+    return kernels_generic();
+  }();
+  const char* forced = std::getenv("FASTATTN_CPU_ISA");
+  if (forced == nullptr || *forced == '\0') return *best;
+  const std::string name(forced);
+  const KernelTable* table = nullptr;
+  if (name == "avx512") table = cpu_has_avx512() ? kernels_avx512() : nullptr;
+  else if (name == "avx2") table = cpu_has_avx2() ? kernels_avx2() : nullptr;
+  else if (name == "generic") table = kernels_generic();
+  TORCH_CHECK(table != nullptr, "FASTATTN_CPU_ISA=", name,
+              " is not available here (choose avx512, avx2 or generic, as the CPU supports)");
+  return *table;
+}
+
+int dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_input(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-d, got shape ", t.sizes());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dim");
+}
+
+View4 view4(const at::Tensor& t) {
+  View4 v;
+  v.ptr = t.data_ptr();
+  v.sb = t.stride(0);
+  v.sh = t.stride(1);
+  v.ss = t.stride(2);
+  return v;
+}
+
+// mask: bool or additive (q's dtype or float32) already expanded to `shape`.
+MaskView mask_view(const std::optional<at::Tensor>& mask, at::IntArrayRef shape, at::ScalarType dtype) {
+  MaskView m;
+  if (!mask.has_value()) return m;
+  const at::Tensor& t = *mask;
+  TORCH_CHECK(t.device().is_cpu(), "mask must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == shape, "mask must be expanded to ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == dtype || t.scalar_type() == at::kFloat,
+              "mask must be bool, float32 or ", dtype, ", got ", t.scalar_type());
+  m.ptr = t.data_ptr();
+  m.dtype = t.scalar_type() == at::kBool ? kBool : dtype_code(t, "mask");
+  m.sb = t.stride(0);
+  m.sh = t.stride(1);
+  m.sq = t.stride(2);
+  m.sk = t.stride(3);
+  return m;
+}
+
+void check_causal(int64_t causal) {
+  TORCH_CHECK(causal >= 0 && causal <= 2, "causal must be 0, 1 or 2, got ", causal);
+}
+
+// Runs items [0, n) round-robin over the intra-op threads.
+template <class F>
+void run_items(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) f(t, n, workers);
+  });
+}
+
+struct AttnShapes {
+  int64_t B, Hq, Hkv, Sq, Sk, D, Dv;
+};
+
+AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  int64_t causal) {
+  check_input(q, "q", 4);
+  check_input(k, "k", 4);
+  check_input(v, "v", 4);
+  dtype_code(q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  AttnShapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, "q, k and v must have the same batch size");
+  TORCH_CHECK(v.size(1) == s.Hkv && s.Hkv > 0 && s.Hq % s.Hkv == 0,
+              "k and v must have the same number of heads, dividing q's; got q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(v.size(2) == s.Sk, "k and v must have the same sequence length");
+  TORCH_CHECK(k.size(3) == s.D && s.D > 0, "k must have q's head dim ", s.D, ", got ", k.size(3));
+  TORCH_CHECK(s.Dv > 0, "v must have a non-empty head dim");
+  check_causal(causal);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                double scale, int64_t causal) {
+  const AttnShapes s = check_attention_inputs(q, k, v, causal);
+  at::Tensor out = at::empty({s.B, s.Hq, s.Sq, s.Dv}, q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (s.Sk == 0) {  // no keys: every row sees nothing
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  AttnFwdParams p;
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  p.dtype = dtype_code(q, "q");
+  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Sq = s.Sq, p.Sk = s.Sk, p.D = s.D, p.Dv = s.Dv;
+  p.mask = mask_view(mask, {s.B, s.Hq, s.Sq, s.Sk}, q.scalar_type());
+  p.scale = float(scale);
+  p.causal = int(causal);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const KernelTable& kt = kernels();
+  const int64_t items = s.B * s.Hq * ((s.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
+  run_items(items, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_fwd(p, t, n, stride); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask, double scale,
+    int64_t causal, bool mask_grad) {
+  const AttnShapes s = check_attention_inputs(q, k, v, causal);
+  check_input(grad_out, "grad_out", 4);
+  check_input(out, "out", 4);
+  const std::vector<int64_t> out_shape{s.B, s.Hq, s.Sq, s.Dv};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out must have shape ", out_shape, ", got ",
+              out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out must have out's shape ", out.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(),
+              "out and grad_out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
+                  lse.size(0) == s.B && lse.size(1) == s.Hq && lse.size(2) == s.Sq,
+              "lse must be a float32 CPU tensor of shape (", s.B, ", ", s.Hq, ", ", s.Sq, "), got ",
+              lse.scalar_type(), " ", lse.sizes());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dmask = mask_grad ? at::zeros({s.B, s.Hq, s.Sq, s.Sk}, q.options().dtype(at::kFloat))
+                               : at::empty({0}, q.options().dtype(at::kFloat));
+  if (s.Sq == 0 || s.Sk == 0 || s.B == 0 || s.Hq == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  const KernelTable& kt = kernels();
+  AttnBwdParams p;
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  p.out = view4(out);
+  p.dout = view4(grad_out);
+  p.lse = lse.data_ptr<float>();
+  p.lse_sb = lse.stride(0), p.lse_sh = lse.stride(1), p.lse_ss = lse.stride(2);
+  p.dtype = dtype_code(q, "q");
+  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Sq = s.Sq, p.Sk = s.Sk, p.D = s.D, p.Dv = s.Dv;
+  p.mask = mask_view(mask, {s.B, s.Hq, s.Sq, s.Sk}, q.scalar_type());
+  p.scale = float(scale);
+  p.causal = int(causal);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
+  // Items are (batch, kv head, key chunk). With fewer (batch, kv head) pairs than twice the
+  // threads, keys are split into chunks too; their dq partials are summed afterwards.
+  const int64_t pairs = s.B * s.Hkv;
+  const int64_t nkb = (s.Sk + kt.bwd_block_k - 1) / kt.bwd_block_k;
+  const int64_t threads = at::get_num_threads();
+  p.nchunks = pairs >= 2 * threads ? 1 : std::min<int64_t>(nkb, (2 * threads + pairs - 1) / pairs);
+  at::Tensor partial;
+  if (p.nchunks > 1) {
+    partial = at::empty({p.nchunks, s.B, s.Hq, s.Sq, s.D}, q.options().dtype(at::kFloat));
+    p.dq_partial = partial.data_ptr<float>();
+  }
+  run_items(pairs * p.nchunks, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_bwd(p, t, n, stride); });
+  if (p.nchunks > 1) dq.copy_(partial.sum(0).mul_(scale));
+  return {dq, dk, dv, dmask};
+}
+
+at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
+                           int64_t causal) {
+  check_input(x, "x", 4);
+  check_causal(causal);
+  SoftmaxFwdParams p;
+  p.dtype = dtype_code(x, "x");
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (y.numel() == 0) return y;
+  p.x = view4(x);
+  p.B = x.size(0), p.H = x.size(1), p.R = x.size(2), p.C = x.size(3);
+  p.mask = mask_view(mask, x.sizes(), x.scalar_type());
+  p.scale = float(scale);
+  p.causal = int(causal);
+  p.y = y.data_ptr();
+  const KernelTable& kt = kernels();
+  const int64_t grain = std::max<int64_t>(1, 32768 / p.C);  // ~32k elements per task
+  at::parallel_for(0, p.B * p.H * p.R, grain, [&](int64_t b, int64_t e) { kt.softmax_fwd(p, b, e); });
+  return y;
+}
+
+at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
+  check_input(grad_y, "grad_y", 4);
+  check_input(y, "y", 4);
+  TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y must have y's shape ", y.sizes(), ", got ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == y.scalar_type(), "grad_y must have y's dtype ", y.scalar_type());
+  SoftmaxBwdParams p;
+  p.dtype = dtype_code(y, "y");
+  at::Tensor gx = at::empty(y.sizes(), y.options());
+  if (gx.numel() == 0) return gx;
+  p.gy = view4(grad_y);
+  p.y = view4(y);
+  p.B = y.size(0), p.H = y.size(1), p.R = y.size(2), p.C = y.size(3);
+  p.gx = gx.data_ptr();
+  const KernelTable& kt = kernels();
+  const int64_t grain = std::max<int64_t>(1, 32768 / p.C);
+  at::parallel_for(0, p.B * p.H * p.R, grain, [&](int64_t b, int64_t e) { kt.softmax_bwd(p, b, e); });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attn_fwd", &attn_fwd_cpu);
+  m.impl("attn_bwd", &attn_bwd_cpu);
+  m.impl("softmax_fwd", &softmax_fwd_cpu);
+  m.impl("softmax_bwd", &softmax_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastattn

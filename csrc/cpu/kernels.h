@@ -1,0 +1,521 @@
+// The CPU kernels, written once against `Vec` (vec_avx512.h / vec_avx2.h / vec_generic.h) and
+// compiled once per instruction set inside its own namespace (kernels_<isa>.cpp). Includes
+// nothing itself: the including unit provides <cmath>, <cstdint>, <cstdlib>, <cstring>,
+// <limits> and params.h, then scalar.h and a Vec.
+//
+// Attention works on fp32 tiles packed from the inputs (any dtype, any strides), with a
+// register-blocked GEMM micro-kernel C[M x NV*W] (+)= A[M x K] * B[K x NV*W] (A broadcast
+// along rows, B loaded as vectors). Scores are never materialised beyond one tile.
+
+static constexpr float kInf = std::numeric_limits<float>::infinity();
+static constexpr int W = Vec::W;
+using R = Vec::R;
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t elem_size(int dtype) { return dtype == kF32 ? 4 : dtype == kBool ? 1 : 2; }
+static inline const char* at_elem(const void* base, int64_t offset, int dtype) {
+  return static_cast<const char*>(base) + offset * elem_size(dtype);
+}
+
+// 64-byte aligned scratch, freed on scope exit.
+struct Scratch {
+  float* p = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = size_t(round_up(max64(n, 1) * int64_t(sizeof(float)), 64));
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (p == nullptr) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+static inline void fill(float* p, int64_t n, float x) {
+  for (int64_t i = 0; i < n; ++i) p[i] = x;
+}
+
+// ---------------------------------------------------------------- row conversions
+static inline float load_scalar(const char* p, int dtype) {
+  switch (dtype) {
+    case kF32: return *reinterpret_cast<const float*>(p);
+    case kBF16: return bf16_to_f32(*reinterpret_cast<const uint16_t*>(p));
+    case kF16: return f16_to_f32(*reinterpret_cast<const uint16_t*>(p));
+    default: return *reinterpret_cast<const uint8_t*>(p) ? 0.f : -kInf;
+  }
+}
+
+// dst[i] = mul * src[i] in fp32 for i < n (contiguous src). Bool becomes an additive bias
+// (0 visible, -inf hidden; mul ignored).
+static void load_row(const void* src, int dtype, int64_t n, float* dst, float mul) {
+  int64_t i = 0;
+  const R m = Vec::set1(mul);
+  switch (dtype) {
+    case kF32: {
+      const float* s = static_cast<const float*>(src);
+      for (; i + W <= n; i += W) Vec::store(dst + i, Vec::mul(Vec::load(s + i), m));
+      break;
+    }
+    case kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + W <= n; i += W) Vec::store(dst + i, Vec::mul(Vec::load_bf16(s + i), m));
+      break;
+    }
+    case kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + W <= n; i += W) Vec::store(dst + i, Vec::mul(Vec::load_f16(s + i), m));
+      break;
+    }
+    default: {
+      const uint8_t* s = static_cast<const uint8_t*>(src);
+      for (; i + W <= n; i += W) Vec::store(dst + i, Vec::load_bool_bias(s + i));
+      for (; i < n; ++i) dst[i] = s[i] ? 0.f : -kInf;
+      return;
+    }
+  }
+  const char* s = static_cast<const char*>(src);
+  for (; i < n; ++i) dst[i] = mul * load_scalar(s + i * elem_size(dtype), dtype);
+}
+
+// dst[i] = dtype(mul * src[i]) for i < n (contiguous dst, dtype float/bf16/f16).
+static void store_row(void* dst, int dtype, int64_t n, const float* src, float mul) {
+  int64_t i = 0;
+  const R m = Vec::set1(mul);
+  if (dtype == kF32) {
+    float* d = static_cast<float*>(dst);
+    for (; i + W <= n; i += W) Vec::store(d + i, Vec::mul(Vec::load(src + i), m));
+    for (; i < n; ++i) d[i] = src[i] * mul;
+  } else if (dtype == kBF16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (; i + W <= n; i += W) Vec::store_bf16(d + i, Vec::mul(Vec::load(src + i), m));
+    for (; i < n; ++i) d[i] = f32_to_bf16(src[i] * mul);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (; i + W <= n; i += W) Vec::store_f16(d + i, Vec::mul(Vec::load(src + i), m));
+    for (; i < n; ++i) d[i] = f32_to_f16(src[i] * mul);
+  }
+}
+
+// Mask row [k0, k0 + n) of (b, h, row) as an fp32 additive bias in dst; returns whether any
+// entry is visible (> -inf).
+static bool mask_row(const MaskView& mk, int64_t b, int64_t h, int64_t row, int64_t k0, int64_t n,
+                     float* dst) {
+  const char* base = at_elem(mk.ptr, b * mk.sb + h * mk.sh + row * mk.sq + k0 * mk.sk, mk.dtype);
+  if (mk.sk == 1) {
+    load_row(base, mk.dtype, n, dst, 1.f);
+  } else if (mk.sk == 0) {
+    fill(dst, n, load_scalar(base, mk.dtype));
+  } else {
+    const int64_t step = mk.sk * elem_size(mk.dtype);
+    for (int64_t j = 0; j < n; ++j) dst[j] = load_scalar(base + j * step, mk.dtype);
+  }
+  int64_t j = 0;
+  R mx = Vec::set1(-kInf);
+  for (; j + W <= n; j += W) mx = Vec::max(mx, Vec::load(dst + j));
+  float m = Vec::hmax(mx);
+  for (; j < n; ++j) m = dst[j] > m ? dst[j] : m;
+  return m > -kInf;
+}
+
+// Bias for the (queries [q0, q0+mq)) x (keys [k0, k0+nk)) tile into bias (ld `ld`). If the
+// mask does not vary along queries, only row 0 is filled and *per_query is false. Returns
+// false when the whole tile is hidden (the caller skips it).
+static bool mask_tile(const MaskView& mk, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0,
+                      int64_t nk, float* bias, int64_t ld, bool* per_query) {
+  *per_query = mk.sq != 0;
+  const int64_t rows = *per_query ? mq : 1;
+  bool any = false;
+  for (int64_t i = 0; i < rows; ++i) any |= mask_row(mk, b, h, q0 + i, k0, nk, bias + i * ld);
+  return any;
+}
+
+// ---------------------------------------------------------------- GEMM micro-kernel
+template <int M, int NV>
+static inline void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                                int64_t ldc, int64_t K, bool accumulate) {
+  R c[M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NV; ++n) c[m][n] = accumulate ? Vec::load(C + m * ldc + n * W) : Vec::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    R bv[NV];
+#pragma GCC unroll 8
+    for (int n = 0; n < NV; ++n) bv[n] = Vec::load(B + k * ldb + n * W);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const R a = Vec::set1(A[m * lda + k]);
+#pragma GCC unroll 8
+      for (int n = 0; n < NV; ++n) c[m][n] = Vec::fma(a, bv[n], c[m][n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NV; ++n) Vec::store(C + m * ldc + n * W, c[m][n]);
+}
+
+using MicroKernelFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                               bool);
+
+template <int M>
+static MicroKernelFn pick_nv(int nv) {
+  switch (nv) {
+    case 1: return micro_kernel<M, 1>;
+    case 2: return micro_kernel<M, 2>;
+    case 3: return micro_kernel<M, 3>;
+    default: return micro_kernel<M, 4>;
+  }
+}
+
+static MicroKernelFn pick_kernel(int m, int nv) {
+  switch (m) {
+    case 1: return pick_nv<1>(nv);
+    case 2: return pick_nv<2>(nv);
+    case 3: return pick_nv<3>(nv);
+    case 4: return pick_nv<4>(nv);
+    case 5: return pick_nv<5>(nv);
+    default: return pick_nv<6>(nv);
+  }
+}
+
+// C[M x NVt*W] (+)= A[M x K] * B[K x NVt*W]; all row-major fp32.
+static void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                 int64_t M, int64_t NVt, int64_t K, bool accumulate) {
+  if (M <= 0 || NVt <= 0) return;
+  for (int64_t n0 = 0; n0 < NVt; n0 += Vec::NVR) {
+    const int nv = int(min64(Vec::NVR, NVt - n0));
+    const MicroKernelFn full = pick_kernel(Vec::MR, nv);
+    int64_t m0 = 0;
+    for (; m0 + Vec::MR <= M; m0 += Vec::MR)
+      full(A + m0 * lda, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K, accumulate);
+    if (m0 < M)
+      pick_kernel(int(M - m0), nv)(A + m0 * lda, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K,
+                                   accumulate);
+  }
+}
+
+// ---------------------------------------------------------------- row helpers
+static inline float row_max(const float* x, int64_t n) {  // n multiple of W
+  R m = Vec::set1(-kInf);
+  for (int64_t j = 0; j < n; j += W) m = Vec::max(m, Vec::load(x + j));
+  return Vec::hmax(m);
+}
+// x = exp(x - shift) in place over n (multiple of W) elements; returns the sum.
+static inline float exp_sum(float* x, int64_t n, float shift) {
+  const R s = Vec::set1(shift);
+  R acc = Vec::zero();
+  for (int64_t j = 0; j < n; j += W) {
+    const R e = Vec::exp(Vec::sub(Vec::load(x + j), s));
+    Vec::store(x + j, e);
+    acc = Vec::add(acc, e);
+  }
+  return Vec::hsum(acc);
+}
+static inline void add_row(float* x, const float* y, int64_t n) {  // n multiple of W
+  for (int64_t j = 0; j < n; j += W) Vec::store(x + j, Vec::add(Vec::load(x + j), Vec::load(y + j)));
+}
+static inline void scale_row(float* x, int64_t n, float a) {  // n multiple of W
+  const R s = Vec::set1(a);
+  for (int64_t j = 0; j < n; j += W) Vec::store(x + j, Vec::mul(Vec::load(x + j), s));
+}
+
+static inline int64_t causal_offset(int causal, int64_t sq, int64_t sk) {
+  return causal == 2 ? sk - sq : 0;  // query i sees keys <= i + offset
+}
+
+// ---------------------------------------------------------------- attention forward
+static constexpr int64_t kFwdBQ = 64;  // queries per work item
+static constexpr int64_t kFwdBK = 64;  // keys per tile (multiple of every W)
+
+static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
+  const int64_t BQ = kFwdBQ, BK = kFwdBK;
+  const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
+  const int64_t G = p.Hq / p.Hkv;
+  const int64_t nqb = ceil_div(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
+  const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
+  const int64_t esz = elem_size(p.dtype);
+  // K^T and V of the current (batch, kv head), packed lazily block by block so that blocks the
+  // mask or the causal rule hides are never touched.
+  Scratch kt(nkb * Dp * BK), vp(nkb * BK * Dvp), packed(nkb);
+  Scratch qp(BQ * Dp), s(BQ * BK), o(BQ * Dvp), mrow(BQ), lrow(BQ), bias(BQ * BK), row(Dp);
+  int64_t current = -1;
+  for (int64_t it = begin; it < end; it += stride) {
+    const int64_t qb = it % nqb;
+    int64_t rest = it / nqb;
+    const int64_t g = rest % G;
+    rest /= G;
+    const int64_t hkv = rest % p.Hkv, b = rest / p.Hkv, hq = hkv * G + g;
+    if (b * p.Hkv + hkv != current) {
+      current = b * p.Hkv + hkv;
+      fill(packed.p, nkb, 0.f);
+    }
+    const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
+    const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh, p.dtype);
+    for (int64_t i = 0; i < mq; ++i) {
+      // The softmax scale is folded into Q once.
+      load_row(qbase + (q0 + i) * p.q.ss * esz, p.dtype, p.D, qp.p + i * Dp, p.scale);
+      fill(qp.p + i * Dp + p.D, Dp - p.D, 0.f);
+    }
+    fill(mrow.p, mq, -kInf);
+    fill(lrow.p, mq, 0.f);
+    fill(o.p, mq * Dvp, 0.f);
+    const int64_t kend = p.causal ? min64(p.Sk, q0 + mq + off) : p.Sk;
+    for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+      const int64_t kb = k0 / BK, nk = min64(BK, p.Sk - k0), nkv = ceil_div(nk, W);
+      bool per_query = false;
+      if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
+      float* ktb = kt.p + kb * Dp * BK;
+      float* vpb = vp.p + kb * BK * Dvp;
+      if (packed.p[kb] == 0.f) {
+        packed.p[kb] = 1.f;
+        if (nk < BK) fill(ktb, Dp * BK, 0.f);
+        const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
+        const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
+        for (int64_t j = 0; j < nk; ++j) {
+          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, row.p, 1.f);
+          for (int64_t d = 0; d < p.D; ++d) ktb[d * BK + j] = row.p[d];
+          load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vpb + j * Dvp, 1.f);
+          fill(vpb + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
+        }
+      }
+      gemm(qp.p, Dp, ktb, BK, s.p, BK, mq, nkv, p.D, false);
+      for (int64_t i = 0; i < mq; ++i) {
+        float* srow = s.p + i * BK;
+        int64_t lim = nk;  // visible columns of this row: [0, lim)
+        if (p.causal) lim = max64(0, min64(nk, q0 + i + off - k0 + 1));
+        if (p.mask.ptr) {
+          const float* brow = bias.p + (per_query ? i * BK : 0);
+          const int64_t full = lim / W * W;
+          add_row(srow, brow, full);
+          for (int64_t j = full; j < lim; ++j) srow[j] += brow[j];
+        }
+        fill(srow + lim, nkv * W - lim, -kInf);
+        const float tile_max = row_max(srow, nkv * W);
+        const float mnew = tile_max > mrow.p[i] ? tile_max : mrow.p[i];
+        if (mnew == -kInf) {  // nothing visible yet: this tile contributes nothing to the row
+          fill(srow, nk, 0.f);
+          continue;
+        }
+        const float sum = exp_sum(srow, nkv * W, mnew);
+        if (mrow.p[i] != -kInf && mnew != mrow.p[i]) {
+          const float alpha = std::exp(mrow.p[i] - mnew);
+          lrow.p[i] *= alpha;
+          scale_row(o.p + i * Dvp, Dvp, alpha);
+        }
+        lrow.p[i] += sum;
+        mrow.p[i] = mnew;
+      }
+      gemm(s.p, BK, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
+    }
+    char* obase = static_cast<char*>(p.out) + ((b * p.Hq + hq) * p.Sq + q0) * p.Dv * esz;
+    float* lse = p.lse + (b * p.Hq + hq) * p.Sq + q0;
+    for (int64_t i = 0; i < mq; ++i) {
+      if (lrow.p[i] == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
+        fill(o.p + i * Dvp, p.Dv, 0.f);
+        store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f);
+        lse[i] = -kInf;
+      } else {
+        store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f / lrow.p[i]);
+        lse[i] = mrow.p[i] + std::log(lrow.p[i]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- attention backward
+// Per work item (batch, kv head, chunk of key blocks): for each query head of the group, the
+// transposed tiles S^T = K Q^T and dP^T = V dO^T are recomputed from the saved lse, and
+//   dV += P^T dO,  dK += dS^T Q,  dQ^T += K^T dS^T.
+// Every output element belongs to exactly one item (dq of chunked items goes to a per-chunk
+// buffer reduced afterwards in a fixed order), so there are no races and results are
+// deterministic.
+static constexpr int64_t kBwdBQ = 64;
+static constexpr int64_t kBwdBK = 64;
+
+static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t stride) {
+  const int64_t BQ = kBwdBQ, BK = kBwdBK;
+  const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
+  const int64_t G = p.Hq / p.Hkv;
+  const int64_t Sqp = round_up(p.Sq, BQ), nqb = Sqp / BQ, nkb = ceil_div(p.Sk, BK);
+  const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
+  const int64_t esz = elem_size(p.dtype);
+  const int64_t max_chunk_keys = ceil_div(nkb, p.nchunks) * BK;
+  Scratch qt(Dp * Sqp), qr(Sqp * Dp), dot(Dvp * Sqp), dor(Sqp * Dvp), delta(Sqp), lse(Sqp),
+      dqt(Dp * Sqp);
+  Scratch kr(BK * Dp), kt(Dp * BK), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
+      row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
+  for (int64_t it = begin; it < end; it += stride) {
+    const int64_t c = it % p.nchunks;
+    const int64_t rest = it / p.nchunks;
+    const int64_t hkv = rest % p.Hkv, b = rest / p.Hkv;
+    const int64_t kb0 = c * nkb / p.nchunks, kb1 = (c + 1) * nkb / p.nchunks;
+    fill(dkacc.p, (kb1 - kb0) * BK * Dp, 0.f);
+    fill(dvacc.p, (kb1 - kb0) * BK * Dvp, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hq = hkv * G + g;
+      // Pack this query head: Q (row-major) and scale*Q^T, dO and dO^T, delta, lse.
+      const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh, p.dtype);
+      const char* dobase = at_elem(p.dout.ptr, b * p.dout.sb + hq * p.dout.sh, p.dtype);
+      const char* obase = at_elem(p.out.ptr, b * p.out.sb + hq * p.out.sh, p.dtype);
+      const float* lsebase = p.lse + b * p.lse_sb + hq * p.lse_sh;
+      for (int64_t i = 0; i < p.Sq; ++i) {
+        float* qrow = qr.p + i * Dp;
+        load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, qrow, 1.f);
+        fill(qrow + p.D, Dp - p.D, 0.f);
+        for (int64_t d = 0; d < p.D; ++d) qt.p[d * Sqp + i] = qrow[d] * p.scale;
+        float* dorow = dor.p + i * Dvp;
+        load_row(dobase + i * p.dout.ss * esz, p.dtype, p.Dv, dorow, 1.f);
+        fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
+        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * Sqp + i] = dorow[d];
+        load_row(obase + i * p.out.ss * esz, p.dtype, p.Dv, row2.p, 1.f);
+        fill(row2.p + p.Dv, Dvp - p.Dv, 0.f);
+        R acc = Vec::zero();
+        for (int64_t d = 0; d < Dvp; d += W)
+          acc = Vec::fma(Vec::load(dorow + d), Vec::load(row2.p + d), acc);
+        delta.p[i] = Vec::hsum(acc);
+        // A row that saw no key has lse = -inf; +inf makes its P (and gradients) exactly 0.
+        const float l = lsebase[i * p.lse_ss];
+        lse.p[i] = l == -kInf ? kInf : l;
+      }
+      for (int64_t i = p.Sq; i < Sqp; ++i) {
+        fill(qr.p + i * Dp, Dp, 0.f);
+        fill(dor.p + i * Dvp, Dvp, 0.f);
+        for (int64_t d = 0; d < p.D; ++d) qt.p[d * Sqp + i] = 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * Sqp + i] = 0.f;
+        delta.p[i] = 0.f;
+        lse.p[i] = kInf;
+      }
+      fill(dqt.p, p.D * Sqp, 0.f);
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t k0 = kb * BK, nk = min64(BK, p.Sk - k0);
+        const int64_t qstart = p.causal ? max64(0, k0 - off) : 0;  // first query seeing key k0
+        if (qstart >= p.Sq) continue;
+        const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
+        const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
+        for (int64_t j = 0; j < nk; ++j) {
+          float* krow = kr.p + j * Dp;
+          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, krow, 1.f);
+          for (int64_t d = 0; d < p.D; ++d) kt.p[d * BK + j] = krow[d];
+          load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vr.p + j * Dvp, 1.f);
+        }
+        float* dkb = dkacc.p + (kb - kb0) * BK * Dp;
+        float* dvb = dvacc.p + (kb - kb0) * BK * Dvp;
+        for (int64_t qb = qstart / BQ; qb < nqb; ++qb) {
+          const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
+          bool per_query = false;
+          if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
+          gemm(kr.p, Dp, qt.p + q0, Sqp, st.p, BQ, nk, BQ / W, p.D, false);
+          gemm(vr.p, Dvp, dot.p + q0, Sqp, dst.p, BQ, nk, BQ / W, p.Dv, false);
+          for (int64_t j = 0; j < nk; ++j) {
+            float* srow = st.p + j * BQ;
+            if (p.mask.ptr) {
+              if (per_query) {
+                for (int64_t i = 0; i < mq; ++i) srow[i] += bias.p[i * BK + j];
+              } else {
+                const R bj = Vec::set1(bias.p[j]);
+                for (int64_t i = 0; i < BQ; i += W) Vec::store(srow + i, Vec::add(Vec::load(srow + i), bj));
+              }
+            }
+            if (p.causal) {  // key k0 + j is seen by queries >= k0 + j - off
+              const int64_t first = k0 + j - off - q0;
+              if (first > 0) fill(srow, min64(first, BQ), -kInf);
+            }
+            float* dsrow = dst.p + j * BQ;
+            for (int64_t i = 0; i < BQ; i += W) {
+              const R pv = Vec::exp(Vec::sub(Vec::load(srow + i), Vec::load(lse.p + q0 + i)));
+              const R ds = Vec::mul(pv, Vec::sub(Vec::load(dsrow + i), Vec::load(delta.p + q0 + i)));
+              Vec::store(srow + i, pv);
+              Vec::store(dsrow + i, ds);
+            }
+          }
+          if (p.dmask) {
+            float* dm = p.dmask + ((b * p.Hq + hq) * p.Sq + q0) * p.Sk + k0;
+            for (int64_t i = 0; i < mq; ++i)
+              for (int64_t j = 0; j < nk; ++j) dm[i * p.Sk + j] = dst.p[j * BQ + i];
+          }
+          gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
+          gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
+          gemm(kt.p, BK, dst.p, BQ, dqt.p + q0, Sqp, p.D, BQ / W, nk, true);
+        }
+      }
+      // dq of this head (transposed back); chunked items write unscaled fp32 partials.
+      for (int64_t i = 0; i < p.Sq; ++i) {
+        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqt.p[d * Sqp + i];
+        if (p.nchunks == 1) {
+          char* dq = static_cast<char*>(p.dq) + (((b * p.Hq + hq) * p.Sq) + i) * p.D * esz;
+          store_row(dq, p.dtype, p.D, row.p, p.scale);
+        } else {
+          float* dq = p.dq_partial + (((c * p.B + b) * p.Hq + hq) * p.Sq + i) * p.D;
+          store_row(dq, kF32, p.D, row.p, 1.f);
+        }
+      }
+    }
+    for (int64_t key = kb0 * BK; key < min64(kb1 * BK, p.Sk); ++key) {
+      const int64_t local = key - kb0 * BK;
+      char* dk = static_cast<char*>(p.dk) + ((b * p.Hkv + hkv) * p.Sk + key) * p.D * esz;
+      char* dv = static_cast<char*>(p.dv) + ((b * p.Hkv + hkv) * p.Sk + key) * p.Dv * esz;
+      store_row(dk, p.dtype, p.D, dkacc.p + local * Dp, p.scale);
+      store_row(dv, p.dtype, p.Dv, dvacc.p + local * Dvp, 1.f);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- fused softmax
+// Rows of any length: the row is staged once in fp32 (z = scale*x + mask), then max, exp+sum
+// and the normalised store each stream over it.
+static void softmax_fwd(const SoftmaxFwdParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t Cp = round_up(p.C, W);
+  const int64_t esz = elem_size(p.dtype);
+  const int64_t off = causal_offset(p.causal, p.R, p.C);
+  constexpr int64_t kMaskChunk = 1024;
+  Scratch z(Cp), mchunk(kMaskChunk);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t i = r % p.R, bh = r / p.R, h = bh % p.H, b = bh / p.H;
+    const char* x = at_elem(p.x.ptr, b * p.x.sb + h * p.x.sh + i * p.x.ss, p.dtype);
+    char* y = static_cast<char*>(p.y) + r * p.C * esz;
+    const int64_t lim = p.causal ? max64(0, min64(p.C, i + off + 1)) : p.C;
+    load_row(x, p.dtype, lim, z.p, p.scale);
+    if (p.mask.ptr) {
+      for (int64_t c0 = 0; c0 < lim; c0 += kMaskChunk) {
+        const int64_t n = min64(kMaskChunk, lim - c0);
+        mask_row(p.mask, b, h, i, c0, n, mchunk.p);
+        for (int64_t j = 0; j < n; ++j) z.p[c0 + j] += mchunk.p[j];
+      }
+    }
+    fill(z.p + lim, Cp - lim, -kInf);
+    const float mx = row_max(z.p, Cp);
+    if (mx == -kInf) {  // nothing visible: zeros
+      fill(z.p, p.C, 0.f);
+      store_row(y, p.dtype, p.C, z.p, 1.f);
+      continue;
+    }
+    const float sum = exp_sum(z.p, Cp, mx);
+    store_row(y, p.dtype, p.C, z.p, 1.f / sum);
+  }
+}
+
+static void softmax_bwd(const SoftmaxBwdParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t Cp = round_up(p.C, W);
+  const int64_t esz = elem_size(p.dtype);
+  Scratch gy(Cp), y(Cp);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t i = r % p.R, bh = r / p.R, h = bh % p.H, b = bh / p.H;
+    load_row(at_elem(p.gy.ptr, b * p.gy.sb + h * p.gy.sh + i * p.gy.ss, p.dtype), p.dtype, p.C, gy.p, 1.f);
+    load_row(at_elem(p.y.ptr, b * p.y.sb + h * p.y.sh + i * p.y.ss, p.dtype), p.dtype, p.C, y.p, 1.f);
+    fill(gy.p + p.C, Cp - p.C, 0.f);
+    fill(y.p + p.C, Cp - p.C, 0.f);
+    R acc = Vec::zero();
+    for (int64_t j = 0; j < Cp; j += W) acc = Vec::fma(Vec::load(gy.p + j), Vec::load(y.p + j), acc);
+    const R dotv = Vec::set1(Vec::hsum(acc));
+    for (int64_t j = 0; j < Cp; j += W)
+      Vec::store(gy.p + j, Vec::mul(Vec::load(y.p + j), Vec::sub(Vec::load(gy.p + j), dotv)));
+    store_row(static_cast<char*>(p.gx) + r * p.C * esz, p.dtype, p.C, gy.p, 1.f);
+  }
+}
+
+static const KernelTable kTable = {
+    kIsaName, kFwdBQ, kBwdBK, attn_fwd, attn_bwd, softmax_fwd, softmax_bwd,
+};

@@ -1,0 +1,89 @@
+// Plain parameter structs shared by the torch-facing bindings (attention_cpu.cpp) and the
+// per-ISA kernel translation units. No torch headers here: the AVX-512 unit is compiled with
+// a different target and must not instantiate any torch inline code.
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+namespace cpu {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBool = 3 };
+
+// A (B, H, R, C) mask view; ptr == nullptr means "no mask". Strides are in elements.
+struct MaskView {
+  const void* ptr = nullptr;
+  int dtype = kBool;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+};
+
+// A 4-d tensor view with a contiguous last dim (strides in elements).
+struct View4 {
+  const void* ptr = nullptr;
+  int64_t sb = 0, sh = 0, ss = 0;
+};
+
+struct AttnFwdParams {
+  View4 q, k, v;
+  int dtype = kF32;
+  int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
+  MaskView mask;
+  float scale = 1.f;
+  int causal = 0;
+  void* out = nullptr;  // contiguous (B, Hq, Sq, Dv), dtype
+  float* lse = nullptr;  // contiguous (B, Hq, Sq)
+};
+
+struct AttnBwdParams {
+  View4 q, k, v, out, dout;
+  const float* lse = nullptr;  // (B, Hq, Sq) with strides below
+  int64_t lse_sb = 0, lse_sh = 0, lse_ss = 0;
+  int dtype = kF32;
+  int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
+  MaskView mask;
+  float scale = 1.f;
+  int causal = 0;
+  int64_t nchunks = 1;  // key-block chunks per (batch, kv head); > 1 writes dq_partial
+  void* dq = nullptr;   // contiguous (B, Hq, Sq, D), dtype (used when nchunks == 1)
+  float* dq_partial = nullptr;  // contiguous (nchunks, B, Hq, Sq, D) fp32, unscaled
+  void* dk = nullptr;   // contiguous (B, Hkv, Sk, D), dtype
+  void* dv = nullptr;   // contiguous (B, Hkv, Sk, Dv), dtype
+  float* dmask = nullptr;  // contiguous (B, Hq, Sq, Sk) fp32, zero-filled, or nullptr
+};
+
+struct SoftmaxFwdParams {
+  View4 x;
+  int dtype = kF32;
+  int64_t B = 0, H = 0, R = 0, C = 0;
+  MaskView mask;
+  float scale = 1.f;
+  int causal = 0;
+  void* y = nullptr;  // contiguous (B, H, R, C), dtype
+};
+
+struct SoftmaxBwdParams {
+  View4 gy, y;
+  int dtype = kF32;
+  int64_t B = 0, H = 0, R = 0, C = 0;
+  void* gx = nullptr;  // contiguous (B, H, R, C), dtype
+};
+
+// One instruction-set variant of every kernel. Work is split into items; a call handles
+// items begin, begin + stride, begin + 2 * stride, ... < end (round-robin keeps causal work
+// balanced across threads).
+struct KernelTable {
+  const char* name;
+  int64_t fwd_block_q;  // queries per forward work item
+  int64_t bwd_block_k;  // keys per backward block
+  void (*attn_fwd)(const AttnFwdParams&, int64_t begin, int64_t end, int64_t stride);
+  void (*attn_bwd)(const AttnBwdParams&, int64_t begin, int64_t end, int64_t stride);
+  void (*softmax_fwd)(const SoftmaxFwdParams&, int64_t row_begin, int64_t row_end);
+  void (*softmax_bwd)(const SoftmaxBwdParams&, int64_t row_begin, int64_t row_end);
+};
+
+// nullptr where the variant was not compiled (other architecture or compiler).
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_generic();
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,65 @@
+// 16-lane fp32 vector for AVX-512 (F, BW, VL, DQ). Included inside a per-ISA namespace by
+// kernels_avx512.cpp, after <immintrin.h>, under a `target` pragma.
+struct Vec {
+  using R = __m512;
+  static constexpr int W = 16;
+  static constexpr int MR = 6;   // micro-kernel rows
+  static constexpr int NVR = 4;  // micro-kernel columns, in vectors (6 x 4 = 24 accumulators)
+
+  static inline R zero() { return _mm512_setzero_ps(); }
+  static inline R set1(float x) { return _mm512_set1_ps(x); }
+  static inline R load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, R x) { _mm512_storeu_ps(p, x); }
+  static inline R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static inline R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static inline R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static inline float hsum(R x) { return _mm512_reduce_add_ps(x); }
+  static inline float hmax(R x) { return _mm512_reduce_max_ps(x); }
+
+  // exp with ~2 ulp error; exactly 0 for x <= -104 (including -inf).
+  static inline R exp(R x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    R p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+  }
+
+  static inline R load_bf16(const uint16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static inline R load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline void store_bf16(uint16_t* p, R x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+  static inline void store_f16(uint16_t* p, R x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // Bool mask bytes -> additive bias: 0 where the byte is non-zero, -inf where it is zero.
+  static inline R load_bool_bias(const uint8_t* p) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    __mmask16 keep = _mm_test_epi8_mask(b, b);
+    return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), _mm512_setzero_ps());
+  }
+};
