@@ -1,0 +1,88 @@
+// Host-side interface of the CUDA kernels: parameter structs and launchers.
+//
+// Plain C++ (no torch, no CUDA device code) so that csrc/cuda_bindings.cpp can fill the
+// structs from tensors and nvcc can compile the kernels on machines whose torch lacks CUDA.
+// Strides are in elements. Every launcher returns the launch status (cudaGetLastError()).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fastattn {
+namespace cuda {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+// How mask entries are stored: bool (true = attend) or additive values of some float type.
+enum class MaskKind : int { kNone = 0, kBool = 1, kFloat16 = 2, kBFloat16 = 3, kFloat32 = 4 };
+
+// Strided view of a (B, H, S1, S2) mask already expanded to the score shape.
+struct MaskView {
+  const void* ptr = nullptr;
+  MaskKind kind = MaskKind::kNone;
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+// Fused scaled masked softmax over the last dim of x (B, H, R, C).
+struct SoftmaxFwdParams {
+  const void* x = nullptr;  // last dim contiguous
+  void* y = nullptr;        // contiguous (B, H, R, C)
+  int64_t x_stride_b = 0, x_stride_h = 0, x_stride_r = 0;
+  int b = 0, h = 0, rows = 0, cols = 0;
+  float scale = 1.f;
+  int causal = 0;  // 0 none, 1 top-left, 2 bottom-right (offset C - R)
+  DType dtype = DType::kFloat32;
+  MaskView mask;
+};
+
+// dx = y * (dy - sum(dy * y)); all three contiguous with the same (n_rows, cols) shape.
+struct SoftmaxBwdParams {
+  const void* dy = nullptr;
+  const void* y = nullptr;
+  void* dx = nullptr;
+  int64_t n_rows = 0;
+  int cols = 0;
+  DType dtype = DType::kFloat32;
+};
+
+cudaError_t softmax_fwd(const SoftmaxFwdParams& p, cudaStream_t stream);
+cudaError_t softmax_bwd(const SoftmaxBwdParams& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Flash attention (fp16/bf16, sm_80+). Layout (B, H, S, D); last dims contiguous, every
+// row stride a multiple of 8 elements and every base pointer 16-byte aligned.
+struct AttnFwdParams {
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  void* out = nullptr;  // (B, Hq, Sq, D) with the strides below
+  float* lse = nullptr; // contiguous (B, Hq, Sq)
+  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_s = 0;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
+  int64_t o_stride_b = 0, o_stride_h = 0, o_stride_s = 0;
+  int b = 0, hq = 0, hkv = 0, sq = 0, sk = 0, d = 0;
+  float scale = 1.f;  // must be > 0
+  int causal = 0;
+  DType dtype = DType::kFloat16;
+  MaskView mask;
+};
+
+struct AttnBwdParams {
+  AttnFwdParams fwd;  // q, k, v, out (read), lse (read), sizes, mask
+  const void* dout = nullptr;
+  int64_t do_stride_b = 0, do_stride_h = 0, do_stride_s = 0;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;  // contiguous, shapes of q, k, v
+  float* dsum = nullptr;   // scratch, contiguous (B, Hq, Sq): rowsum(dout * out)
+  float* dmask = nullptr;  // optional contiguous (B, Hq, Sq, Sk), zero-filled by the caller
+};
+
+// Largest head dim of each kernel; smaller multiples of 8 are zero-padded up to the next one.
+constexpr int kMaxHeadDimFwd = 256;
+constexpr int kMaxHeadDimBwd = 128;
+
+cudaError_t attn_fwd(const AttnFwdParams& p, cudaStream_t stream);
+cudaError_t attn_bwd(const AttnBwdParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastattn

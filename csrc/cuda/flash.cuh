@@ -1,0 +1,629 @@
+// Flash attention forward and backward kernels for sm_80+ (fp16 / bf16, fp32 accumulate).
+//
+// Tiles live in shared memory with rows padded by 16 bytes (conflict-free ldmatrix), filled
+// with cp.async (out-of-range rows and head-dim columns are zero-filled, so any head dim that
+// is a multiple of 8 runs on the next compiled one). Each warp owns 16 * kMT rows of the
+// score tile; scores stay in mma accumulator registers, laid out as m16n8k16 C fragments:
+//   acc[mi][ni][e]: row 16*mi + lane/4 + 8*(e/2), column 8*ni + 2*(lane%4) + e%2.
+//
+// Masks: the score accumulator starts at mask / scale, so one mma chain gives
+// scale*q.k + mask without extra registers; a key block that the mask hides for every row
+// of the CTA is skipped before its K/V tiles are loaded.
+//
+// Backward is deterministic: one kernel owns a key block and loops over the query blocks of
+// every query head of its GQA group (dK, dV in registers, no atomics); a second kernel owns a
+// query block and computes dQ (and the optional dmask = dS).
+#pragma once
+
+#include "utils.cuh"
+
+namespace fastattn {
+namespace cuda {
+namespace flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Copies rows [row0, row0 + kRows) x columns [0, kHeadDim) of a row-major (n_rows, d) matrix
+// into shared memory (row stride kHeadDim + 8), zero-filling what lies outside.
+template <int kRows, int kHeadDim, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int row0,
+                                          int n_rows, int d, int tid) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  if constexpr (kThreads % kChunksPerRow == 0 && kChunks % kThreads == 0) {
+    // Each thread copies one column chunk of every kRowStep-th row: one pointer, one add.
+    constexpr int kRowStep = kThreads / kChunksPerRow;
+    const int col = (tid % kChunksPerRow) * 8;
+    const int r0 = tid / kChunksPerRow;
+    const T* src = gmem + static_cast<int64_t>(row0 + r0) * stride + col;
+    const int64_t step = kRowStep * stride;
+#pragma unroll
+    for (int i = 0; i < kRows / kRowStep; ++i) {
+      const int r = r0 + i * kRowStep;
+      const bool valid = row0 + r < n_rows && col < d;
+      cp_async_16(smem + r * (kHeadDim + 8) + col, valid ? src : gmem, valid);
+      src += step;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+      const int c = i * kThreads + tid;
+      if (kChunks % kThreads == 0 || c < kChunks) {
+        const int r = c / kChunksPerRow;
+        const int col = (c % kChunksPerRow) * 8;
+        const bool valid = row0 + r < n_rows && col < d;
+        const T* src = valid ? gmem + static_cast<int64_t>(row0 + r) * stride + col : gmem;
+        cp_async_16(smem + r * (kHeadDim + 8) + col, src, valid);
+      }
+    }
+  }
+}
+
+// Writes rows [0, kRows) x [0, d) of a padded shared tile to global memory, 16 bytes a store.
+template <int kRows, int kHeadDim, int kThreads, typename T>
+__device__ __forceinline__ void store_tile(T* gmem, int64_t stride, const T* smem, int row0,
+                                           int n_rows, int d, int tid) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+    const int c = i * kThreads + tid;
+    if (kChunks % kThreads == 0 || c < kChunks) {
+      const int r = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      if (row0 + r < n_rows && col < d) {
+        *reinterpret_cast<uint4*>(gmem + static_cast<int64_t>(row0 + r) * stride + col) =
+            *reinterpret_cast<const uint4*>(smem + r * (kHeadDim + 8) + col);
+      }
+    }
+  }
+}
+
+// acc[MT][NT] += A * B^T: A (16*MT x K) row-major in smem, B (8*NT x K) row-major in smem.
+template <typename T, int MT, int NT, int K>
+__device__ __forceinline__ void gemm_ss_nt(float (&acc)[MT][NT][4], const T* sA, int lda,
+                                           const T* sB, int ldb, int lane) {
+  static_assert(NT % 2 == 0 && K % 16 == 0, "tile shape");
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      ldmatrix_x4(a[mi], sA + (mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * lda + kk * 16 +
+                             (lane >> 4) * 8);
+    }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ldb + kk * 16 +
+                         ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        mma_16816<T>(acc[mi][2 * np], a[mi], b[0], b[1]);
+        mma_16816<T>(acc[mi][2 * np + 1], a[mi], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[MT][NT] += A * B: A in registers (KT k-steps of A fragments), B (16*KT x 8*NT)
+// row-major in smem (read transposed by ldmatrix.trans).
+template <typename T, int MT, int NT, int KT>
+__device__ __forceinline__ void gemm_rs_nn(float (&acc)[MT][NT][4],
+                                           const uint32_t (&a)[MT][KT][4], const T* sB, int ldb,
+                                           int lane) {
+  static_assert(NT % 2 == 0, "tile shape");
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb +
+                               np * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        mma_16816<T>(acc[mi][2 * np], a[mi][kk], b[0], b[1]);
+        mma_16816<T>(acc[mi][2 * np + 1], a[mi][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Accumulator (C fragments of a 16*MT x 8*NT tile) -> A fragments of the next mma.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[MT][NT / 2][4],
+                                         const float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      a[mi][kk][0] = pack2<T>(acc[mi][2 * kk][0], acc[mi][2 * kk][1]);
+      a[mi][kk][1] = pack2<T>(acc[mi][2 * kk][2], acc[mi][2 * kk][3]);
+      a[mi][kk][2] = pack2<T>(acc[mi][2 * kk + 1][0], acc[mi][2 * kk + 1][1]);
+      a[mi][kk][3] = pack2<T>(acc[mi][2 * kk + 1][2], acc[mi][2 * kk + 1][3]);
+    }
+  }
+}
+
+// Starting value of a score accumulator: mask / scale (scale > 0), kept finite unless the
+// mask hides the entry, so that scale * (q.k + mask / scale) == scale * q.k + mask.
+__device__ __forceinline__ float mask_to_acc(float m, float inv_scale) {
+  return m == -INFINITY ? -INFINITY : fminf(fmaxf(m * inv_scale, -FLT_MAX), FLT_MAX);
+}
+
+// Fills a score tile with mask / scale; `row_base`/`col_base` are the global query/key of the
+// thread's first element when kTransposed is false (rows = queries), else rows = keys.
+// Returns whether any in-range entry of this thread is visible.
+template <int MT, int NT, bool kTransposed>
+__device__ __forceinline__ bool init_scores_from_mask(float (&s)[MT][NT][4], const MaskView& mask,
+                                                      int64_t mask_base, int row_base,
+                                                      int col_base, int sq, int sk,
+                                                      float inv_scale) {
+  bool any = false;
+  const void* ptr = mask.ptr;
+  const MaskKind kind = mask.kind;
+  const int64_t stride_q = mask.stride_q, stride_k = mask.stride_k;
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = row_base + mi * 16 + (e >> 1) * 8;
+        const int col = col_base + ni * 8 + (e & 1);
+        const int query = kTransposed ? col : row;
+        const int key = kTransposed ? row : col;
+        float m = -INFINITY;
+        if (query < sq && key < sk) {
+          m = load_mask(ptr, kind, mask_base + query * stride_q + key * stride_k);
+        }
+        any |= m != -INFINITY;
+        s[mi][ni][e] = mask_to_acc(m, inv_scale);
+      }
+    }
+  }
+  return any;
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&a)[MT][NT][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[mi][ni][e] = 0.f;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward. Grid (ceil(Sq / kBlockM), B * Hq); kNWarps warps, each owning 16 * kMT query rows.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
+__global__ void __launch_bounds__(kNWarps * 32, 1)
+    fwd_kernel(const AttnFwdParams p) {
+  constexpr int kThreads = kNWarps * 32;
+  constexpr int kMT = kBlockM / (16 * kNWarps);
+  constexpr int kNT = kBlockN / 8;
+  constexpr int kDT = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  static_assert(kMT * 16 * kNWarps == kBlockM, "block M");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kLd;
+  T* sV = sK + kBlockN * kLd;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / p.hq, h = bh % p.hq, hk = h / (p.hq / p.hkv);
+  const int m0 = blockIdx.x * kBlockM;
+  const int warp_row0 = warp * kMT * 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  const int64_t mask_base = b * p.mask.stride_b + h * p.mask.stride_h;
+
+  const int off = causal_offset(p.causal, p.sq, p.sk);
+  const int n_blocks = (p.sk + kBlockN - 1) / kBlockN;
+  int n_end = n_blocks;
+  if (p.causal) {
+    const int max_key = m0 + kBlockM - 1 + off;
+    n_end = max_key < 0 ? 0 : min(n_blocks, max_key / kBlockN + 1);
+  }
+  const float scale_log2 = p.scale * kLog2e;
+  const float inv_scale = 1.f / p.scale;
+
+  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, m0, p.sq, p.d, tid);
+  if (n_end > 0) load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, 0, p.sk, p.d, tid);
+  cp_async_commit();
+  int k_loaded = 0;  // key block held (or being filled) in sK
+
+  float acc_o[kMT][kDT][4];
+  zero(acc_o);
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+    row_max[mi][0] = row_max[mi][1] = -INFINITY;
+    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+  }
+
+  for (int n = 0; n < n_end; ++n) {
+    const int n0 = n * kBlockN;
+    float s[kMT][kNT][4];
+    if constexpr (kHasMask) {
+      const bool any = init_scores_from_mask<kMT, kNT, false>(
+          s, p.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, p.sq, p.sk, inv_scale);
+      if (!__syncthreads_or(any)) continue;  // the mask hides this key block for every row
+    } else {
+      zero(s);
+    }
+    if (k_loaded != n) {  // the prefetched block was skipped: wait for it, then reload
+      cp_async_wait<0>();
+      load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n0, p.sk, p.d, tid);
+      cp_async_commit();
+      k_loaded = n;
+    }
+    load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_stride_s, n0, p.sk, p.d, tid);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q and K ready; V may still be in flight
+    __syncthreads();
+
+    gemm_ss_nt<T, kMT, kNT, kHeadDim>(s, sQ + warp_row0 * kLd, kLd, sK, kLd, lane);
+    __syncthreads();  // every warp is done with sK: prefetch the next key block
+    if (n + 1 < n_end) {
+      load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n0 + kBlockN, p.sk, p.d, tid);
+      k_loaded = n + 1;
+    }
+    cp_async_commit();
+
+    // Keys past Sk and (on blocks crossing the diagonal) causally hidden keys.
+    const bool edge = n0 + kBlockN > p.sk || (p.causal && n0 + kBlockN - 1 > m0 + off);
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = m0 + warp_row0 + mi * 16 + g + hf * 8;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int ni = 0; ni < kNT; ++ni) {
+#pragma unroll
+          for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+            const int col = n0 + ni * 8 + 2 * t + (e & 1);
+            float x = s[mi][ni][e] * scale_log2;
+            if (edge && (col >= p.sk || (p.causal && col > row + off))) x = -INFINITY;
+            s[mi][ni][e] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = quad_max(mx);
+        const float m_new = fmaxf(row_max[mi][hf], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // rows seeing nothing yet
+        const float alpha = exp2f(row_max[mi][hf] - m_use);
+        row_max[mi][hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int ni = 0; ni < kNT; ++ni) {
+#pragma unroll
+          for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+            s[mi][ni][e] = exp2f(s[mi][ni][e] - m_use);
+            sum += s[mi][ni][e];
+          }
+        }
+        row_sum[mi][hf] = row_sum[mi][hf] * alpha + sum;
+#pragma unroll
+        for (int di = 0; di < kDT; ++di) {
+          acc_o[mi][di][2 * hf] *= alpha;
+          acc_o[mi][di][2 * hf + 1] *= alpha;
+        }
+      }
+    }
+    uint32_t pa[kMT][kNT / 2][4];
+    acc_to_a<T, kMT, kNT>(pa, s);
+
+    cp_async_wait<1>();  // V ready
+    __syncthreads();
+    gemm_rs_nn<T, kMT, kDT, kNT / 2>(acc_o, pa, sV, kLd, lane);
+    __syncthreads();  // every warp is done with sV
+  }
+
+  // Epilogue: normalise, stage the tile in sQ, store 16 bytes at a time.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = warp_row0 + mi * 16 + g + hf * 8;
+      const float l = quad_sum(row_sum[mi][hf]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int di = 0; di < kDT; ++di) {
+        *reinterpret_cast<uint32_t*>(sQ + r * kLd + di * 8 + 2 * t) =
+            pack2<T>(acc_o[mi][di][2 * hf] * inv, acc_o[mi][di][2 * hf + 1] * inv);
+      }
+      if (t == 0 && m0 + r < p.sq) {
+        p.lse[static_cast<int64_t>(bh) * p.sq + m0 + r] =
+            l > 0.f ? row_max[mi][hf] * kLn2 + logf(l) : -INFINITY;
+      }
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
+  store_tile<kBlockM, kHeadDim, kThreads>(out, p.o_stride_s, sQ, m0, p.sq, p.d, tid);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward preprocessing: dsum[row] = sum_d dout[row, d] * out[row, d]; one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const AttnFwdParams& f = p.fwd;
+  const int64_t n_rows = static_cast<int64_t>(f.b) * f.hq * f.sq;
+  if (row >= n_rows) return;
+  const int s = row % f.sq;
+  const int bh = row / f.sq, b = bh / f.hq, h = bh % f.hq;
+  const T* o = static_cast<const T*>(f.out) + b * f.o_stride_b + h * f.o_stride_h + s * f.o_stride_s;
+  const T* dout =
+      static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h + s * p.do_stride_s;
+  float acc = 0.f;
+  for (int d = lane; d < f.d; d += 32) acc += to_float(o[d]) * to_float(dout[d]);
+  acc = warp_sum(acc);
+  if (lane == 0) p.dsum[row] = acc;
+}
+
+// dQ (and dmask). Grid (ceil(Sq / kBlockM), B * Hq); each warp owns 16 query rows.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
+__global__ void __launch_bounds__(kNWarps * 32, 1)
+    bwd_dq_kernel(const AttnBwdParams p) {
+  constexpr int kThreads = kNWarps * 32;
+  constexpr int kNT = kBlockN / 8;
+  constexpr int kDT = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  static_assert(kBlockM == 16 * kNWarps, "one m16 tile per warp");
+  const AttnFwdParams& f = p.fwd;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * kLd;
+  T* sK = sdO + kBlockM * kLd;
+  T* sV = sK + kBlockN * kLd;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / f.hq, h = bh % f.hq, hk = h / (f.hq / f.hkv);
+  const int m0 = blockIdx.x * kBlockM;
+  const int warp_row0 = warp * 16;
+
+  const T* q = static_cast<const T*>(f.q) + b * f.q_stride_b + h * f.q_stride_h;
+  const T* k = static_cast<const T*>(f.k) + b * f.k_stride_b + hk * f.k_stride_h;
+  const T* v = static_cast<const T*>(f.v) + b * f.v_stride_b + hk * f.v_stride_h;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
+  const int64_t mask_base = b * f.mask.stride_b + h * f.mask.stride_h;
+
+  const int off = causal_offset(f.causal, f.sq, f.sk);
+  const int n_blocks = (f.sk + kBlockN - 1) / kBlockN;
+  int n_end = n_blocks;
+  if (f.causal) {
+    const int max_key = m0 + kBlockM - 1 + off;
+    n_end = max_key < 0 ? 0 : min(n_blocks, max_key / kBlockN + 1);
+  }
+  const float scale_log2 = f.scale * kLog2e;
+  const float inv_scale = 1.f / f.scale;
+
+  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
+  load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
+  cp_async_commit();
+
+  // Per-row log2-domain lse (+inf for rows that see nothing or lie past Sq, so P = 0) and dsum.
+  float lse2[2], dsum[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = m0 + warp_row0 + g + hf * 8;
+    const int64_t idx = static_cast<int64_t>(bh) * f.sq + row;
+    const float l = row < f.sq ? f.lse[idx] : -INFINITY;
+    lse2[hf] = l == -INFINITY ? INFINITY : l * kLog2e;
+    dsum[hf] = row < f.sq ? p.dsum[idx] : 0.f;
+  }
+
+  float acc_dq[1][kDT][4];
+  zero(acc_dq);
+
+  for (int n = 0; n < n_end; ++n) {
+    const int n0 = n * kBlockN;
+    float s[1][kNT][4];
+    if constexpr (kHasMask) {
+      const bool any = init_scores_from_mask<1, kNT, false>(
+          s, f.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, f.sq, f.sk, inv_scale);
+      if (!__syncthreads_or(any)) continue;
+    } else {
+      zero(s);
+    }
+    load_tile<kBlockN, kHeadDim, kThreads>(sK, k, f.k_stride_s, n0, f.sk, f.d, tid);
+    cp_async_commit();
+    load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, f.sk, f.d, tid);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q, dO, K ready
+    __syncthreads();
+    gemm_ss_nt<T, 1, kNT, kHeadDim>(s, sQ + warp_row0 * kLd, kLd, sK, kLd, lane);
+    float dp[1][kNT][4];
+    zero(dp);
+    cp_async_wait<0>();  // V ready
+    __syncthreads();
+    gemm_ss_nt<T, 1, kNT, kHeadDim>(dp, sdO + warp_row0 * kLd, kLd, sV, kLd, lane);
+
+#pragma unroll
+    for (int ni = 0; ni < kNT; ++ni) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1;
+        const int row = m0 + warp_row0 + g + hf * 8;
+        const int col = n0 + ni * 8 + 2 * t + (e & 1);
+        const bool hidden = col >= f.sk || (f.causal && col > row + off);
+        const float pr = hidden ? 0.f : exp2f(s[0][ni][e] * scale_log2 - lse2[hf]);
+        const float ds = pr * (dp[0][ni][e] - dsum[hf]);
+        s[0][ni][e] = ds;
+        if (p.dmask != nullptr && row < f.sq && col < f.sk) {
+          p.dmask[(static_cast<int64_t>(bh) * f.sq + row) * f.sk + col] = ds;
+        }
+      }
+    }
+    uint32_t dsa[1][kNT / 2][4];
+    acc_to_a<T, 1, kNT>(dsa, s);
+    gemm_rs_nn<T, 1, kDT, kNT / 2>(acc_dq, dsa, sK, kLd, lane);
+    __syncthreads();  // every warp is done with sK, sV
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = warp_row0 + g + hf * 8;
+#pragma unroll
+    for (int di = 0; di < kDT; ++di) {
+      *reinterpret_cast<uint32_t*>(sQ + r * kLd + di * 8 + 2 * t) = pack2<T>(
+          acc_dq[0][di][2 * hf] * f.scale, acc_dq[0][di][2 * hf + 1] * f.scale);
+    }
+  }
+  __syncthreads();
+  T* dq = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * f.sq * f.d;
+  store_tile<kBlockM, kHeadDim, kThreads>(dq, f.d, sQ, m0, f.sq, f.d, tid);
+}
+
+// dK, dV. Grid (ceil(Sk / kBlockN), B * Hkv); each warp owns 16 keys and loops over the
+// query blocks of every query head in its GQA group, so dK/dV need no atomics.
+// Scores are computed transposed (rows = keys, columns = queries).
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
+__global__ void __launch_bounds__(kNWarps * 32, 1)
+    bwd_dkdv_kernel(const AttnBwdParams p) {
+  constexpr int kThreads = kNWarps * 32;
+  constexpr int kQT = kBlockM / 8;  // 8-column (query) tiles of the transposed scores
+  constexpr int kDT = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  static_assert(kBlockN == 16 * kNWarps, "one m16 tile per warp");
+  const AttnFwdParams& f = p.fwd;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * kLd;
+  T* sQ = sV + kBlockN * kLd;
+  T* sdO = sQ + kBlockM * kLd;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int bhk = blockIdx.y, b = bhk / f.hkv, hk = bhk % f.hkv;
+  const int group = f.hq / f.hkv;
+  const int n0 = blockIdx.x * kBlockN;
+  const int warp_row0 = warp * 16;
+
+  const T* k = static_cast<const T*>(f.k) + b * f.k_stride_b + hk * f.k_stride_h;
+  const T* v = static_cast<const T*>(f.v) + b * f.v_stride_b + hk * f.v_stride_h;
+  load_tile<kBlockN, kHeadDim, kThreads>(sK, k, f.k_stride_s, n0, f.sk, f.d, tid);
+  load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, f.sk, f.d, tid);
+  cp_async_commit();
+
+  const int off = causal_offset(f.causal, f.sq, f.sk);
+  const int m_blocks = (f.sq + kBlockM - 1) / kBlockM;
+  int m_start = 0;
+  if (f.causal) {  // the first query that sees key n0 is n0 - off
+    const int first_query = n0 - off;
+    m_start = first_query <= 0 ? 0 : min(m_blocks, first_query / kBlockM);
+  }
+  const float scale_log2 = f.scale * kLog2e;
+  const float inv_scale = 1.f / f.scale;
+
+  float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
+  zero(acc_dk);
+  zero(acc_dv);
+
+  for (int hh = 0; hh < group; ++hh) {
+    const int h = hk * group + hh;
+    const int64_t bh = static_cast<int64_t>(b) * f.hq + h;
+    const T* q = static_cast<const T*>(f.q) + b * f.q_stride_b + h * f.q_stride_h;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
+    const int64_t mask_base = b * f.mask.stride_b + h * f.mask.stride_h;
+    for (int m = m_start; m < m_blocks; ++m) {
+      const int m0 = m * kBlockM;
+      float st[1][kQT][4];
+      if constexpr (kHasMask) {
+        const bool any = init_scores_from_mask<1, kQT, true>(
+            st, f.mask, mask_base, n0 + warp_row0 + g, m0 + 2 * t, f.sq, f.sk, inv_scale);
+        if (!__syncthreads_or(any)) continue;
+      } else {
+        zero(st);
+      }
+      load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
+      cp_async_commit();
+      load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
+      cp_async_commit();
+
+      // Per-column (query) lse and dsum, read while the tiles load.
+      float lse2[kQT][2], dsum[kQT][2];
+#pragma unroll
+      for (int ni = 0; ni < kQT; ++ni) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int query = m0 + ni * 8 + 2 * t + j;
+          const float l = query < f.sq ? f.lse[bh * f.sq + query] : -INFINITY;
+          lse2[ni][j] = l == -INFINITY ? INFINITY : l * kLog2e;
+          dsum[ni][j] = query < f.sq ? p.dsum[bh * f.sq + query] : 0.f;
+        }
+      }
+
+      cp_async_wait<1>();  // K, V, Q ready
+      __syncthreads();
+      gemm_ss_nt<T, 1, kQT, kHeadDim>(st, sK + warp_row0 * kLd, kLd, sQ, kLd, lane);
+      float dpt[1][kQT][4];
+      zero(dpt);
+      cp_async_wait<0>();  // dO ready
+      __syncthreads();
+      gemm_ss_nt<T, 1, kQT, kHeadDim>(dpt, sV + warp_row0 * kLd, kLd, sdO, kLd, lane);
+
+#pragma unroll
+      for (int ni = 0; ni < kQT; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + warp_row0 + g + (e >> 1) * 8;
+          const int query = m0 + ni * 8 + 2 * t + (e & 1);
+          const bool hidden = key >= f.sk || (f.causal && key > query + off);
+          const float pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
+          st[0][ni][e] = pr;
+          dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]);
+        }
+      }
+      uint32_t pa[1][kQT / 2][4];
+      acc_to_a<T, 1, kQT>(pa, st);
+      gemm_rs_nn<T, 1, kDT, kQT / 2>(acc_dv, pa, sdO, kLd, lane);
+      uint32_t dsa[1][kQT / 2][4];
+      acc_to_a<T, 1, kQT>(dsa, dpt);
+      gemm_rs_nn<T, 1, kDT, kQT / 2>(acc_dk, dsa, sQ, kLd, lane);
+      __syncthreads();  // every warp is done with sQ, sdO
+    }
+  }
+
+  // Epilogue: stage dK in sK and dV in sV (no longer read), store.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = warp_row0 + g + hf * 8;
+#pragma unroll
+    for (int di = 0; di < kDT; ++di) {
+      *reinterpret_cast<uint32_t*>(sK + r * kLd + di * 8 + 2 * t) = pack2<T>(
+          acc_dk[0][di][2 * hf] * f.scale, acc_dk[0][di][2 * hf + 1] * f.scale);
+      *reinterpret_cast<uint32_t*>(sV + r * kLd + di * 8 + 2 * t) =
+          pack2<T>(acc_dv[0][di][2 * hf], acc_dv[0][di][2 * hf + 1]);
+    }
+  }
+  __syncthreads();
+  const int64_t head_off = static_cast<int64_t>(bhk) * f.sk * f.d;
+  store_tile<kBlockN, kHeadDim, kThreads>(static_cast<T*>(p.dk) + head_off, f.d, sK, n0, f.sk,
+                                          f.d, tid);
+  store_tile<kBlockN, kHeadDim, kThreads>(static_cast<T*>(p.dv) + head_off, f.d, sV, n0, f.sk,
+                                          f.d, tid);
+}
+
+}  // namespace flash
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,85 @@
+// Tile configurations and launch helpers of the flash kernels, shared by the per-head-dim
+// translation units (split so that nvcc compiles them in parallel).
+#pragma once
+
+#include <type_traits>
+
+#include "flash.cuh"
+
+namespace fastattn {
+namespace cuda {
+namespace flash {
+
+// Forward: 128 x 64 tiles, 4 warps of 32 query rows; head dims 96/128 halve the key block and
+// head dim 256 the query block, so that scores and output accumulator stay in registers.
+template <int kHeadDim>
+struct FwdConfig {
+  static constexpr int kBlockM = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kBlockN = kHeadDim == 96 || kHeadDim == 128 ? 32 : 64;
+  static constexpr int kNWarps = 4;
+};
+
+// Backward: 4 warps of 16 rows own 64 rows (keys for dK/dV, queries for dQ) and step over
+// the other sequence kStep at a time (narrower at head dim 128 to keep accumulators in
+// registers).
+template <int kHeadDim>
+struct BwdConfig {
+  static constexpr int kNWarps = 4;
+  static constexpr int kRows = 16 * kNWarps;
+  static constexpr int kStep = kHeadDim >= 96 ? 32 : 64;
+};
+
+template <typename Kernel, typename Params>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                   const Params& p) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_fwd(const AttnFwdParams& p, cudaStream_t stream) {
+  using C = FwdConfig<kHeadDim>;
+  const dim3 grid((p.sq + C::kBlockM - 1) / C::kBlockM, p.b * p.hq);
+  const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
+  return FA_BOOL_SWITCH(p.mask.kind != MaskKind::kNone, kHasMask, [&] {
+    return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kHasMask>, grid,
+                  C::kNWarps * 32, smem, stream, p);
+  });
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
+  using C = BwdConfig<kHeadDim>;
+  const AttnFwdParams& f = p.fwd;
+  const int64_t rows = static_cast<int64_t>(f.b) * f.hq * f.sq;
+  cudaError_t err = launch(bwd_dsum_kernel<T>, dim3((rows + 7) / 8), 256, 0, stream, p);
+  if (err != cudaSuccess) return err;
+  const size_t smem = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
+  return FA_BOOL_SWITCH(f.mask.kind != MaskKind::kNone, kHasMask, [&] {
+    cudaError_t e = launch(
+        bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kHasMask>,
+        dim3((f.sk + C::kRows - 1) / C::kRows, f.b * f.hkv), C::kNWarps * 32, smem, stream, p);
+    if (e != cudaSuccess) return e;
+    return launch(bwd_dq_kernel<T, kHeadDim, C::kRows, C::kStep, C::kNWarps, kHasMask>,
+                  dim3((f.sq + C::kRows - 1) / C::kRows, f.b * f.hq), C::kNWarps * 32, smem,
+                  stream, p);
+  });
+}
+
+// Explicit instantiations live in flash_hdim*.cu.
+#define FA_INSTANTIATE_FWD(HD)                                                   \
+  template cudaError_t run_fwd<__half, HD>(const AttnFwdParams&, cudaStream_t); \
+  template cudaError_t run_fwd<__nv_bfloat16, HD>(const AttnFwdParams&, cudaStream_t);
+#define FA_INSTANTIATE_BWD(HD)                                                   \
+  template cudaError_t run_bwd<__half, HD>(const AttnBwdParams&, cudaStream_t); \
+  template cudaError_t run_bwd<__nv_bfloat16, HD>(const AttnBwdParams&, cudaStream_t);
+
+}  // namespace flash
+}  // namespace cuda
+}  // namespace fastattn
