@@ -197,7 +197,7 @@ __device__ __forceinline__ void zero(float (&a)[MT][NT][4]) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward. Grid (ceil(Sq / kBlockM), B * Hq); kNWarps warps, each owning 16 * kMT query rows.
+// Forward. Grid (B * Hq, ceil(Sq / kBlockM)); kNWarps warps, each owning 16 * kMT query rows.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     fwd_kernel(const AttnFwdParams p) {
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
-  const int bh = blockIdx.y, b = bh / p.hq, h = bh % p.hq, hk = h / (p.hq / p.hkv);
-  const int m0 = blockIdx.x * kBlockM;
+  const int bh = blockIdx.x, b = bh / p.hq, h = bh % p.hq, hk = h / (p.hq / p.hkv);
+  const int m0 = blockIdx.y * kBlockM;
   const int warp_row0 = warp * kMT * 16;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
   if (lane == 0) p.dsum[row] = acc;
 }
 
-// dQ (and dmask). Grid (ceil(Sq / kBlockM), B * Hq); each warp owns 16 query rows.
+// dQ (and dmask). Grid (B * Hq, ceil(Sq / kBlockM)); each warp owns 16 query rows.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dq_kernel(const AttnBwdParams p) {
@@ -392,8 +392,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
-  const int bh = blockIdx.y, b = bh / f.hq, h = bh % f.hq, hk = h / (f.hq / f.hkv);
-  const int m0 = blockIdx.x * kBlockM;
+  const int bh = blockIdx.x, b = bh / f.hq, h = bh % f.hq, hk = h / (f.hq / f.hkv);
+  const int m0 = blockIdx.y * kBlockM;
   const int warp_row0 = warp * 16;
 
   const T* q = static_cast<const T*>(f.q) + b * f.q_stride_b + h * f.q_stride_h;
@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   store_tile<kBlockM, kHeadDim, kThreads>(dq, f.d, sQ, m0, f.sq, f.d, tid);
 }
 
-// dK, dV. Grid (ceil(Sk / kBlockN), B * Hkv); each warp owns 16 keys and loops over the
+// dK, dV. Grid (B * Hkv, ceil(Sk / kBlockN)); each warp owns 16 keys and loops over the
 // query blocks of every query head in its GQA group, so dK/dV need no atomics.
 // Scores are computed transposed (rows = keys, columns = queries).
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
@@ -512,9 +512,9 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
-  const int bhk = blockIdx.y, b = bhk / f.hkv, hk = bhk % f.hkv;
+  const int bhk = blockIdx.x, b = bhk / f.hkv, hk = bhk % f.hkv;
   const int group = f.hq / f.hkv;
-  const int n0 = blockIdx.x * kBlockN;
+  const int n0 = blockIdx.y * kBlockN;
   const int warp_row0 = warp * 16;
 
   const T* k = static_cast<const T*>(f.k) + b * f.k_stride_b + hk * f.k_stride_h;

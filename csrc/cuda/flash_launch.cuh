@@ -45,7 +45,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
 template <typename T, int kHeadDim>
 cudaError_t run_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   using C = FwdConfig<kHeadDim>;
-  const dim3 grid((p.sq + C::kBlockM - 1) / C::kBlockM, p.b * p.hq);
+  const dim3 grid(p.b * p.hq, (p.sq + C::kBlockM - 1) / C::kBlockM);
   const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
   return FA_BOOL_SWITCH(p.mask.kind != MaskKind::kNone, kHasMask, [&] {
     return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kHasMask>, grid,
@@ -64,10 +64,10 @@ cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   return FA_BOOL_SWITCH(f.mask.kind != MaskKind::kNone, kHasMask, [&] {
     cudaError_t e = launch(
         bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kHasMask>,
-        dim3((f.sk + C::kRows - 1) / C::kRows, f.b * f.hkv), C::kNWarps * 32, smem, stream, p);
+        dim3(f.b * f.hkv, (f.sk + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem, stream, p);
     if (e != cudaSuccess) return e;
     return launch(bwd_dq_kernel<T, kHeadDim, C::kRows, C::kStep, C::kNWarps, kHasMask>,
-                  dim3((f.sq + C::kRows - 1) / C::kRows, f.b * f.hq), C::kNWarps * 32, smem,
+                  dim3(f.b * f.hq, (f.sq + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem,
                   stream, p);
   });
 }

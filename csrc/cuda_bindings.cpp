@@ -1,0 +1,245 @@
+// CUDA implementations of the fastattn operators: check tensors, allocate outputs, fill the
+// parameter structs of csrc/cuda/fastattn_cuda.h and launch on the current stream.
+// Built only where torch has CUDA (setup.py). What the kernels accept is mirrored, for the
+// dispatcher, by fastattn/cuda_support.py.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cuda/fastattn_cuda.h"
+
+namespace {
+
+namespace fc = fastattn::cuda;
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "fastattn::", op, " CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
+fc::DType dtype_of(const at::Tensor& t, const char* name, bool allow_fp32) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return fc::DType::kFloat16;
+    case at::kBFloat16:
+      return fc::DType::kBFloat16;
+    case at::kFloat:
+      if (allow_fp32) return fc::DType::kFloat32;
+      break;
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, "fastattn CUDA: ", name, " must be float16 or bfloat16",
+                   allow_fp32 ? " or float32" : "", ", got ", t.scalar_type());
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.is_cuda(), "fastattn CUDA: ", name, " must be a CUDA tensor");
+  TORCH_CHECK_VALUE(t.device() == like.device(), "fastattn CUDA: ", name, " is on ", t.device(),
+                    " but q/x is on ", like.device());
+}
+
+// Attention operands: 4-d, last dim contiguous, 16-byte aligned rows (cp.async tiles).
+void check_attn_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  check_cuda_tensor(t, name, q);
+  TORCH_CHECK_VALUE(t.dim() == 4, "fastattn CUDA: ", name, " must be 4-d (B, H, S, D), got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "fastattn CUDA: ", name, " has dtype ",
+                   t.scalar_type(), " but q has ", q.scalar_type());
+  TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, "fastattn CUDA: ", name,
+                    " must have a contiguous last dim, got strides ", t.strides());
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(t.size(i) <= 1 || t.stride(i) % 8 == 0, "fastattn CUDA: ", name,
+                      " strides must be multiples of 8 elements, got ", t.strides());
+  }
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "fastattn CUDA: ", name,
+                    " must be 16-byte aligned");
+}
+
+fc::MaskView mask_view(const std::optional<at::Tensor>& mask, const at::Tensor& like,
+                       at::IntArrayRef shape) {
+  fc::MaskView view;
+  if (!mask.has_value()) return view;
+  const at::Tensor& m = *mask;
+  check_cuda_tensor(m, "mask", like);
+  TORCH_CHECK_VALUE(m.sizes() == shape, "fastattn CUDA: mask must be expanded to ", shape,
+                    ", got ", m.sizes());
+  switch (m.scalar_type()) {
+    case at::kBool:
+      view.kind = fc::MaskKind::kBool;
+      break;
+    case at::kHalf:
+      view.kind = fc::MaskKind::kFloat16;
+      break;
+    case at::kBFloat16:
+      view.kind = fc::MaskKind::kBFloat16;
+      break;
+    case at::kFloat:
+      view.kind = fc::MaskKind::kFloat32;
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "fastattn CUDA: mask must be bool or float16/bfloat16/float32, got ",
+                       m.scalar_type());
+  }
+  view.ptr = m.data_ptr();
+  view.stride_b = m.stride(0);
+  view.stride_h = m.stride(1);
+  view.stride_q = m.stride(2);
+  view.stride_k = m.stride(3);
+  return view;
+}
+
+void check_causal(int64_t causal) {
+  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, "fastattn CUDA: causal must be 0, 1 or 2, got ",
+                    causal);
+}
+
+fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, double scale, int64_t causal,
+                              int max_head_dim) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "fastattn CUDA: q must be a CUDA tensor");
+  check_attn_operand(q, "q", q);
+  check_attn_operand(k, "k", q);
+  check_attn_operand(v, "v", q);
+  check_causal(causal);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, "fastattn CUDA: q, k, v batch sizes differ");
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv,
+                    "fastattn CUDA: k/v heads must divide q heads, got q ", q.sizes(), ", k ",
+                    k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(3) == D && v.size(2) == Sk,
+                    "fastattn CUDA: k must be (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv), got k ",
+                    k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(3) == D, "fastattn CUDA: v head dim must equal q's (", D, "), got ",
+                    v.size(3));
+  TORCH_CHECK_VALUE(D % 8 == 0 && D <= max_head_dim, "fastattn CUDA: head dim must be a multiple ",
+                    "of 8 and at most ", max_head_dim, ", got ", D);
+  TORCH_CHECK_VALUE(scale > 0, "fastattn CUDA: scale must be positive, got ", scale);
+
+  fc::AttnFwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_s = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_s = k.stride(2);
+  p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_s = v.stride(2);
+  p.b = B, p.hq = Hq, p.hkv = Hkv, p.sq = Sq, p.sk = Sk, p.d = D;
+  p.scale = static_cast<float>(scale);
+  p.causal = static_cast<int>(causal);
+  p.dtype = dtype_of(q, "q", /*allow_fp32=*/false);
+  p.mask = mask_view(mask, q, {B, Hq, Sq, Sk});
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& mask, double scale,
+                                            int64_t causal) {
+  fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, causal, fc::kMaxHeadDimFwd);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({p.b, p.hq, p.sq, p.d}, q.options());
+  at::Tensor lse = at::empty({p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_s = out.stride(2);
+  check_launch(fc::attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "attn_fwd");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse_in, const std::optional<at::Tensor>& mask,
+    double scale, int64_t causal, bool mask_grad) {
+  fc::AttnBwdParams p;
+  p.fwd = attn_params(q, k, v, mask, scale, causal, fc::kMaxHeadDimBwd);
+  fc::AttnFwdParams& f = p.fwd;
+  check_attn_operand(grad_out, "grad_out", q);
+  check_attn_operand(out, "out", q);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "fastattn CUDA: grad_out and out must have q's shape ", q.sizes());
+  check_cuda_tensor(lse_in, "lse", q);
+  TORCH_CHECK_VALUE(lse_in.scalar_type() == at::kFloat &&
+                        lse_in.sizes() == at::IntArrayRef({f.b, f.hq, f.sq}),
+                    "fastattn CUDA: lse must be float32 (B, Hq, Sq)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor lse = lse_in.contiguous();
+
+  at::Tensor dq = at::empty({f.b, f.hq, f.sq, f.d}, q.options());
+  at::Tensor dk = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
+  at::Tensor dv = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
+  at::Tensor dsum = at::empty({f.b, f.hq, f.sq}, q.options().dtype(at::kFloat));
+  at::Tensor dmask = mask_grad ? at::zeros({f.b, f.hq, f.sq, f.sk}, q.options().dtype(at::kFloat))
+                               : at::empty({0}, q.options().dtype(at::kFloat));
+  if (f.sq == 0 || f.sk == 0) {  // nothing attends: all gradients are zero
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  f.out = const_cast<void*>(out.data_ptr());
+  f.lse = const_cast<float*>(lse.data_ptr<float>());
+  f.o_stride_b = out.stride(0), f.o_stride_h = out.stride(1), f.o_stride_s = out.stride(2);
+  p.dout = grad_out.data_ptr();
+  p.do_stride_b = grad_out.stride(0), p.do_stride_h = grad_out.stride(1);
+  p.do_stride_s = grad_out.stride(2);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dsum = dsum.data_ptr<float>();
+  p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
+  check_launch(fc::attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "attn_bwd");
+  return {dq, dk, dv, dmask};
+}
+
+at::Tensor softmax_fwd(const at::Tensor& x_in, const std::optional<at::Tensor>& mask,
+                       double scale, int64_t causal) {
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "fastattn CUDA: x must be a CUDA tensor");
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "fastattn CUDA: x must be 4-d (B, H, R, C), got ",
+                    x_in.sizes());
+  check_causal(causal);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  // The kernels read rows through strides but need contiguous rows.
+  const at::Tensor x = x_in.size(3) <= 1 || x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  fc::SoftmaxFwdParams p;
+  p.dtype = dtype_of(x, "x", /*allow_fp32=*/true);
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.x_stride_b = x.stride(0), p.x_stride_h = x.stride(1), p.x_stride_r = x.stride(2);
+  p.b = x.size(0), p.h = x.size(1), p.rows = x.size(2), p.cols = x.size(3);
+  p.scale = static_cast<float>(scale);
+  p.causal = static_cast<int>(causal);
+  p.mask = mask_view(mask, x, x.sizes());
+  check_launch(fc::softmax_fwd(p, c10::cuda::getCurrentCUDAStream()), "softmax_fwd");
+  return y;
+}
+
+at::Tensor softmax_bwd(const at::Tensor& grad_y_in, const at::Tensor& y_in) {
+  TORCH_CHECK_VALUE(y_in.is_cuda(), "fastattn CUDA: y must be a CUDA tensor");
+  check_cuda_tensor(grad_y_in, "grad_y", y_in);
+  TORCH_CHECK_VALUE(grad_y_in.sizes() == y_in.sizes(), "fastattn CUDA: grad_y ", grad_y_in.sizes(),
+                    " and y ", y_in.sizes(), " must have the same shape");
+  TORCH_CHECK_TYPE(grad_y_in.scalar_type() == y_in.scalar_type(),
+                   "fastattn CUDA: grad_y and y dtypes differ");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
+  at::Tensor dx = at::empty(y.sizes(), y.options());
+  fc::SoftmaxBwdParams p;
+  p.dtype = dtype_of(y, "y", /*allow_fp32=*/true);
+  p.dy = grad_y.data_ptr();
+  p.y = y.data_ptr();
+  p.dx = dx.data_ptr();
+  p.cols = y.dim() == 0 ? 1 : y.size(-1);
+  p.n_rows = p.cols == 0 ? 0 : y.numel() / p.cols;
+  check_launch(fc::softmax_bwd(p, c10::cuda::getCurrentCUDAStream()), "softmax_bwd");
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attn_fwd", &attn_fwd);
+  m.impl("attn_bwd", &attn_bwd);
+  m.impl("softmax_fwd", &softmax_fwd);
+  m.impl("softmax_bwd", &softmax_bwd);
+}
