@@ -5,10 +5,19 @@
     out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)  # bottom-right causal, GQA
     probs = fastattn.softmax(scores, mask=mask, scale=0.125)               # fused masked softmax
 """
+from . import nn
 from ._version import __version__
 from .dispatch import BACKENDS, backends, use_backend
 from .functional import attention, scaled_dot_product_attention, softmax
 from .info import info
+
+
+def register_transformers(name="fastattn"):
+    """Registers `attn_implementation=name` with Hugging Face transformers (imported only now)."""
+    from .integrations.transformers import register
+
+    return register(name)
+
 
 __all__ = [
     "__version__",
@@ -16,6 +25,8 @@ __all__ = [
     "attention",
     "backends",
     "info",
+    "nn",
+    "register_transformers",
     "scaled_dot_product_attention",
     "softmax",
     "use_backend",
