@@ -1,0 +1,114 @@
+"""What the CUDA C++ kernels (csrc/cuda/) accept, for the dispatcher.
+
+`supports(q, k, v, mask)` and `supports_softmax(x, mask)` return None when the CUDA backend
+can run the call, else a reason string. They look only at shapes, strides, dtypes and
+devices, so they also work on fake tensors under torch.compile. The checks mirror
+csrc/cuda_bindings.cpp, which raises for anything else.
+"""
+import functools
+
+import torch
+
+# Keep in sync with kMaxHeadDimFwd / kMaxHeadDimBwd in csrc/cuda/fastattn_cuda.h.
+MAX_HEAD_DIM_FWD = 256
+MAX_HEAD_DIM_BWD = 128
+ATTN_DTYPES = (torch.float16, torch.bfloat16)
+SOFTMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compiled_archs():
+    """(major, minor, ptx) of every architecture fastattn._C was compiled for."""
+    try:
+        from . import _C
+    except ImportError:
+        return ()
+    archs = []
+    for item in str(getattr(_C, "cuda_archs", "")).replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        major, _, minor = item.removesuffix("+PTX").partition(".")
+        try:
+            archs.append((int(major), int(minor or 0), ptx))
+        except ValueError:
+            continue
+    return tuple(archs)
+
+
+@functools.lru_cache(maxsize=None)
+def device_reason(index):
+    """None if the kernels run on CUDA device `index`, else why not."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"the cuda backend needs compute capability >= 8.0 (mma.sync bf16, cp.async), got {major}.{minor}"
+    archs = _compiled_archs()
+    if not archs:
+        return None  # unknown build list: trust the build
+    for a_major, a_minor, ptx in archs:
+        # SASS runs on the same major with an equal or newer minor; PTX JIT-compiles upward.
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return None
+    built = ";".join(f"{a}.{b}{'+PTX' if p else ''}" for a, b, p in archs)
+    return (f"fastattn._C was compiled for {built}, not for this GPU ({major}.{minor}); "
+            f"rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+
+
+def _operand_reason(name, t):
+    if t.dim() != 4:
+        return f"{name} must be 4-d (B, H, S, D), got shape {tuple(t.shape)}"
+    if t.shape[3] > 1 and t.stride(3) != 1:
+        return f"{name} needs a contiguous last dim, got strides {t.stride()}"
+    for i in range(3):
+        if t.shape[i] > 1 and t.stride(i) % 8 != 0:
+            return f"{name} strides must be multiples of 8 elements (16-byte rows), got {t.stride()}"
+    if t.storage_offset() % 8 != 0:
+        return f"{name} must start 16-byte aligned (storage offset {t.storage_offset()})"
+    return None
+
+
+def supports(q, k, v, mask=None, need_grad=None, scale=None):
+    """None if the CUDA flash kernels can run attention on these inputs (and their backward,
+    when `need_grad` or, by default, when grad mode is on and an input requires grad)."""
+    if scale is not None and not scale > 0:
+        return f"the cuda attention kernels need a positive scale, got {scale}"
+    if q.device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {q.device.type}"
+    if q.dtype not in ATTN_DTYPES:
+        return f"the cuda attention kernels take float16 or bfloat16, got {q.dtype}"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        reason = _operand_reason(name, t)
+        if reason:
+            return reason
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv != d:
+        return f"the cuda attention kernels need v's head dim == q's, got {dv} and {d}"
+    if d % 8 != 0 or d > MAX_HEAD_DIM_FWD:
+        return f"the cuda attention kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM_FWD}, got {d}"
+    if need_grad is None:
+        need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if need_grad and d > MAX_HEAD_DIM_BWD:
+        return f"the cuda attention backward takes head dims up to {MAX_HEAD_DIM_BWD}, got {d}"
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        return f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})"
+    if mask is not None and mask.dtype not in MASK_DTYPES:
+        return f"the cuda kernels take bool or float16/bfloat16/float32 masks, got {mask.dtype}"
+    if mask is not None and mask.device != q.device:
+        return f"mask is on {mask.device}, q on {q.device}"
+    return device_reason(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+def supports_softmax(x, mask=None):
+    """None if the CUDA fused softmax kernels can run on x (B, H, R, C) with `mask`."""
+    if x.device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {x.device.type}"
+    if x.dtype not in SOFTMAX_DTYPES:
+        return f"the cuda softmax kernels take float16, bfloat16 or float32, got {x.dtype}"
+    if x.dim() != 4:
+        return f"x must be 4-d (B, H, R, C), got shape {tuple(x.shape)}"
+    if mask is not None and mask.dtype not in MASK_DTYPES:
+        return f"the cuda kernels take bool or float16/bfloat16/float32 masks, got {mask.dtype}"
+    return device_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
