@@ -1,0 +1,118 @@
+"""Timing and peak-memory measurement of one benchmark step (a zero-argument callable)."""
+import ctypes
+import ctypes.util
+import dataclasses
+import statistics
+import time
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How long to time each step. CPU: at least `min_reps` runs, more while the runs so far
+    took under `budget_s` seconds, at most `max_reps`. CUDA: do_bench's warm-up and repetition
+    windows (ms), or `max_reps` event-timed runs where Triton is not installed."""
+
+    min_reps: int = 5
+    budget_s: float = 1.0
+    max_reps: int = 50
+    cuda_warmup_ms: int = 25
+    cuda_rep_ms: int = 100
+
+
+def time_step(make_step, device, timing):
+    """Median milliseconds of a step and the number of timed runs. `make_step()` returns a
+    step over fresh random inputs; the caller has already run one step as a warm-up."""
+    if device == "cuda":
+        return _time_cuda(make_step(), timing)
+    return _time_cpu(make_step, timing)
+
+
+def _time_cpu(make_step, timing):
+    times = []
+    while len(times) < timing.max_reps and (len(times) < timing.min_reps or sum(times) < timing.budget_s):
+        step = make_step()  # fresh inputs each run, made outside the timed region
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def _time_cuda(step, timing):
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:  # flushes L2 between runs
+        times = do_bench(step, warmup=timing.cuda_warmup_ms, rep=timing.cuda_rep_ms, return_mode="all")
+        return statistics.median(times), len(times)
+    for _ in range(3):
+        step()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(timing.max_reps)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events), len(events)
+
+
+def peak_memory(step, device):
+    """Bytes by which one run of `step` raises peak memory above what was in use before it
+    (inputs excluded, outputs and temporaries included); None where it cannot be measured.
+    On CPU, call exact_cpu_peaks() first, after all timing."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return _peak_rss_delta(step)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def exact_cpu_peaks():
+    """Makes glibc serve every allocation above 64 KiB by its own mmap, unmapped when freed, so
+    resident memory follows the live tensors exactly. By default glibc raises that threshold as
+    memory is freed and keeps freed blocks for reuse, so peaks would vary by a buffer from run
+    to run. Irreversible and it changes allocation speed: call it after all timing."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def _proc_status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def _peak_rss_delta(step):
+    """Linux: peak resident memory during the step minus resident memory before it. Freed heap
+    memory is first returned to the OS (malloc_trim) so the step cannot reuse it unseen, and
+    the kernel's peak-RSS mark is reset (clear_refs 5) so earlier peaks do not hide this one."""
+    try:
+        if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_bytes("VmRSS:")
+    except OSError:
+        return None
+    step()
+    return max(0, _proc_status_bytes("VmHWM:") - before)

@@ -1,0 +1,156 @@
+"""Output of a benchmark run: the table, JSON, CSV and PNG plots."""
+import csv
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+
+import torch
+
+# CSV columns: these, then the cases' params (sorted union).
+CSV_FIELDS = (
+    "suite", "case", "pass", "impl", "device", "status", "ms", "reps", "flops", "throughput", "unit",
+    "baseline", "speedup", "peak_mem_bytes", "x", "series", "note",
+)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """Where and with what the run happened: device, CPU/GPU model, threads, versions."""
+    import fastattn
+
+    return {
+        "device": device,
+        "cpu_model": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu_model": torch.cuda.get_device_name() if device == "cuda" else None,
+        "platform": platform.platform(),
+        "versions": fastattn.info(),
+    }
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def format_table(results):
+    """A table per suite: one row per implementation, case and pass."""
+    lines = []
+    for suite in dict.fromkeys(r.suite for r in results):
+        rows = [r for r in results if r.suite == suite]
+        unit = next((r.unit for r in rows if r.unit), "throughput")
+        baseline = next((r.baseline for r in rows if r.baseline), "baseline")
+        header = ("case", "pass", "impl", "ms", unit, f"vs {baseline.split('-')[0]}", "peak MiB", "note")
+        table = []
+        for r in rows:
+            mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
+            speedup = "-" if r.speedup is None else f"x{r.speedup:.2f}"
+            note = r.note or ("" if r.status == "ok" else r.status)
+            table.append((r.case, r.pass_, r.impl, _fmt(r.ms), _fmt(r.throughput), speedup, _fmt(mem), note))
+        widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header) - 1)]
+        dtype = rows[0].params.get("dtype", "")
+        lines.append(f"== {suite} ({rows[0].device}, {dtype}) ==")
+        previous = None
+        for row in [header] + table:
+            key = row[:2]
+            shown = list(row)
+            if key == previous:  # print case and pass once per group
+                shown[0] = shown[1] = ""
+            previous = key
+            cells = [str(c).rjust(w) if 3 <= i <= 6 else str(c).ljust(w) for i, (c, w) in enumerate(zip(shown, widths))]
+            lines.append("  ".join(cells + [str(shown[-1])]).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(path, results, meta):
+    document = dict(meta)
+    document["results"] = [r.to_dict() for r in results]
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)
+
+
+def write_csv(path, results):
+    records = [r.to_dict() for r in results]
+    param_fields = sorted({key for record in records for key in record["params"]})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS + tuple(param_fields))
+        for record in records:
+            row = [record[field] for field in CSV_FIELDS] + [record["params"].get(key) for key in param_fields]
+            writer.writerow(["" if value is None else value for value in row])
+
+
+def plot(results, out_dir):
+    """One PNG per (suite, pass): time vs sequence length, a line per implementation, a
+    subplot per series (head dim). Returns the paths written (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    paths = []
+    for suite, pass_ in dict.fromkeys((r.suite, r.pass_) for r in results):
+        group = [r for r in results if r.suite == suite and r.pass_ == pass_]
+        series = list(dict.fromkeys(r.series for r in group))
+        figure, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
+        for ax, name in zip(axes[0], series):
+            for impl in dict.fromkeys(r.impl for r in group):
+                points = sorted((r.x, r.ms) for r in group if r.series == name and r.impl == impl and r.ms is not None)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length (keys)")
+            ax.set_ylabel("time (ms, median)")
+            ax.set_title(" ".join(filter(None, (suite, pass_, name, f"({group[0].device})"))))
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        figure.tight_layout()
+        path = os.path.join(out_dir, f"{suite}_{pass_.replace('+', '_')}.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(out_dir, results, meta):
+    """Writes results.json, results.csv and the plots into out_dir; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, csv_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")
+    write_json(json_path, results, meta)
+    write_csv(csv_path, results)
+    return [json_path, csv_path] + plot(results, out_dir)
+
+
+def run_metadata(device, scale, suites, unavailable):
+    """The JSON header of a run: environment, command line, settings."""
+    meta = {
+        "schema": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.orig_argv),
+        "scale": scale,
+        "suites": list(suites),
+        "unavailable": unavailable,
+    }
+    meta.update(environment(device))
+    return meta

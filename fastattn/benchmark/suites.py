@@ -1,0 +1,246 @@
+"""The op-level suites: attention as encoders, decoders, padded batches and cross-attention
+use it, and the fused masked softmax. Each case compares every usable fastattn backend of the
+device with PyTorch: SDPA (on CUDA each of its kernels that runs) and the eager formula.
+
+Shapes keep the token count per batch fixed (batch = tokens // seq), so the work grows
+linearly with the sequence length; on CUDA they are flash-attention's benchmark setup (bf16,
+16k tokens, heads * head_dim = 2048).
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+from .. import dispatch, ops
+from .engine import FWD, FWD_BWD, Case, Impl, attention_flops
+from .measure import Timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    dtype: torch.dtype
+    head_dims: tuple
+    seqs: tuple  # attention sequence lengths (keys for cross-attention)
+    tokens: int  # batch * seq
+    model_dim: int  # heads * head_dim
+    softmax_heads: int
+    softmax_seqs: tuple  # softmax rows = columns
+
+
+SHAPES = {
+    ("cpu", "tiny"): Shapes(torch.float32, (16,), (32, 64), 128, 32, 2, (32, 64)),
+    ("cpu", "quick"): Shapes(torch.float32, (64,), (256, 512, 1024), 2048, 512, 8, (256, 512, 1024)),
+    ("cpu", "full"): Shapes(torch.float32, (64,), (256, 512, 1024, 2048), 4096, 512, 8, (256, 512, 1024, 2048)),
+    ("cuda", "tiny"): Shapes(torch.bfloat16, (64,), (128, 256), 1024, 256, 4, (128, 256)),
+    ("cuda", "quick"): Shapes(torch.bfloat16, (128,), (1024, 4096, 16384), 16384, 2048, 16, (1024, 4096)),
+    ("cuda", "full"): Shapes(
+        torch.bfloat16, (64, 128), (512, 1024, 2048, 4096, 8192, 16384), 16384, 2048, 16, (512, 1024, 2048, 4096, 8192)
+    ),
+}
+
+TIMING = {
+    "tiny": Timing(min_reps=2, budget_s=0.0, max_reps=2, cuda_warmup_ms=5, cuda_rep_ms=20),
+    "quick": Timing(min_reps=3, budget_s=0.3, max_reps=20),
+    "full": Timing(min_reps=5, budget_s=1.0, max_reps=50),
+}
+
+# fastattn backends worth timing per device (Triton on CPU is its interpreter, for tests only).
+DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+def unavailable(device):
+    """{implementation: reason} for the fastattn backends of `device` that cannot run here."""
+    status = dispatch.backends()
+    return {
+        f"fastattn-{name}": status[name]["reason"] for name in DEVICE_BACKENDS[device] if not status[name]["usable"]
+    }
+
+
+def _usable_backends(device):
+    status = dispatch.backends()
+    return [name for name in DEVICE_BACKENDS[device] if status[name]["usable"]]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _padding_mask(batch, seq, device):
+    """Key-padding mask (B, 1, 1, S), True = real token: lengths spread uniformly over
+    [S/4, S], the longest sequence filling the batch as padding to the longest does."""
+    lengths = torch.randint(max(1, seq // 4), seq + 1, (batch,), device=device)
+    lengths[0] = seq
+    return (torch.arange(seq, device=device) < lengths[:, None]).view(batch, 1, 1, seq)
+
+
+def eager_attention(q, k, v, mask, causal, scale):
+    """softmax(scale * q @ k^T, masked) @ v as models write it, in the input dtype."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        hidden = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _sdpa_impls(device, causal):
+    def sdpa(inputs):
+        return F.scaled_dot_product_attention(
+            inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"], is_causal=causal
+        )
+
+    if device == "cpu":
+        return [Impl("sdpa", sdpa)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    impls = []
+    for label, name in (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
+                        ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH")):
+        backend = getattr(SDPBackend, name, None)  # cuDNN's kernel is missing from older torch
+        if backend is None:
+            continue
+
+        def run(inputs, backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa(inputs)
+
+        # optional: a kernel that rejects these inputs (flash with a mask) is skipped, not an error
+        impls.append(Impl(f"sdpa-{label}", run, optional=True))
+    return impls
+
+
+def _attention_case(suite, device, shapes, batch, heads, seq_q, seq_k, head_dim, causal, padded):
+    dtype = shapes.dtype
+    scale = head_dim**-0.5
+
+    def make_inputs(requires_grad):
+        q, k, v = (
+            torch.randn(batch, heads, s, head_dim, device=device, dtype=dtype, requires_grad=requires_grad)
+            for s in (seq_q, seq_k, seq_k)
+        )
+        mask = _padding_mask(batch, seq_k, device) if padded else None
+        return {"q": q, "k": k, "v": v, "mask": mask}
+
+    sample = make_inputs(False)
+    prepared_mask = ops.check_attention_inputs(sample["q"], sample["k"], sample["v"], sample["mask"])
+    impls = []
+    for backend in _usable_backends(device):
+
+        def run(inputs, backend=backend):
+            return fastattn.attention(
+                inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"], causal=causal, backend=backend
+            )
+
+        reason = dispatch.attention_reason(backend, sample["q"], sample["k"], sample["v"], prepared_mask)
+        impls.append(Impl(f"fastattn-{backend}", run, reason=reason))
+    impls += _sdpa_impls(device, causal)
+    impls.append(Impl("eager", lambda i: eager_attention(i["q"], i["k"], i["v"], i["mask"], causal, scale)))
+    seqs = f"S{seq_q}" if seq_q == seq_k else f"Sq{seq_q} Sk{seq_k}"
+    return Case(
+        suite=suite,
+        label=f"B{batch} H{heads} {seqs} D{head_dim}",
+        params=dict(
+            batch=batch,
+            heads_q=heads,
+            heads_kv=heads,
+            seq_q=seq_q,
+            seq_k=seq_k,
+            head_dim=head_dim,
+            dtype=str(dtype).replace("torch.", ""),
+            causal=causal,
+            mask="key-padding" if padded else "none",
+        ),
+        make_inputs=make_inputs,
+        impls=impls,
+        baseline="sdpa",
+        x=seq_k,
+        series=f"D={head_dim}",
+        flops=attention_flops(batch, heads, seq_q, seq_k, head_dim, causal=causal),
+    )
+
+
+def _attention_suite(suite, causal=False, padded=False, query_fraction=1):
+    def build(device, scale):
+        shapes = SHAPES[device, scale]
+        cases = []
+        for head_dim in shapes.head_dims:
+            heads = shapes.model_dim // head_dim
+            for seq in shapes.seqs:
+                batch = max(2 if padded else 1, shapes.tokens // seq)  # padding needs >= 2 sequences
+                args = (batch, heads, seq // query_fraction, seq, head_dim, causal, padded)
+                cases.append(_attention_case(suite, device, shapes, *args))
+        return cases
+
+    return build
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def eager_masked_softmax(x, mask, scale):
+    return torch.softmax((x * scale).masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def _softmax_case(device, shapes, batch, heads, seq):
+    dtype, scale = shapes.dtype, 0.125
+
+    def make_inputs(requires_grad):
+        x = torch.randn(batch, heads, seq, seq, device=device, dtype=dtype, requires_grad=requires_grad)
+        return {"x": x, "mask": _padding_mask(batch, seq, device)}
+
+    sample = make_inputs(False)["x"]
+    impls = [
+        Impl(
+            f"fastattn-{backend}",
+            lambda i, backend=backend: fastattn.softmax(i["x"], mask=i["mask"], scale=scale, backend=backend),
+            reason=dispatch.softmax_reason(backend, sample),
+        )
+        for backend in _usable_backends(device)
+    ]
+    impls.append(Impl("torch", lambda i: eager_masked_softmax(i["x"], i["mask"], scale)))
+    # Least possible traffic: forward reads x and writes y; backward reads dy and y, writes dx.
+    size = batch * heads * seq * seq * sample.element_size()
+    return Case(
+        suite="softmax",
+        label=f"B{batch} H{heads} {seq}x{seq}",
+        params=dict(batch=batch, heads_q=heads, seq_q=seq, seq_k=seq, dtype=str(dtype).replace("torch.", ""),
+                    causal=False, mask="key-padding"),
+        make_inputs=make_inputs,
+        impls=impls,
+        baseline="torch",
+        x=seq,
+        bytes={FWD: 2 * size, FWD_BWD: 5 * size},
+    )
+
+
+def _softmax_suite(device, scale):
+    shapes = SHAPES[device, scale]
+    return [
+        _softmax_case(device, shapes, max(1, shapes.tokens // seq), shapes.softmax_heads, seq)
+        for seq in shapes.softmax_seqs
+    ]
+
+
+SUITES = {
+    "encoder": _attention_suite("encoder"),
+    "decoder": _attention_suite("decoder", causal=True),
+    "padded": _attention_suite("padded", padded=True),
+    "cross": _attention_suite("cross", query_fraction=4),
+    "softmax": _softmax_suite,
+}
+
+DESCRIPTIONS = {
+    "encoder": "self-attention, no mask (BERT-like encoders)",
+    "decoder": "causal self-attention (GPT-like decoders)",
+    "padded": "self-attention with a key-padding mask, lengths spread over [S/4, S]",
+    "cross": "cross-attention, queries = keys / 4 (T5/BART-like decoders reading the encoder)",
+    "softmax": "fused masked softmax vs torch.softmax (key-padding mask, scaled)",
+}
+
+
+def build(names, device, scale):
+    """The cases of the named suites (in order) for `device` ("cpu"/"cuda") at `scale`
+    ("tiny", "quick" or "full")."""
+    return [case for name in names for case in SUITES[name](device, scale)]

@@ -1,0 +1,191 @@
+"""The command line: `python -m fastattn info | check | bench`, benchmarks/softmax.py, and the
+benchmark engine's measurements (FLOP counts, peak memory)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.benchmark import FWD, FWD_BWD, attention_flops, measure, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args, env=None):
+    """Runs a command with this interpreter from the repository root; returns the process."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_info_prints_json_with_every_backend():
+    proc = run("-m", "fastattn", "info")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["fastattn"] == fastattn.__version__
+    assert set(info["backends"]) == set(fastattn.BACKENDS)
+    for name, entry in info["backends"].items():
+        assert isinstance(entry["usable"], bool), name
+        assert (entry["reason"] is None) == entry["usable"], name
+    assert info["backends"]["reference"]["usable"]
+
+
+def test_check_prints_one_verdict_per_backend():
+    # Without a GPU, Triton would self-test through its slow interpreter: leave it skipped.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = run("-m", "fastattn", "check", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    verdicts = {line.split()[0]: line.split()[1] for line in lines}
+    assert len(lines) == len(fastattn.BACKENDS) and set(verdicts) == set(fastattn.BACKENDS), proc.stdout
+    assert set(verdicts.values()) <= {"PASS", "SKIP"}, proc.stdout
+    assert verdicts["reference"] == "PASS"
+    usable = {name for name, entry in fastattn.backends().items() if entry["usable"]} - {"triton"}
+    assert {name for name, verdict in verdicts.items() if verdict == "PASS"} >= usable
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["bench", "--suite", "nope"], ["bench", "--device", "tpu"], ["bench", "--quick", "extra"], ["frobnicate"]],
+    ids=["suite", "device", "extra", "command"],
+)
+def test_bad_arguments_exit_2(args):
+    proc = run("-m", "fastattn", *args)
+    assert proc.returncode == 2
+    assert "error" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_bench_on_cuda_without_gpu_exits_1(tmp_path):
+    proc = run("-m", "fastattn", "bench", "--device", "cuda", "--tiny", "--out", str(tmp_path))
+    assert proc.returncode == 1
+    assert "--device cuda" in proc.stderr and "GPU" in proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+RESULT_TYPES = {
+    "suite": str, "case": str, "pass": str, "impl": str, "device": str, "status": str, "x": int,
+    "series": str, "params": dict,
+}
+OK_TYPES = {"ms": float, "reps": int, "throughput": float, "unit": str, "baseline": str, "speedup": float}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["-m", "fastattn", "bench", "--tiny", "--suite", "encoder", "softmax", "--no-progress", "--out", str(out)]
+    proc = run(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out / "results.json") as f:
+        return proc, out, json.load(f)
+
+
+def test_bench_json_schema(bench_run):
+    _, _, doc = bench_run
+    assert doc["schema"] == 1 and doc["device"] == "cpu" and doc["suites"] == ["encoder", "softmax"]
+    assert "fastattn bench" in doc["command"] and "--tiny" in doc["command"]
+    assert isinstance(doc["cpu_model"], str) and doc["cpu_model"] and doc["gpu_model"] is None
+    assert doc["versions"]["torch"] == torch.__version__
+    assert set(doc["versions"]["backends"]) == set(fastattn.BACKENDS)
+    assert isinstance(doc["unavailable"], dict)
+    results = doc["results"]
+    for r in results:
+        for key, kind in RESULT_TYPES.items():
+            assert isinstance(r[key], kind), (key, r)
+        assert r["status"] in ("ok", "skipped"), r
+        assert r["pass"] in (FWD, FWD_BWD)
+        if r["status"] == "ok":
+            for key, kind in OK_TYPES.items():
+                assert isinstance(r[key], kind), (key, r)
+            assert r["ms"] > 0 and r["throughput"] > 0 and r["speedup"] > 0
+            assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+        else:
+            assert r["note"], r
+
+
+def test_bench_compares_against_pytorch(bench_run):
+    _, _, doc = bench_run
+    groups = {}
+    for r in doc["results"]:
+        groups.setdefault((r["suite"], r["case"], r["pass"]), {})[r["impl"]] = r
+    assert {suite for suite, _, _ in groups} == {"encoder", "softmax"}
+    for (suite, _, _), impls in groups.items():
+        expected = {"sdpa", "eager"} if suite == "encoder" else {"torch"}
+        expected |= {f"fastattn-{name}" for name in ("cpu",) if fastattn.backends()[name]["usable"]}
+        assert set(impls) == expected
+        baseline = "sdpa" if suite == "encoder" else "torch"
+        assert impls[baseline]["status"] == "ok" and impls[baseline]["speedup"] == 1.0
+        for r in impls.values():
+            if r["status"] == "ok":  # speedup = baseline time / own time
+                assert r["speedup"] == pytest.approx(impls[baseline]["ms"] / r["ms"])
+                assert r["unit"] == ("GFLOP/s" if suite == "encoder" else "GB/s")
+
+
+def test_bench_counts_attention_flops(bench_run):
+    _, _, doc = bench_run
+    for r in doc["results"]:
+        if r["suite"] == "encoder" and r["status"] == "ok":
+            p = r["params"]
+            forward = 4 * p["batch"] * p["heads_q"] * p["seq_q"] * p["seq_k"] * p["head_dim"]
+            assert r["flops"] == (forward if r["pass"] == FWD else 3.5 * forward)
+            assert r["throughput"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e9)
+
+
+def test_bench_csv_and_table(bench_run):
+    proc, out, doc = bench_run
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    header = rows[0]
+    assert tuple(header[: len(report.CSV_FIELDS)]) == report.CSV_FIELDS
+    assert {"batch", "heads_q", "seq_q", "seq_k", "dtype"} <= set(header)
+    assert len(rows) == 1 + len(doc["results"])
+    assert all(len(row) == len(header) for row in rows)
+    assert "== encoder (cpu, float32) ==" in proc.stdout and "== softmax (cpu, float32) ==" in proc.stdout
+    assert "GFLOP/s" in proc.stdout and "vs sdpa" in proc.stdout and "peak MiB" in proc.stdout
+
+
+def test_bench_writes_a_plot_per_suite_and_pass(bench_run):
+    _, out, _ = bench_run
+    pytest.importorskip("matplotlib")
+    expected = {f"{suite}_{p}.png" for suite in ("encoder", "softmax") for p in ("fwd", "fwd_bwd")}
+    assert {name for name in os.listdir(out) if name.endswith(".png")} == expected
+    for name in expected:
+        with open(out / name, "rb") as f:
+            data = f.read()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+
+
+def test_softmax_script_runs_the_softmax_suite(tmp_path):
+    proc = run("benchmarks/softmax.py", "--tiny", "--no-progress", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "results.json") as f:
+        doc = json.load(f)
+    assert doc["suites"] == ["softmax"] and {r["suite"] for r in doc["results"]} == {"softmax"}
+    proc = run("benchmarks/softmax.py", "--suite", "encoder")
+    assert proc.returncode == 2  # the script has no --suite
+
+
+def test_attention_flops_rules():
+    assert attention_flops(2, 3, 5, 7, 16) == {FWD: 4 * 2 * 3 * 5 * 7 * 16, FWD_BWD: 14 * 2 * 3 * 5 * 7 * 16}
+    assert attention_flops(1, 1, 8, 8, 16, causal=True)[FWD] == 2 * 8 * 8 * 16  # halved when square
+    assert attention_flops(1, 1, 4, 8, 16, causal=True)[FWD] == 4 * 4 * 8 * 16  # not halved otherwise
+    assert attention_flops(1, 1, 4, 8, 16, head_dim_v=32)[FWD] == 2 * 4 * 8 * (16 + 32)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux /proc")
+def test_cpu_peak_memory_sees_the_step_allocations():
+    mib = 2**20
+
+    def step(n):
+        x = torch.ones(n * mib // 4)  # touched pages: resident
+        y = x + 1  # a second temporary, alive together with x
+        return y.sum()
+
+    for n in (16, 64):
+        peak = measure.peak_memory(lambda: step(n), "cpu")
+        assert 2 * n * mib - mib <= peak < 2 * n * mib + 8 * mib, (n, peak / mib)
