@@ -1,4 +1,5 @@
 """The CUDA kernels compile for sm_80 and sm_90 without register spills (no GPU needed)."""
+import json
 import os
 import subprocess
 import sys
@@ -30,8 +31,6 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    import json
-
     kernels = json.loads(report.read_text())["kernels"]
     names = " ".join(k["kernel"] for k in kernels)
     for kernel in ("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel", "softmax_fwd_warp_kernel",

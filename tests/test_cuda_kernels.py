@@ -1,0 +1,293 @@
+"""CUDA C++ kernels (csrc/cuda/) against the float64 reference, DESIGN.md's tolerance rule.
+
+Skipped unless a CUDA device is present and fastattn._C was built with CUDA. The ops are
+called directly (torch.ops.fastattn.*) so that these tests exercise the CUDA kernels only.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from fastattn import reference
+from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tolerance import assert_within_baseline  # noqa: E402
+
+
+def _cuda_build_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from fastattn import _C
+    except ImportError as e:
+        return f"fastattn._C not importable: {e}"
+    if not getattr(_C, "with_cuda", False):
+        return "fastattn._C was built without CUDA"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attn_fwd", "CUDA"):
+        return "no CUDA kernels registered for fastattn ops"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return "the CUDA kernels need compute capability >= 8.0"
+    return None
+
+
+SKIP_REASON = _cuda_build_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))]
+DEVICE = "cuda"
+OPS = torch.ops.fastattn
+
+
+def _poison_allocator():
+    """Fills freed cached blocks with NaN so that outputs the kernels forget to write show up."""
+    junk = torch.full((64 * 1024 * 1024,), float("nan"), device=DEVICE)
+    del junk
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, strided):
+    """Random q, k, v; `strided` gives (B, S, H, D) storage seen through a transpose."""
+    def make(H, S):
+        if strided:
+            return torch.randn(B, S, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+        return torch.randn(B, H, S, D, device=DEVICE, dtype=dtype)
+
+    return make(Hq, Sq), make(Hkv, Sk), make(Hkv, Sk)
+
+
+def _mask(kind, B, Hq, Sq, Sk, dtype):
+    """A mask expanded to (B, Hq, Sq, Sk) (broadcast dims keep stride 0), or None."""
+    shape = (B, Hq, Sq, Sk)
+    if kind is None:
+        return None
+    if kind == "bool":  # full random mask, every row keeps key 0
+        m = torch.rand(shape, device=DEVICE) > 0.3
+        m[..., 0] = True
+        return m
+    if kind == "padding_bool":  # key padding (B, 1, 1, Sk); batch 0 sees nothing at all
+        lengths = torch.randint(1, Sk + 1, (B,), device=DEVICE)
+        lengths[0] = 0
+        m = torch.arange(Sk, device=DEVICE)[None, :] < lengths[:, None]
+        return m[:, None, None, :].expand(shape)
+    if kind == "additive":  # per-head bias in q's dtype, broadcast over batch, some -inf
+        bias = torch.randn(1, Hq, Sq, Sk, device=DEVICE).to(dtype)
+        bias[..., 1::3] = float("-inf")
+        bias[..., 0] = 0
+        return bias.expand(shape)
+    if kind == "additive_f32_row":  # float32 bias shared by all rows (last dims broadcast)
+        return torch.randn(B, 1, 1, Sk, device=DEVICE).expand(shape)
+    raise ValueError(kind)
+
+
+def _attention(q, k, v, mask, scale, causal, z):
+    """Attention with an extra additive zero tensor `z` whose gradient is dS (dmask)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(scores.dtype)
+    scores = reference._masked_scores(scores, mask, causal) + z
+    probs, lse = reference._safe_softmax(scores)
+    return torch.matmul(probs, v), lse.float()
+
+
+def _run_reference(q, k, v, mask, scale, causal, grad_out, dtype):
+    """(out, lse, dq, dk, dv, dmask) of `_attention` computed in `dtype` from the same inputs."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    z = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=DEVICE, dtype=dtype,
+                    requires_grad=True)
+    out, lse = _attention(*inputs, mask, scale, causal, z)
+    out.backward(grad_out.to(dtype))
+    return (out.detach(), lse.detach(), *(t.grad for t in inputs), z.grad)
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, mask kind, dtype, strided)
+ATTENTION_CASES = [
+    (2, 4, 4, 128, 128, 64, CAUSAL_NONE, None, torch.float16, False),
+    (2, 4, 2, 113, 203, 40, CAUSAL_NONE, None, torch.bfloat16, True),
+    (1, 2, 1, 1, 1, 32, CAUSAL_NONE, None, torch.float16, False),
+    (2, 2, 2, 1023, 1024, 128, CAUSAL_TOP_LEFT, None, torch.bfloat16, False),
+    (1, 4, 1, 512, 256, 96, CAUSAL_TOP_LEFT, "bool", torch.float16, True),
+    (2, 2, 1, 203, 113, 80, CAUSAL_BOTTOM_RIGHT, None, torch.float16, False),
+    (1, 3, 3, 256, 512, 128, CAUSAL_BOTTOM_RIGHT, "additive", torch.float16, False),
+    (3, 2, 2, 77, 300, 64, CAUSAL_NONE, "padding_bool", torch.bfloat16, True),
+    (2, 4, 2, 130, 190, 128, CAUSAL_NONE, "additive_f32_row", torch.bfloat16, False),
+    (1, 2, 2, 200, 333, 256, CAUSAL_NONE, None, torch.float16, False),
+    (1, 2, 1, 257, 257, 256, CAUSAL_BOTTOM_RIGHT, "bool", torch.bfloat16, True),
+    (2, 8, 1, 64, 64, 32, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_matches_reference(case):
+    B, Hq, Hkv, Sq, Sk, D, causal, kind, dtype, strided = case
+    torch.manual_seed(hash(case) % 2**31)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, strided)
+    mask = _mask(kind, B, Hq, Sq, Sk, dtype)
+    scale = 1.0 / math.sqrt(D)
+    grad_out = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=dtype)
+    with_backward = D <= 128
+
+    _poison_allocator()
+    out, lse = OPS.attn_fwd(q, k, v, mask, scale, causal)
+    ref = _run_reference(q, k, v, mask, scale, causal, grad_out, torch.float64)
+    base = _run_reference(q, k, v, mask, scale, causal, grad_out, dtype)
+
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, D)
+    assert_within_baseline("out", out, ref[0], base[0])
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+    empty = torch.isneginf(ref[1])
+    assert torch.equal(torch.isneginf(lse), empty), "lse: -inf rows differ from the reference"
+    assert_within_baseline("lse", lse[~empty], ref[1][~empty].float(), base[1][~empty])
+    if empty.any():
+        assert out[empty].abs().max() == 0, "rows that see no key must be zeros"
+    if not with_backward:
+        return
+
+    _poison_allocator()
+    mask_grad = kind is not None and mask.dtype != torch.bool
+    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad)
+    for name, got, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:5], base[2:5]):
+        assert got.is_contiguous() and got.dtype == dtype, name
+        assert_within_baseline(name, got, r, b)
+    if mask_grad:
+        assert dmask.dtype == torch.float32 and dmask.shape == (B, Hq, Sq, Sk)
+        assert_within_baseline("dmask", dmask, ref[5], base[5].float())
+    else:
+        assert dmask.shape == (0,)
+    if empty.any():
+        assert dq[empty].abs().max() == 0, "rows that see no key must get zero dq"
+
+
+def test_dmask_without_mask_is_ds():
+    """mask_grad=True with no mask still returns dS, the gradient w.r.t. the scores."""
+    torch.manual_seed(1)
+    B, H, Sq, Sk, D = 1, 2, 70, 90, 64
+    q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.float16, False)
+    grad_out = torch.randn(B, H, Sq, D, device=DEVICE, dtype=torch.float16)
+    out, lse = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_TOP_LEFT)
+    dmask = OPS.attn_bwd(grad_out, q, k, v, out, lse, None, 0.125, CAUSAL_TOP_LEFT, True)[3]
+    ref = _run_reference(q, k, v, None, 0.125, CAUSAL_TOP_LEFT, grad_out, torch.float64)
+    base = _run_reference(q, k, v, None, 0.125, CAUSAL_TOP_LEFT, grad_out, torch.float16)
+    assert_within_baseline("dmask", dmask, ref[5], base[5].float())
+
+
+def test_key_padding_skips_hidden_blocks():
+    """Key blocks hidden for every row must be skipped, not read: NaN there cannot leak.
+    Keys from 128 on are hidden, a multiple of every key block the kernels use."""
+    torch.manual_seed(2)
+    B, H, Sq, Sk, D = 2, 2, 100, 320, 64
+    q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.bfloat16, False)
+    k[:, :, 128:] = float("nan")
+    v[:, :, 128:] = float("nan")
+    mask = (torch.arange(Sk, device=DEVICE) < 128)[None, None, None, :].expand(B, H, Sq, Sk)
+    out, lse = OPS.attn_fwd(q, k, v, mask, 0.125, CAUSAL_NONE)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv, _ = OPS.attn_bwd(grad_out, q, k, v, out, lse, mask, 0.125, CAUSAL_NONE, False)
+    kk, vv = k[:, :, :128], v[:, :, :128]
+    ref = _run_reference(q, kk, vv, None, 0.125, CAUSAL_NONE, grad_out, torch.float64)
+    base = _run_reference(q, kk, vv, None, 0.125, CAUSAL_NONE, grad_out, torch.bfloat16)
+    assert_within_baseline("out", out, ref[0], base[0])
+    assert_within_baseline("dq", dq, ref[2], base[2])
+    assert_within_baseline("dk", dk[:, :, :128], ref[3], base[3])
+    assert dk[:, :, 128:].abs().max() == 0 and dv[:, :, 128:].abs().max() == 0
+
+
+def test_rows_that_see_nothing_are_zero():
+    """Bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key."""
+    torch.manual_seed(3)
+    B, H, Sq, Sk, D = 1, 2, 150, 40, 64
+    q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.float16, False)
+    out, lse = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_BOTTOM_RIGHT)
+    dq, dk, dv, _ = OPS.attn_bwd(torch.ones_like(out), q, k, v, out, lse, None, 0.125,
+                                 CAUSAL_BOTTOM_RIGHT, False)
+    hidden = Sq - Sk
+    assert torch.isneginf(lse[:, :, :hidden]).all() and torch.isfinite(lse[:, :, hidden:]).all()
+    assert out[:, :, :hidden].abs().max() == 0 and dq[:, :, :hidden].abs().max() == 0
+    for t in (out, dq, dk, dv):
+        assert not torch.isnan(t).any()
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(4)
+    q, k, v = _qkv(2, 8, 2, 300, 300, 128, torch.bfloat16, False)
+    out, lse = OPS.attn_fwd(q, k, v, None, 0.09, CAUSAL_TOP_LEFT)
+    grad_out = torch.randn_like(out)
+    first = OPS.attn_bwd(grad_out, q, k, v, out, lse, None, 0.09, CAUSAL_TOP_LEFT, False)
+    second = OPS.attn_bwd(grad_out, q, k, v, out, lse, None, 0.09, CAUSAL_TOP_LEFT, False)
+    for a, b in zip(first[:3], second[:3]):
+        assert torch.equal(a, b)
+
+
+def test_unsupported_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        OPS.attn_fwd(q.float(), q.float(), q.float(), None, 0.125, 0)
+    big = torch.randn(1, 2, 16, 264, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim"):
+        OPS.attn_fwd(big, big, big, None, 0.125, 0)
+    wide = torch.randn(1, 2, 16, 256, device=DEVICE, dtype=torch.float16)
+    out, lse = OPS.attn_fwd(wide, wide, wide, None, 0.0625, 0)
+    with pytest.raises(ValueError, match="head dim"):
+        OPS.attn_bwd(out, wide, wide, wide, out, lse, None, 0.0625, 0, False)
+    with pytest.raises(ValueError, match="scale"):
+        OPS.attn_fwd(q, q, q, None, 0.0, 0)
+    with pytest.raises(ValueError, match="mask"):
+        OPS.attn_fwd(q, q, q, torch.ones(1, 2, 16, 15, device=DEVICE, dtype=torch.bool), 0.1, 0)
+
+
+def test_supports_agrees_with_the_kernels():
+    from fastattn import cuda_support
+
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.float16)
+    assert cuda_support.supports(q, q, q, None) is None
+    assert "float16 or bfloat16" in cuda_support.supports(q.float(), q.float(), q.float(), None)
+    odd = torch.randn(1, 2, 16, 36, device=DEVICE, dtype=torch.float16)
+    assert "multiples of 8" in cuda_support.supports(odd, odd, odd, None)
+    wide = torch.randn(1, 2, 16, 256, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    assert "backward" in cuda_support.supports(wide, wide, wide, None)
+    assert cuda_support.supports(wide, wide, wide, None, need_grad=False) is None
+
+
+# ------------------------------------------------------------------------------- softmax
+
+# (B, H, R, C, dtype, mask kind, causal, strided x)
+SOFTMAX_CASES = [
+    (2, 3, 5, 1, torch.float32, None, CAUSAL_NONE, False),
+    (2, 3, 17, 17, torch.float16, "bool", CAUSAL_TOP_LEFT, False),
+    (1, 4, 33, 128, torch.bfloat16, "additive", CAUSAL_NONE, True),
+    (2, 2, 64, 1000, torch.float16, "padding_bool", CAUSAL_BOTTOM_RIGHT, False),
+    (1, 2, 40, 2048, torch.bfloat16, None, CAUSAL_TOP_LEFT, False),
+    (1, 2, 9, 3001, torch.float32, "additive_f32_row", CAUSAL_NONE, False),
+    (1, 1, 8, 8192, torch.float16, "bool", CAUSAL_BOTTOM_RIGHT, False),
+    (2, 2, 24, 777, torch.float32, "bool", CAUSAL_TOP_LEFT, True),
+]
+
+
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_softmax_matches_reference(case):
+    B, H, R, C, dtype, kind, causal, strided = case
+    torch.manual_seed(hash(case) % 2**31)
+    if strided:  # rows padded in storage: x is a view with a row stride > C
+        x = torch.randn(B, H, R, C + 8, device=DEVICE, dtype=dtype)[..., :C]
+    else:
+        x = torch.randn(B, H, R, C, device=DEVICE, dtype=dtype)
+    mask = _mask(kind, B, H, R, C, dtype)
+    scale = 0.7
+    _poison_allocator()
+    y = OPS.softmax_fwd(x, mask, scale, causal)
+    ref64 = reference.softmax(x.double(), mask, scale, causal)
+    # Low-precision baseline: the softmax of the dtype-rounded scores, in the dtype.
+    base = reference.softmax(x, mask, scale, causal)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_within_baseline("y", y, ref64, base)
+    if kind == "padding_bool":
+        assert y[0].abs().max() == 0, "rows with nothing visible must be zeros"
+
+    grad_y = torch.randn_like(y)
+    _poison_allocator()
+    dx = OPS.softmax_bwd(grad_y, y)
+    y64 = y.double()
+    ref_dx = y64 * (grad_y.double() - (grad_y.double() * y64).sum(-1, keepdim=True))
+    base_dx = y * (grad_y - (grad_y * y).sum(-1, keepdim=True))
+    assert_within_baseline("dx", dx, ref_dx, base_dx)
