@@ -412,5 +412,5 @@ def test_compiled_converted_encoder_has_no_graph_break():
     x = torch.randn(BATCH, TGT, E)
     padding, _ = layer_masks(BATCH, TGT, TGT)
     expected = model(x, src_key_padding_mask=padding)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x, src_key_padding_mask=padding), expected, atol=1e-5, rtol=1e-5)
