@@ -8,6 +8,10 @@
 // along rows, B loaded as vectors). Scores are never materialised beyond one tile.
 
 static constexpr float kInf = std::numeric_limits<float>::infinity();
+static constexpr float kLowest = std::numeric_limits<float>::lowest();
+// Scores are kept in base 2 (scaled by log2(e)) so that exp is a plain exp2.
+static constexpr float kLog2e = 1.44269504088896341f;
+static constexpr float kLn2 = 0.693147180559945309f;
 static constexpr int W = Vec::W;
 using R = Vec::R;
 
@@ -98,18 +102,18 @@ static void store_row(void* dst, int dtype, int64_t n, const float* src, float m
   }
 }
 
-// Mask row [k0, k0 + n) of (b, h, row) as an fp32 additive bias in dst; returns whether any
-// entry is visible (> -inf).
+// Mask row [k0, k0 + n) of (b, h, row) as an fp32 additive bias (times mul) in dst; returns
+// whether any entry is visible (> -inf).
 static bool mask_row(const MaskView& mk, int64_t b, int64_t h, int64_t row, int64_t k0, int64_t n,
-                     float* dst) {
+                     float* dst, float mul) {
   const char* base = at_elem(mk.ptr, b * mk.sb + h * mk.sh + row * mk.sq + k0 * mk.sk, mk.dtype);
   if (mk.sk == 1) {
-    load_row(base, mk.dtype, n, dst, 1.f);
+    load_row(base, mk.dtype, n, dst, mul);
   } else if (mk.sk == 0) {
-    fill(dst, n, load_scalar(base, mk.dtype));
+    fill(dst, n, load_scalar(base, mk.dtype) * mul);
   } else {
     const int64_t step = mk.sk * elem_size(mk.dtype);
-    for (int64_t j = 0; j < n; ++j) dst[j] = load_scalar(base + j * step, mk.dtype);
+    for (int64_t j = 0; j < n; ++j) dst[j] = load_scalar(base + j * step, mk.dtype) * mul;
   }
   int64_t j = 0;
   R mx = Vec::set1(-kInf);
@@ -119,20 +123,22 @@ static bool mask_row(const MaskView& mk, int64_t b, int64_t h, int64_t row, int6
   return m > -kInf;
 }
 
-// Bias for the (queries [q0, q0+mq)) x (keys [k0, k0+nk)) tile into bias (ld `ld`). If the
-// mask does not vary along queries, only row 0 is filled and *per_query is false. Returns
-// false when the whole tile is hidden (the caller skips it).
+// Bias (in base 2) for the (queries [q0, q0+mq)) x (keys [k0, k0+nk)) tile into bias (ld
+// `ld`). If the mask does not vary along queries, only row 0 is filled and *per_query is
+// false. Returns false when the whole tile is hidden (the caller skips it).
 static bool mask_tile(const MaskView& mk, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0,
                       int64_t nk, float* bias, int64_t ld, bool* per_query) {
   *per_query = mk.sq != 0;
   const int64_t rows = *per_query ? mq : 1;
   bool any = false;
-  for (int64_t i = 0; i < rows; ++i) any |= mask_row(mk, b, h, q0 + i, k0, nk, bias + i * ld);
+  for (int64_t i = 0; i < rows; ++i) any |= mask_row(mk, b, h, q0 + i, k0, nk, bias + i * ld, kLog2e);
   return any;
 }
 
 // ---------------------------------------------------------------- GEMM micro-kernel
-template <int M, int NV>
+// C[M x NV*W] (+)= A[M x K] * B[K x NV*W]. A is row-major (element (m, k) at A[m*lda + k]) or,
+// with ACOL, column-major (at A[k*lda + m]); B and C are row-major.
+template <int M, int NV, bool ACOL>
 static inline void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                                 int64_t ldc, int64_t K, bool accumulate) {
   R c[M][NV];
@@ -146,7 +152,7 @@ static inline void micro_kernel(const float* A, int64_t lda, const float* B, int
     for (int n = 0; n < NV; ++n) bv[n] = Vec::load(B + k * ldb + n * W);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const R a = Vec::set1(A[m * lda + k]);
+      const R a = Vec::set1(ACOL ? A[k * lda + m] : A[m * lda + k]);
 #pragma GCC unroll 8
       for (int n = 0; n < NV; ++n) c[m][n] = Vec::fma(a, bv[n], c[m][n]);
     }
@@ -160,40 +166,43 @@ static inline void micro_kernel(const float* A, int64_t lda, const float* B, int
 using MicroKernelFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                                bool);
 
-template <int M>
+template <int M, bool ACOL>
 static MicroKernelFn pick_nv(int nv) {
   switch (nv) {
-    case 1: return micro_kernel<M, 1>;
-    case 2: return micro_kernel<M, 2>;
-    case 3: return micro_kernel<M, 3>;
-    default: return micro_kernel<M, 4>;
+    case 1: return micro_kernel<M, 1, ACOL>;
+    case 2: return micro_kernel<M, 2, ACOL>;
+    case 3: return micro_kernel<M, 3, ACOL>;
+    default: return micro_kernel<M, 4, ACOL>;
   }
 }
 
+template <bool ACOL>
 static MicroKernelFn pick_kernel(int m, int nv) {
   switch (m) {
-    case 1: return pick_nv<1>(nv);
-    case 2: return pick_nv<2>(nv);
-    case 3: return pick_nv<3>(nv);
-    case 4: return pick_nv<4>(nv);
-    case 5: return pick_nv<5>(nv);
-    default: return pick_nv<6>(nv);
+    case 1: return pick_nv<1, ACOL>(nv);
+    case 2: return pick_nv<2, ACOL>(nv);
+    case 3: return pick_nv<3, ACOL>(nv);
+    case 4: return pick_nv<4, ACOL>(nv);
+    case 5: return pick_nv<5, ACOL>(nv);
+    default: return pick_nv<6, ACOL>(nv);
   }
 }
 
-// C[M x NVt*W] (+)= A[M x K] * B[K x NVt*W]; all row-major fp32.
+// C[M x NVt*W] (+)= A[M x K] * B[K x NVt*W] (A column-major with ACOL, else row-major).
+template <bool ACOL = false>
 static void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                  int64_t M, int64_t NVt, int64_t K, bool accumulate) {
   if (M <= 0 || NVt <= 0) return;
+  const int64_t mstep = ACOL ? 1 : lda;  // distance between consecutive rows of A
   for (int64_t n0 = 0; n0 < NVt; n0 += Vec::NVR) {
     const int nv = int(min64(Vec::NVR, NVt - n0));
-    const MicroKernelFn full = pick_kernel(Vec::MR, nv);
+    const MicroKernelFn full = pick_kernel<ACOL>(Vec::MR, nv);
     int64_t m0 = 0;
     for (; m0 + Vec::MR <= M; m0 += Vec::MR)
-      full(A + m0 * lda, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K, accumulate);
+      full(A + m0 * mstep, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K, accumulate);
     if (m0 < M)
-      pick_kernel(int(M - m0), nv)(A + m0 * lda, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K,
-                                   accumulate);
+      pick_kernel<ACOL>(int(M - m0), nv)(A + m0 * mstep, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W,
+                                         ldc, K, accumulate);
   }
 }
 
@@ -203,19 +212,16 @@ static inline float row_max(const float* x, int64_t n) {  // n multiple of W
   for (int64_t j = 0; j < n; j += W) m = Vec::max(m, Vec::load(x + j));
   return Vec::hmax(m);
 }
-// x = exp(x - shift) in place over n (multiple of W) elements; returns the sum.
+// x = 2^(x - shift) in place over n (multiple of W) elements; returns the sum.
 static inline float exp_sum(float* x, int64_t n, float shift) {
   const R s = Vec::set1(shift);
   R acc = Vec::zero();
   for (int64_t j = 0; j < n; j += W) {
-    const R e = Vec::exp(Vec::sub(Vec::load(x + j), s));
+    const R e = Vec::exp2(Vec::sub(Vec::load(x + j), s));
     Vec::store(x + j, e);
     acc = Vec::add(acc, e);
   }
   return Vec::hsum(acc);
-}
-static inline void add_row(float* x, const float* y, int64_t n) {  // n multiple of W
-  for (int64_t j = 0; j < n; j += W) Vec::store(x + j, Vec::add(Vec::load(x + j), Vec::load(y + j)));
 }
 static inline void scale_row(float* x, int64_t n, float a) {  // n multiple of W
   const R s = Vec::set1(a);
@@ -227,20 +233,45 @@ static inline int64_t causal_offset(int causal, int64_t sq, int64_t sk) {
 }
 
 // ---------------------------------------------------------------- attention forward
-static constexpr int64_t kFwdBQ = 64;  // queries per work item
-static constexpr int64_t kFwdBK = 64;  // keys per tile (multiple of every W)
+// Per work item (batch, query head, block of BQ queries), over key tiles of BK keys:
+//   S^T = K Q^T (keys x queries), so that the online softmax (running max m, running sum l,
+//   rescale factor alpha) runs along vectors of queries without horizontal reductions, then
+//   O += P V with P^T read as a column-major A operand.
+static constexpr int64_t kFwdBQ = 64;  // queries per work item (multiple of every W)
+static constexpr int64_t kFwdBK = 64;  // keys per tile
+
+// Masks and the causal rule on an S^T tile (nk keys x BQ queries; only the first mq queries
+// are real). bias/per_query come from mask_tile.
+static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const float* bias, int64_t ldb,
+                          bool per_query, bool masked, int causal, int64_t first_hidden_end) {
+  for (int64_t j = 0; j < nk; ++j) {
+    float* srow = st + j * BQ;
+    if (masked) {
+      if (per_query) {
+        for (int64_t i = 0; i < mq; ++i) srow[i] += bias[i * ldb + j];
+      } else {
+        const R bj = Vec::set1(bias[j]);
+        for (int64_t i = 0; i < BQ; i += W) Vec::store(srow + i, Vec::add(Vec::load(srow + i), bj));
+      }
+    }
+    if (causal) {  // key j is hidden from the first (first_hidden_end + j) queries of the block
+      const int64_t hidden = first_hidden_end + j;
+      if (hidden > 0) fill(srow, min64(hidden, BQ), -kInf);
+    }
+  }
+}
 
 static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
   const int64_t BQ = kFwdBQ, BK = kFwdBK;
-  const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
+  const int64_t Dvp = round_up(p.Dv, W);
   const int64_t G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
   const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
   const int64_t esz = elem_size(p.dtype);
-  // K^T and V of the current (batch, kv head), packed lazily block by block so that blocks the
-  // mask or the causal rule hides are never touched.
-  Scratch kt(nkb * Dp * BK), vp(nkb * BK * Dvp), packed(nkb);
-  Scratch qp(BQ * Dp), s(BQ * BK), o(BQ * Dvp), mrow(BQ), lrow(BQ), bias(BQ * BK), row(Dp);
+  // K and V of the current (batch, kv head) in fp32, packed lazily block by block so that
+  // blocks the mask or the causal rule hides are never touched.
+  Scratch kp(nkb * BK * p.D), vp(nkb * BK * Dvp), packed(nkb);
+  Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   int64_t current = -1;
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t qb = it % nqb;
@@ -253,73 +284,65 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       fill(packed.p, nkb, 0.f);
     }
     const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
-    const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh, p.dtype);
-    for (int64_t i = 0; i < mq; ++i) {
-      // The softmax scale is folded into Q once.
-      load_row(qbase + (q0 + i) * p.q.ss * esz, p.dtype, p.D, qp.p + i * Dp, p.scale);
-      fill(qp.p + i * Dp + p.D, Dp - p.D, 0.f);
+    const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + q0 * p.q.ss, p.dtype);
+    for (int64_t i = 0; i < mq; ++i) {  // Q^T, with the softmax scale and log2(e) folded in
+      load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, row.p, p.scale * kLog2e);
+      for (int64_t d = 0; d < p.D; ++d) qt.p[d * BQ + i] = row.p[d];
     }
-    fill(mrow.p, mq, -kInf);
-    fill(lrow.p, mq, 0.f);
+    for (int64_t d = 0; d < p.D; ++d) fill(qt.p + d * BQ + mq, BQ - mq, 0.f);
+    fill(mvec.p, BQ, kLowest);  // finite, so that m_old - m_new is never inf - inf
+    fill(lvec.p, BQ, 0.f);
     fill(o.p, mq * Dvp, 0.f);
     const int64_t kend = p.causal ? min64(p.Sk, q0 + mq + off) : p.Sk;
     for (int64_t k0 = 0; k0 < kend; k0 += BK) {
-      const int64_t kb = k0 / BK, nk = min64(BK, p.Sk - k0), nkv = ceil_div(nk, W);
+      const int64_t kb = k0 / BK, nk = min64(BK, p.Sk - k0);
       bool per_query = false;
       if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
-      float* ktb = kt.p + kb * Dp * BK;
+      float* kpb = kp.p + kb * BK * p.D;
       float* vpb = vp.p + kb * BK * Dvp;
       if (packed.p[kb] == 0.f) {
         packed.p[kb] = 1.f;
-        if (nk < BK) fill(ktb, Dp * BK, 0.f);
         const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
         const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
         for (int64_t j = 0; j < nk; ++j) {
-          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, row.p, 1.f);
-          for (int64_t d = 0; d < p.D; ++d) ktb[d * BK + j] = row.p[d];
+          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, kpb + j * p.D, 1.f);
           load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vpb + j * Dvp, 1.f);
           fill(vpb + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
         }
       }
-      gemm(qp.p, Dp, ktb, BK, s.p, BK, mq, nkv, p.D, false);
-      for (int64_t i = 0; i < mq; ++i) {
-        float* srow = s.p + i * BK;
-        int64_t lim = nk;  // visible columns of this row: [0, lim)
-        if (p.causal) lim = max64(0, min64(nk, q0 + i + off - k0 + 1));
-        if (p.mask.ptr) {
-          const float* brow = bias.p + (per_query ? i * BK : 0);
-          const int64_t full = lim / W * W;
-          add_row(srow, brow, full);
-          for (int64_t j = full; j < lim; ++j) srow[j] += brow[j];
+      gemm(kpb, p.D, qt.p, BQ, st.p, BQ, nk, BQ / W, p.D, false);
+      mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
+                    k0 - off - q0);
+      for (int64_t i = 0; i < BQ; i += W) {
+        const R m_old = Vec::load(mvec.p + i);
+        R m_new = m_old;
+        for (int64_t j = 0; j < nk; ++j) m_new = Vec::max(m_new, Vec::load(st.p + j * BQ + i));
+        const R a = Vec::exp2(Vec::sub(m_old, m_new));
+        R sum = Vec::zero();
+        for (int64_t j = 0; j < nk; ++j) {
+          const R e = Vec::exp2(Vec::sub(Vec::load(st.p + j * BQ + i), m_new));
+          Vec::store(st.p + j * BQ + i, e);
+          sum = Vec::add(sum, e);
         }
-        fill(srow + lim, nkv * W - lim, -kInf);
-        const float tile_max = row_max(srow, nkv * W);
-        const float mnew = tile_max > mrow.p[i] ? tile_max : mrow.p[i];
-        if (mnew == -kInf) {  // nothing visible yet: this tile contributes nothing to the row
-          fill(srow, nk, 0.f);
-          continue;
-        }
-        const float sum = exp_sum(srow, nkv * W, mnew);
-        if (mrow.p[i] != -kInf && mnew != mrow.p[i]) {
-          const float alpha = std::exp(mrow.p[i] - mnew);
-          lrow.p[i] *= alpha;
-          scale_row(o.p + i * Dvp, Dvp, alpha);
-        }
-        lrow.p[i] += sum;
-        mrow.p[i] = mnew;
+        Vec::store(lvec.p + i, Vec::fma(Vec::load(lvec.p + i), a, sum));
+        Vec::store(mvec.p + i, m_new);
+        Vec::store(alpha.p + i, a);
       }
-      gemm(s.p, BK, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
+      for (int64_t i = 0; i < mq; ++i)  // rows whose running max moved
+        if (alpha.p[i] != 1.f) scale_row(o.p + i * Dvp, Dvp, alpha.p[i]);
+      gemm<true>(st.p, BQ, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
     }
     char* obase = static_cast<char*>(p.out) + ((b * p.Hq + hq) * p.Sq + q0) * p.Dv * esz;
     float* lse = p.lse + (b * p.Hq + hq) * p.Sq + q0;
     for (int64_t i = 0; i < mq; ++i) {
-      if (lrow.p[i] == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
+      const float l = lvec.p[i];
+      if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
         fill(o.p + i * Dvp, p.Dv, 0.f);
         store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f);
         lse[i] = -kInf;
       } else {
-        store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f / lrow.p[i]);
-        lse[i] = mrow.p[i] + std::log(lrow.p[i]);
+        store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f / l);
+        lse[i] = (mvec.p[i] + std::log2(l)) * kLn2;
       }
     }
   }
@@ -328,7 +351,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
 // ---------------------------------------------------------------- attention backward
 // Per work item (batch, kv head, chunk of key blocks): for each query head of the group, the
 // transposed tiles S^T = K Q^T and dP^T = V dO^T are recomputed from the saved lse, and
-//   dV += P^T dO,  dK += dS^T Q,  dQ^T += K^T dS^T.
+//   dV += P^T dO,  dK += dS^T Q,  dQ^T += K^T dS^T  (K^T read as a column-major operand).
 // Every output element belongs to exactly one item (dq of chunked items goes to a per-chunk
 // buffer reduced afterwards in a fixed order), so there are no races and results are
 // deterministic.
@@ -345,7 +368,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t max_chunk_keys = ceil_div(nkb, p.nchunks) * BK;
   Scratch qt(Dp * Sqp), qr(Sqp * Dp), dot(Dvp * Sqp), dor(Sqp * Dvp), delta(Sqp), lse(Sqp),
       dqt(Dp * Sqp);
-  Scratch kr(BK * Dp), kt(Dp * BK), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
+  Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nchunks;
@@ -356,7 +379,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
     fill(dvacc.p, (kb1 - kb0) * BK * Dvp, 0.f);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hkv * G + g;
-      // Pack this query head: Q (row-major) and scale*Q^T, dO and dO^T, delta, lse.
+      // Pack this query head: Q (row-major) and Q^T (times scale*log2(e), base-2 scores), dO and
+      // dO^T, delta, lse (base 2).
       const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh, p.dtype);
       const char* dobase = at_elem(p.dout.ptr, b * p.dout.sb + hq * p.dout.sh, p.dtype);
       const char* obase = at_elem(p.out.ptr, b * p.out.sb + hq * p.out.sh, p.dtype);
@@ -365,7 +389,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         float* qrow = qr.p + i * Dp;
         load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, qrow, 1.f);
         fill(qrow + p.D, Dp - p.D, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[d * Sqp + i] = qrow[d] * p.scale;
+        for (int64_t d = 0; d < p.D; ++d) qt.p[d * Sqp + i] = qrow[d] * (p.scale * kLog2e);
         float* dorow = dor.p + i * Dvp;
         load_row(dobase + i * p.dout.ss * esz, p.dtype, p.Dv, dorow, 1.f);
         fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
@@ -378,7 +402,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         delta.p[i] = Vec::hsum(acc);
         // A row that saw no key has lse = -inf; +inf makes its P (and gradients) exactly 0.
         const float l = lsebase[i * p.lse_ss];
-        lse.p[i] = l == -kInf ? kInf : l;
+        lse.p[i] = l == -kInf ? kInf : l * kLog2e;
       }
       for (int64_t i = p.Sq; i < Sqp; ++i) {
         fill(qr.p + i * Dp, Dp, 0.f);
@@ -398,7 +422,6 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         for (int64_t j = 0; j < nk; ++j) {
           float* krow = kr.p + j * Dp;
           load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, krow, 1.f);
-          for (int64_t d = 0; d < p.D; ++d) kt.p[d * BK + j] = krow[d];
           load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vr.p + j * Dvp, 1.f);
         }
         float* dkb = dkacc.p + (kb - kb0) * BK * Dp;
@@ -409,23 +432,13 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
           gemm(kr.p, Dp, qt.p + q0, Sqp, st.p, BQ, nk, BQ / W, p.D, false);
           gemm(vr.p, Dvp, dot.p + q0, Sqp, dst.p, BQ, nk, BQ / W, p.Dv, false);
+          mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
+                        k0 - off - q0);
           for (int64_t j = 0; j < nk; ++j) {
             float* srow = st.p + j * BQ;
-            if (p.mask.ptr) {
-              if (per_query) {
-                for (int64_t i = 0; i < mq; ++i) srow[i] += bias.p[i * BK + j];
-              } else {
-                const R bj = Vec::set1(bias.p[j]);
-                for (int64_t i = 0; i < BQ; i += W) Vec::store(srow + i, Vec::add(Vec::load(srow + i), bj));
-              }
-            }
-            if (p.causal) {  // key k0 + j is seen by queries >= k0 + j - off
-              const int64_t first = k0 + j - off - q0;
-              if (first > 0) fill(srow, min64(first, BQ), -kInf);
-            }
             float* dsrow = dst.p + j * BQ;
             for (int64_t i = 0; i < BQ; i += W) {
-              const R pv = Vec::exp(Vec::sub(Vec::load(srow + i), Vec::load(lse.p + q0 + i)));
+              const R pv = Vec::exp2(Vec::sub(Vec::load(srow + i), Vec::load(lse.p + q0 + i)));
               const R ds = Vec::mul(pv, Vec::sub(Vec::load(dsrow + i), Vec::load(delta.p + q0 + i)));
               Vec::store(srow + i, pv);
               Vec::store(dsrow + i, ds);
@@ -438,7 +451,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           }
           gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
           gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
-          gemm(kt.p, BK, dst.p, BQ, dqt.p + q0, Sqp, p.D, BQ / W, nk, true);
+          gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + q0, Sqp, p.D, BQ / W, nk, true);
         }
       }
       // dq of this head (transposed back); chunked items write unscaled fp32 partials.
@@ -464,7 +477,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
 }
 
 // ---------------------------------------------------------------- fused softmax
-// Rows of any length: the row is staged once in fp32 (z = scale*x + mask), then max, exp+sum
+// Rows of any length: the row is staged once in fp32 (z = (scale*x + mask) * log2(e)), then max, exp2+sum
 // and the normalised store each stream over it.
 static void softmax_fwd(const SoftmaxFwdParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t Cp = round_up(p.C, W);
@@ -477,11 +490,11 @@ static void softmax_fwd(const SoftmaxFwdParams& p, int64_t row_begin, int64_t ro
     const char* x = at_elem(p.x.ptr, b * p.x.sb + h * p.x.sh + i * p.x.ss, p.dtype);
     char* y = static_cast<char*>(p.y) + r * p.C * esz;
     const int64_t lim = p.causal ? max64(0, min64(p.C, i + off + 1)) : p.C;
-    load_row(x, p.dtype, lim, z.p, p.scale);
+    load_row(x, p.dtype, lim, z.p, p.scale * kLog2e);  // base 2, so exp is exp2
     if (p.mask.ptr) {
       for (int64_t c0 = 0; c0 < lim; c0 += kMaskChunk) {
         const int64_t n = min64(kMaskChunk, lim - c0);
-        mask_row(p.mask, b, h, i, c0, n, mchunk.p);
+        mask_row(p.mask, b, h, i, c0, n, mchunk.p, kLog2e);
         for (int64_t j = 0; j < n; ++j) z.p[c0 + j] += mchunk.p[j];
       }
     }

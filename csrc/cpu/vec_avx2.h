@@ -28,27 +28,23 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
 
-  // exp with ~2 ulp error; exactly 0 below -87.3 (including -inf).
-  static inline R exp(R x) {
-    const R lo = _mm256_set1_ps(-87.33f);
-    R underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 below -126
+  // (including -inf); x must be < 128.
+  static inline R exp2(R x) {
+    const R lo = _mm256_set1_ps(-126.f);
+    const R underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lo);
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.37f));
-    R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    R p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    // 2^n: n is in [-126, 128), the exponent field stays valid except n == 128 (x ~ 88.7).
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    R res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(underflow, res);
+    const R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R r = _mm256_sub_ps(x, n);
+    R p = _mm256_set1_ps(1.5403530393e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3333558146e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.6181291076e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.5504108665e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022650696e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314718056e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
   }
 
   static inline R load_bf16(const uint16_t* p) {

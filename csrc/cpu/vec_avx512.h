@@ -18,21 +18,19 @@ struct Vec {
   static inline float hsum(R x) { return _mm512_reduce_add_ps(x); }
   static inline float hmax(R x) { return _mm512_reduce_max_ps(x); }
 
-  // exp with ~2 ulp error; exactly 0 for x <= -104 (including -inf).
-  static inline R exp(R x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-    R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    R p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 for x <= -150,
+  // including -inf.
+  static inline R exp2(R x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+    const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R r = _mm512_sub_ps(x, n);
+    R p = _mm512_set1_ps(1.5403530393e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108665e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650696e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718056e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
   }
 

@@ -52,8 +52,8 @@ struct Vec {
     for (int i = 1; i < W; ++i) m = x.v[i] > m ? x.v[i] : m;
     return m;
   }
-  static inline R exp(R x) {
-    for (int i = 0; i < W; ++i) x.v[i] = std::exp(x.v[i]);
+  static inline R exp2(R x) {
+    for (int i = 0; i < W; ++i) x.v[i] = std::exp2(x.v[i]);
     return x;
   }
   static inline R load_bf16(const uint16_t* p) {
