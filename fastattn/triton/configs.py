@@ -1,0 +1,72 @@
+"""Launch configurations: autotuned lists on a GPU, one fixed small config under the interpreter.
+
+Attention tiles are chosen per head-dim bucket (the padded max(D, Dv): 64, 128, 256) because
+the head dim sets how much of each tile lives in registers and shared memory:
+  * forward (BLOCK_M queries x BLOCK_N keys): small head dims afford 128x128 tiles and deep
+    pipelines (num_stages 3-4); at 128 the q tile and the fp32 accumulator take most of the
+    registers, so BLOCK_N drops to 32-64; at 256 BLOCK_M drops to 64 (or 128 with 8 warps)
+    and num_stages to 1-2 so k / v stages fit in shared memory (A100: 163 KiB, H100: 227 KiB).
+  * backward dk/dv (program per BLOCK_N keys, loop over BLOCK_M queries) keeps dk and dv
+    accumulators (2 x BLOCK_N x D fp32) in registers, so BLOCK_N is the large side;
+    backward dq (program per BLOCK_M queries) mirrors it with BLOCK_M the large side.
+Every list holds a conservative entry (small tiles, 4 warps) that fits on both GPUs. The
+autotune key is the head-dim bucket plus the flags and a power-of-two sequence-length bucket,
+so a model tunes once per (layer shape, length bucket) rather than once per exact length.
+`python -m fastattn.triton.compile_check` compiles every entry for sm_80 / sm_90 and reports
+shared-memory use.
+"""
+import triton
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket.
+ATTN_FWD = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 1)],
+}
+ATTN_BWD_DKDV = {
+    64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2)],
+    128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 1)],
+    256: [(32, 64, 4, 1), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+}
+ATTN_BWD_DQ = {
+    64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+    128: [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 1)],
+    256: [(64, 32, 4, 1), (64, 16, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+}
+ATTN_KEY = ["D_PAD", "DV_PAD", "MASK_KIND", "ROW_SHARED", "CAUSAL", "seq_bucket"]
+
+# Softmax rows are read in chunks of up to SOFTMAX_MAX_BLOCK_C columns (longer rows take the
+# two-pass path); short rows are packed BLOCK_R to a program (see softmax_blocks). Only the
+# warp count is tuned, per chunk width.
+SOFTMAX_MAX_BLOCK_C = 4096
+SOFTMAX_WARPS = (2, 4, 8, 16)
+SOFTMAX_KEY = ["BLOCK_C", "BLOCK_R", "ONE_PASS"]
+
+# Under TRITON_INTERPRET=1: small tiles (the interpreter runs them with numpy), and a short
+# softmax chunk so tests reach the multi-block paths with small shapes.
+INTERPRET_ATTN_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+INTERPRET_SOFTMAX_MAX_BLOCK_C = 128
+
+
+def head_bucket(d_pad, dv_pad, element_size):
+    """Config bucket by tile bytes per row: fp32 rows weigh as much as 16-bit rows twice as
+    wide (fp32 with D=64 takes the D=128 configs; anything wider than 256 the 256 ones)."""
+    width = max(d_pad, dv_pad) * element_size // 2
+    return next((b for b in (64, 128) if width <= b), 256)
+
+
+def attention_configs(table, bucket):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table[bucket]
+    ]
+
+
+def softmax_configs():
+    return [triton.Config({}, num_warps=w) for w in SOFTMAX_WARPS]
+
+
+def softmax_blocks(n_cols, max_block_c):
+    """(BLOCK_C, BLOCK_R): a chunk as wide as the row up to max_block_c, and enough rows per
+    program to give it about 2048 elements."""
+    block_c = min(triton.next_power_of_2(max(n_cols, 1)), max_block_c)
+    return block_c, max(1, min(16, 2048 // block_c))

@@ -1,0 +1,405 @@
+"""Triton kernels: flash attention (forward, backward) and the fused scaled masked softmax.
+
+One parametrised kernel per job; constexpr flags select the mask kind, causal masking and
+mask-gradient output so the compiler drops what a call does not use. Conventions:
+  * Scores are kept in the log2 domain (scaled by log2(e)) so the online softmax uses exp2.
+  * Masks arrive expanded to (B, Hq, Sq, Sk) and are read tile by tile through their strides.
+    Both kinds become one additive log2-domain bias (bool: 0 / -inf). When the mask's query
+    stride is 0 (key-padding masks) a single row of BLOCK_N entries is read per tile.
+  * A tile whose bias hides every entry is skipped before its matmuls are run. This is how
+    hidden key blocks of a padding mask cost nothing.
+  * Head dims are padded to a power of two in registers (D_PAD >= 16) and the tail is masked.
+  * Rows that see no key produce zeros and lse = -inf; in the backward pass their
+    probabilities are 0 (lse is treated as +inf), so their gradients are 0.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_INF = tl.constexpr(float("-inf"))
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADDITIVE = 2
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """a @ b (+ acc) accumulated in fp32. PRECISION "upcast" converts the inputs to fp32
+    first: the Triton interpreter multiplies bf16 storage bits as integers, and bf16 products
+    are exact in fp32, so this matches the tensor cores. Launchers use it only interpreted."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_index(offs_m, offs_n, TRANSPOSED: tl.constexpr):
+    """2-d query / key index grids of a (BLOCK_M, BLOCK_N) tile, or of its transpose."""
+    if TRANSPOSED:
+        m2 = offs_m[None, :]
+        n2 = offs_n[:, None]
+    else:
+        m2 = offs_m[:, None]
+        n2 = offs_n[None, :]
+    return m2, n2
+
+
+@triton.jit
+def _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn,
+               MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Log2-domain additive bias of one tile: (BLOCK_M, BLOCK_N) ((BLOCK_N, BLOCK_M) when
+    TRANSPOSED), or a single key vector broadcast over queries when every query row shares
+    the mask row (ROW_SHARED). Out-of-range entries are -inf."""
+    m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
+    if ROW_SHARED:
+        ok = n2 < Sk
+        ptrs = mask_base + n2 * stride_mn
+    else:
+        ok = (m2 < Sq) & (n2 < Sk)
+        ptrs = mask_base + m2 * stride_mm + n2 * stride_mn
+    if MASK_KIND == 1:
+        bias = tl.where(tl.load(ptrs, mask=ok, other=0) != 0, 0.0, NEG_INF)
+    else:
+        bias = tl.load(ptrs, mask=ok, other=NEG_INF).to(tl.float32) * LOG2E
+    return bias
+
+
+@triton.jit
+def _scores(a, b, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND: tl.constexpr,
+            CAUSAL: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Masked log2-domain scores a @ b^T * scale * log2(e) + bias of one tile: (a, b) = (q, k)
+    gives (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M)."""
+    s = _dot(a, tl.trans(b), None, PRECISION) * qk_scale
+    if MASK_KIND != 0:
+        s = s + bias
+    m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
+    keep = n2 < Sk
+    if CAUSAL:
+        keep = keep & (n2 <= m2 + causal_offset)
+    return tl.where(keep, s, NEG_INF)
+
+
+@triton.jit
+def _load_rows(base, offs_rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
+    """(len(offs_rows), COLS_PAD) tile of a row-major matrix view; padding reads 0."""
+    cols = tl.arange(0, COLS_PAD)
+    ptrs = base + offs_rows[:, None] * stride_row + cols[None, :] * stride_col
+    return tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
+    """Stores the valid part of a padded tile into rows with a unit column stride."""
+    cols = tl.arange(0, COLS_PAD)
+    ptrs = base + offs_rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+
+
+@triton.jit
+def _key_end(start_m, Sk, causal_offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key a query block [start_m, start_m + BLOCK_M) can see."""
+    end = Sk
+    if CAUSAL:
+        end = tl.minimum(Sk, start_m + BLOCK_M + causal_offset)
+    return end
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Sq, Sk, group, qk_scale, causal_offset, seq_bucket,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Out is contiguous (B, Hq, Sq, DV), Lse (B, Hq, Sq)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group  # GQA: the kv head of this query head, read in place
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    for start_n in range(0, _key_end(start_m, Sk, causal_offset, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        bias = 0.0
+        visible = True
+        if MASK_KIND != 0:
+            bias = _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK_KIND, ROW_SHARED, False)
+            visible = tl.max(bias) > NEG_INF
+        if visible:
+            k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
+            s = _scores(q, k, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoids -inf - -inf while a row is empty
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD)
+    lse = tl.where(empty, NEG_INF, (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(Lse + bh * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, dO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    Hq, Sq,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in fp32, contiguous (B, Hq, Sq). Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, Sq, stride_om, stride_od, DV, DV_PAD)
+    do = _load_rows(dO + b * stride_gb + h * stride_gh, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, row, offs_m, Sq):
+    """log2-domain lse and delta of a query block. Rows that saw no key (lse = -inf) and rows
+    past Sq get lse = +inf, so exp2(s - lse) gives them probability 0."""
+    lse = tl.load(Lse + row + offs_m, mask=offs_m < Sq, other=float("inf"))
+    lse = tl.where(lse == NEG_INF, float("inf"), lse) * LOG2E
+    delta = tl.load(Delta + row + offs_m, mask=offs_m < Sq, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, Mask, dO, Lse, Delta, dK, dV, dMask,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    Hq, Hkv, Sq, Sk, group, qk_scale, sm_scale, causal_offset, seq_bucket,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr, MASK_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV (contiguous, like k / v) for one key block, and dMask (contiguous fp32
+    (B, Hq, Sq, Sk), zero-filled by the caller) for the tiles it visits. Grid
+    (cdiv(Sk, BLOCK_N), B * Hkv). The query heads of a GQA group are summed inside the
+    program, so every output element has one writer: no atomics, deterministic."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hkv
+    hk = bh % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    # Causal: query i sees key j iff i >= j - causal_offset, so earlier query blocks are skipped.
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, group):
+        h = hk * group + g
+        row = (b * Hq + h) * Sq
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = dO + b * stride_gb + h * stride_gh
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        for start_m in range(lo, Sq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            bias = 0.0
+            visible = True
+            if MASK_KIND != 0:
+                bias = _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK_KIND, ROW_SHARED,
+                                  True)
+                visible = tl.max(bias) > NEG_INF
+            if visible:
+                q = _load_rows(q_base, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
+                do = _load_rows(do_base, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
+                # Transposed tiles (keys x queries): P^T and dS^T feed the dk / dv dots as
+                # they are, with no register transposes.
+                s_t = _scores(k, q, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND, CAUSAL,
+                              PRECISION, True)
+                lse, delta = _row_stats(Lse, Delta, row, offs_m, Sq)
+                p_t = tl.exp2(s_t - lse[None, :])
+                dv = _dot(p_t.to(do.dtype), do, dv, PRECISION)
+                dp_t = _dot(v, tl.trans(do), None, PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])  # d loss / d (scale * q k^T + mask), transposed
+                if MASK_GRAD:
+                    ptrs = dMask + (row + offs_m[None, :]) * Sk + offs_n[:, None]
+                    tl.store(ptrs, ds_t, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk))
+                dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION)
+    _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD)
+    _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, Mask, dO, Lse, Delta, dQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    Hq, Sq, Sk, group, qk_scale, sm_scale, causal_offset, seq_bucket,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ (contiguous, like q) for one query block. Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    row = bh * Sq
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
+    do = _load_rows(dO + b * stride_gb + h * stride_gh, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    lse, delta = _row_stats(Lse, Delta, row, offs_m, Sq)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, _key_end(start_m, Sk, causal_offset, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        bias = 0.0
+        visible = True
+        if MASK_KIND != 0:
+            bias = _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK_KIND, ROW_SHARED, False)
+            visible = tl.max(bias) > NEG_INF
+        if visible:
+            k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
+            v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
+            s = _scores(q, k, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v), None, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = _dot(ds.to(k.dtype), k, dq, PRECISION)
+    _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD)
+
+
+@triton.jit
+def _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stride_mc, scale, causal_offset,
+                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """scale * x + mask for a (BLOCK_R, BLOCK_C) chunk of rows; hidden entries are -inf."""
+    ok = row_ok[:, None] & (cols[None, :] < C)
+    z = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xc, mask=ok, other=0.0).to(tl.float32) * scale
+    m_ptrs = Mask + m_rows[:, None] + cols[None, :] * stride_mc
+    if MASK_KIND == 1:
+        ok = ok & (tl.load(m_ptrs, mask=ok, other=0) != 0)
+    elif MASK_KIND == 2:
+        z = z + tl.load(m_ptrs, mask=ok, other=0.0).to(tl.float32)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= r[:, None] + causal_offset)
+    return tl.where(ok, z, NEG_INF)
+
+
+@triton.jit
+def _row_offsets(rows, H, R, stride_b, stride_h, stride_r):
+    """Element offsets of flat row indices (over B * H * R) in a 4-d strided tensor."""
+    r = rows % R
+    bh = rows // R
+    return (bh // H) * stride_b + (bh % H) * stride_h + r * stride_r
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    X, Mask, Y,
+    stride_xb, stride_xh, stride_xr, stride_xc,
+    stride_mb, stride_mh, stride_mr, stride_mc,
+    H, R, C, n_rows, scale, causal_offset,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Y (contiguous) = softmax(scale * X + mask) over the last dim, rows with nothing
+    visible -> 0. ONE_PASS: the row fits in one BLOCK_C chunk and is read once; otherwise a
+    first pass keeps an online max / sum over the chunks and a second one writes.
+    Grid (cdiv(n_rows, BLOCK_R),)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    r = rows % R
+    x_rows = _row_offsets(rows, H, R, stride_xb, stride_xh, stride_xr)
+    m_rows = _row_offsets(rows, H, R, stride_mb, stride_mh, stride_mr)
+    y_ptrs = Y + rows[:, None] * C
+    cols = tl.arange(0, BLOCK_C)
+    if ONE_PASS:
+        z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stride_mc, scale,
+                            causal_offset, MASK_KIND, CAUSAL)
+        m = tl.max(z, 1)
+        e = tl.exp(z - tl.where(m == NEG_INF, 0.0, m)[:, None])
+        total = tl.sum(e, 1)
+        y = e / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(y_ptrs + cols[None, :], y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < C))
+    else:
+        m = tl.full([BLOCK_R], NEG_INF, tl.float32)
+        total = tl.zeros([BLOCK_R], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, c0 + cols, C, stride_xc, stride_mc, scale,
+                                causal_offset, MASK_KIND, CAUSAL)
+            m_new = tl.maximum(m, tl.max(z, 1))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
+            m = m_new
+        m_safe = tl.where(m == NEG_INF, 0.0, m)
+        inv = 1.0 / tl.where(total == 0.0, 1.0, total)
+        for c0 in range(0, C, BLOCK_C):
+            z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, c0 + cols, C, stride_xc, stride_mc, scale,
+                                causal_offset, MASK_KIND, CAUSAL)
+            y = tl.exp(z - m_safe[:, None]) * inv[:, None]
+            tl.store(y_ptrs + c0 + cols[None, :], y.to(Y.dtype.element_ty),
+                     mask=row_ok[:, None] & (c0 + cols[None, :] < C))
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    dY, Y, dX,
+    stride_gb, stride_gh, stride_gr, stride_gc,
+    stride_yb, stride_yh, stride_yr, stride_yc,
+    H, R, C, n_rows,
+    ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dX (contiguous) = Y * (dY - rowsum(dY * Y)). Grid (cdiv(n_rows, BLOCK_R),)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    g_ptrs = dY + _row_offsets(rows, H, R, stride_gb, stride_gh, stride_gr)[:, None]
+    y_ptrs = Y + _row_offsets(rows, H, R, stride_yb, stride_yh, stride_yr)[:, None]
+    dx_ptrs = dX + rows[:, None] * C
+    cols = tl.arange(0, BLOCK_C)
+    if ONE_PASS:
+        ok = row_ok[:, None] & (cols[None, :] < C)
+        g = tl.load(g_ptrs + cols[None, :] * stride_gc, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptrs + cols[None, :] * stride_yc, mask=ok, other=0.0).to(tl.float32)
+        dot = tl.sum(g * y, 1)
+        tl.store(dx_ptrs + cols[None, :], (y * (g - dot[:, None])).to(dX.dtype.element_ty), mask=ok)
+    else:
+        dot = tl.zeros([BLOCK_R], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            ok = row_ok[:, None] & (c0 + cols[None, :] < C)
+            g = tl.load(g_ptrs + (c0 + cols[None, :]) * stride_gc, mask=ok, other=0.0).to(tl.float32)
+            y = tl.load(y_ptrs + (c0 + cols[None, :]) * stride_yc, mask=ok, other=0.0).to(tl.float32)
+            dot += tl.sum(g * y, 1)
+        for c0 in range(0, C, BLOCK_C):
+            ok = row_ok[:, None] & (c0 + cols[None, :] < C)
+            g = tl.load(g_ptrs + (c0 + cols[None, :]) * stride_gc, mask=ok, other=0.0).to(tl.float32)
+            y = tl.load(y_ptrs + (c0 + cols[None, :]) * stride_yc, mask=ok, other=0.0).to(tl.float32)
+            tl.store(dx_ptrs + c0 + cols[None, :], (y * (g - dot[:, None])).to(dX.dtype.element_ty), mask=ok)

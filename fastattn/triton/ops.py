@@ -1,0 +1,349 @@
+"""Launchers for the Triton kernels, registered as the ops fastattn::triton_attn_fwd,
+triton_attn_bwd, triton_softmax_fwd and triton_softmax_bwd (same schemas as attn_fwd etc.).
+
+On a GPU the ops are `torch.library.triton_op`s whose launches go through `wrap_triton`, so
+torch.compile sees (and can fuse around) the kernels. Under TRITON_INTERPRET=1 the kernels
+are plain Python and cannot be traced, so the same functions are registered as opaque
+`custom_op`s and a FakeTensor call (shape propagation) skips the launch.
+
+fp32 inputs use exact fp32 dots unless torch allows TF32 matmuls
+(torch.set_float32_matmul_precision("high") or "medium"); then they run on tf32 tensor cores.
+"""
+from typing import Optional
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .. import reference
+from . import configs, kernels
+
+INTERPRET = not isinstance(kernels._attn_fwd_kernel, triton.runtime.jit.JITFunction)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_RAW = {
+    "fwd": kernels._attn_fwd_kernel,
+    "dkdv": kernels._attn_bwd_dkdv_kernel,
+    "dq": kernels._attn_bwd_dq_kernel,
+    "softmax_fwd": kernels._softmax_fwd_kernel,
+    "softmax_bwd": kernels._softmax_bwd_kernel,
+}
+
+
+class _InterpretedLaunch:
+    """Stands in for wrap_triton under the interpreter: launches eagerly, except for
+    FakeTensor calls (the fake implementation only needs the output shapes)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if not any(isinstance(a, FakeTensor) for a in args):
+                self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+if INTERPRET:
+    _TUNED = {}
+
+    def wrap_triton(kernel):
+        return _InterpretedLaunch(kernel)
+
+    def _define(name, fn):
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+else:
+    from torch.library import wrap_triton
+
+    def _define(name, fn):
+        return torch.library.triton_op(name, fn, mutates_args=())
+
+    _TUNED = {
+        job: {
+            bucket: triton.autotune(configs.attention_configs(table, bucket), key=configs.ATTN_KEY)(_RAW[job])
+            for bucket in table
+        }
+        for job, table in (("fwd", configs.ATTN_FWD), ("dkdv", configs.ATTN_BWD_DKDV), ("dq", configs.ATTN_BWD_DQ))
+    }
+    for _job in ("softmax_fwd", "softmax_bwd"):
+        _TUNED[_job] = triton.autotune(configs.softmax_configs(), key=configs.SOFTMAX_KEY)(_RAW[_job])
+
+
+# ----------------------------------------------------------------------------- support checks
+
+
+def _device_reason(t):
+    if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
+        return None
+    if t.device.type == "cpu":
+        return "the Triton kernels take CUDA tensors (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)"
+    return f"the Triton kernels take CUDA tensors, got {t.device.type}"
+
+
+def _mask_reason(mask, dtype):
+    if mask is not None and mask.dtype not in (torch.bool, torch.float32, dtype):
+        return f"the Triton kernels take bool, float32 or {dtype} masks, got {mask.dtype}"
+    return None
+
+
+def supports(q, k, v, mask):
+    """None if the attention kernels can run this call, else a short reason why not."""
+    if q.dtype not in DTYPES:
+        return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]} and {v.shape[-1]}"
+    return _device_reason(q) or _mask_reason(mask, q.dtype)
+
+
+def supports_softmax(x, mask):
+    """None if the softmax kernels can run this call, else a short reason why not."""
+    if x.dtype not in DTYPES:
+        return f"the Triton kernels take float16, bfloat16 or float32, got {x.dtype}"
+    return _device_reason(x) or _mask_reason(mask, x.dtype)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_dtype(name, t, dtype):
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def _check_shape(name, t, shape):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_mask_causal(mask, shape, dtype, causal):
+    if mask is not None:
+        _check_shape("mask", mask, shape)
+        if _mask_reason(mask, dtype):
+            raise TypeError(f"mask: {_mask_reason(mask, dtype)}")
+    if causal not in (reference.CAUSAL_NONE, reference.CAUSAL_TOP_LEFT, reference.CAUSAL_BOTTOM_RIGHT):
+        raise ValueError(f"causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got {causal}")
+
+
+def _check_attention(q, k, v, mask, causal):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    _check_dtype("k", k, q.dtype)
+    _check_dtype("v", v, q.dtype)
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    _check_shape("k", k, (B, Hkv, Sk, D))
+    if v.shape[0] != B or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"v must have shape (B={B}, Hkv, Sk, Dv) with Hq={Hq} a multiple of Hkv, got {tuple(v.shape)}")
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"q/v head dims must be at most {MAX_HEAD_DIM}, got {D} and {Dv}")
+    _check_mask_causal(mask, (B, Hq, Sq, Sk), q.dtype, causal)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def _dot_precision(dtype):
+    if INTERPRET and dtype == torch.bfloat16:
+        return "upcast"  # see kernels._dot
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _mask_args(mask, dummy):
+    """(pointer tensor, 4 strides, kind) for a kernel's mask arguments."""
+    if mask is None:
+        return dummy, (0, 0, 0, 0), kernels.MASK_NONE
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), mask.stride(), kernels.MASK_BOOL
+    return mask, mask.stride(), kernels.MASK_ADDITIVE
+
+
+def _pad(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _attention_meta(q, v, mask, causal):
+    """Constexpr launch arguments shared by the attention kernels."""
+    d, dv = q.shape[-1], v.shape[-1]
+    return {
+        "D": d,
+        "DV": dv,
+        "D_PAD": _pad(d),
+        "DV_PAD": _pad(dv),
+        "MASK_KIND": _mask_args(mask, q)[2],
+        "ROW_SHARED": mask is not None and (mask.stride(2) == 0 or mask.shape[2] == 1),
+        "CAUSAL": causal != reference.CAUSAL_NONE,
+        "PRECISION": _dot_precision(q.dtype),
+    }
+
+
+def _attention_kernel(job, meta, element_size):
+    """(kernel, extra launch kwargs): the autotuner of the head-dim bucket on a GPU, the plain
+    kernel with fixed small blocks under the interpreter."""
+    if INTERPRET:
+        return _RAW[job], dict(configs.INTERPRET_ATTN_BLOCKS)
+    return _TUNED[job][configs.head_bucket(meta["D_PAD"], meta["DV_PAD"], element_size)], {}
+
+
+def _causal_offset(causal, sq, sk):
+    return sk - sq if causal == reference.CAUSAL_BOTTOM_RIGHT else 0
+
+
+def _seq_bucket(sq, sk):
+    return triton.next_power_of_2(max(sq, sk, 1))
+
+
+def _softmax_kernel(job, n_cols):
+    """(kernel, BLOCK_C, BLOCK_R) for a softmax job."""
+    max_c = configs.INTERPRET_SOFTMAX_MAX_BLOCK_C if INTERPRET else configs.SOFTMAX_MAX_BLOCK_C
+    block_c, block_r = configs.softmax_blocks(n_cols, max_c)
+    return (_RAW if INTERPRET else _TUNED)[job], block_c, block_r
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def triton_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float, causal: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_attention(q, k, v, mask, causal)
+    B, Hq, Sq, _ = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if Sk == 0:  # nothing to attend to: every row is empty
+        return out.zero_(), lse.fill_(float("-inf"))
+    if out.numel() == 0:
+        return out, lse
+    meta = _attention_meta(q, v, mask, causal)
+    kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
+    mask_t, mask_strides, _ = _mask_args(mask, q)
+
+    def grid(m):
+        return (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)
+
+    wrap_triton(kernel)[grid](
+        q, k, v, mask_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        Hq, Sq, Sk, Hq // Hkv, scale * _LOG2E, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk),
+        **meta, **blocks,
+    )
+    return out, lse
+
+
+def triton_attn_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal: int,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_attention(q, k, v, mask, causal)
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    _check_shape("grad_out", grad_out, (B, Hq, Sq, Dv))
+    _check_shape("out", out, (B, Hq, Sq, Dv))
+    _check_shape("lse", lse, (B, Hq, Sq))
+    _check_dtype("lse", lse, torch.float32)
+    dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Sk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Sk, Dv), dtype=v.dtype, device=q.device)
+    # dmask is written only for the tiles the kernel visits; skipped tiles stay 0.
+    dmask_shape = (B, Hq, Sq, Sk) if mask_grad else (0,)
+    dmask = torch.zeros(dmask_shape, dtype=torch.float32, device=q.device)
+    if Sq == 0 or Sk == 0 or B * Hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    lse = lse.contiguous()
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    meta = _attention_meta(q, v, mask, causal)
+    mask_t, mask_strides, _ = _mask_args(mask, q)
+    block_delta = 16 if INTERPRET else 64
+    wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(Sq, block_delta), B * Hq)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq,
+        DV=Dv, DV_PAD=meta["DV_PAD"], BLOCK_M=block_delta,
+    )
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(),
+    )
+    scalars = (scale * _LOG2E, scale, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk))
+
+    kernel, blocks = _attention_kernel("dkdv", meta, q.element_size())
+
+    def grid_dkdv(m):
+        return (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)
+
+    wrap_triton(kernel)[grid_dkdv](
+        q, k, v, mask_t, grad_out, lse, delta, dk, dv, dmask, *common,
+        Hq, Hkv, Sq, Sk, Hq // Hkv, *scalars, MASK_GRAD=mask_grad, **meta, **blocks,
+    )
+
+    kernel, blocks = _attention_kernel("dq", meta, q.element_size())
+
+    def grid_dq(m):
+        return (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)
+
+    wrap_triton(kernel)[grid_dq](
+        q, k, v, mask_t, grad_out, lse, delta, dq, *common,
+        Hq, Sq, Sk, Hq // Hkv, *scalars, **meta, **blocks,
+    )
+    return dq, dk, dv, dmask
+
+
+def triton_softmax_fwd(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float, causal: int) -> torch.Tensor:
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-d (batch, heads, rows, cols), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    _check_mask_causal(mask, x.shape, x.dtype, causal)
+    B, H, R, C = x.shape
+    y = torch.empty((B, H, R, C), dtype=x.dtype, device=x.device)
+    n_rows = B * H * R
+    if y.numel() == 0:
+        return y
+    kernel, block_c, block_r = _softmax_kernel("softmax_fwd", C)
+    mask_t, mask_strides, mask_kind = _mask_args(mask, x)
+    wrap_triton(kernel)[(triton.cdiv(n_rows, block_r),)](
+        x, mask_t, y, *x.stride(), *mask_strides, H, R, C, n_rows, scale, _causal_offset(causal, R, C),
+        MASK_KIND=mask_kind, CAUSAL=causal != reference.CAUSAL_NONE, ONE_PASS=C <= block_c,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return y
+
+
+def triton_softmax_bwd(grad_y: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if y.dim() != 4:
+        raise ValueError(f"y must be 4-d (batch, heads, rows, cols), got shape {tuple(y.shape)}")
+    if y.dtype not in DTYPES:
+        raise TypeError(f"y must be float16, bfloat16 or float32, got {y.dtype}")
+    _check_shape("grad_y", grad_y, y.shape)
+    B, H, R, C = y.shape
+    dx = torch.empty((B, H, R, C), dtype=y.dtype, device=y.device)
+    n_rows = B * H * R
+    if dx.numel() == 0:
+        return dx
+    kernel, block_c, block_r = _softmax_kernel("softmax_bwd", C)
+    wrap_triton(kernel)[(triton.cdiv(n_rows, block_r),)](
+        grad_y, y, dx, *grad_y.stride(), *y.stride(), H, R, C, n_rows,
+        ONE_PASS=C <= block_c, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return dx
+
+
+attn_fwd = _define("fastattn::triton_attn_fwd", triton_attn_fwd)
+attn_bwd = _define("fastattn::triton_attn_bwd", triton_attn_bwd)
+softmax_fwd = _define("fastattn::triton_softmax_fwd", triton_softmax_fwd)
+softmax_bwd = _define("fastattn::triton_softmax_bwd", triton_softmax_bwd)
