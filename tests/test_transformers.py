@@ -156,9 +156,10 @@ def build(name, *impls):
     return [model.eval() for model in models]
 
 
-def padded_inputs(name, left):
+def padded_inputs(name, left, decoder_padding=True):
     """Token ids (batch 3, lengths 11, 7 and 4) padded left (decoder-only) or right, and for
-    encoder-decoders right-padded decoder inputs."""
+    encoder-decoders decoder inputs, right-padded or (decoder_padding=False) without a mask,
+    where causal self-attention gets no mask at all."""
     g = torch.Generator().manual_seed(1)
     lengths, width = [11, 7, 4], 11
     ids = torch.randint(2, 96, (3, width), generator=g)
@@ -169,26 +170,30 @@ def padded_inputs(name, left):
     inputs = {"input_ids": ids, "attention_mask": mask}
     if MODELS[name][1] is transformers.AutoModelForSeq2SeqLM:
         dec_mask = torch.ones(3, 6, dtype=torch.long)
-        dec_mask[2, 3:] = 0
+        dec_mask[2, 3:] = 0 if decoder_padding else 1
         inputs["decoder_input_ids"] = torch.randint(2, 96, (3, 6), generator=g).masked_fill(dec_mask == 0, 0)
-        inputs["decoder_attention_mask"] = dec_mask
+        if decoder_padding:
+            inputs["decoder_attention_mask"] = dec_mask
     return inputs
 
 
-def valid_positions(name, inputs):
+def valid_positions(inputs):
     """Where logits are meaningful: non-padding positions of the sequence that gets logits."""
-    key = "decoder_attention_mask" if "decoder_input_ids" in inputs else "attention_mask"
-    return inputs[key].bool()
+    if "decoder_input_ids" in inputs:
+        return inputs.get("decoder_attention_mask", torch.ones_like(inputs["decoder_input_ids"])).bool()
+    return inputs["attention_mask"].bool()
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_logits_and_gradients_match_eager_on_padded_batches(name, fastattn_calls):
+@pytest.mark.parametrize(
+    "name,decoder_padding", [(name, True) for name in MODELS] + [("bart", False), ("t5", False)]
+)
+def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_padding, fastattn_calls):
     # float64 ground truth from "sdpa": "eager" gives NaN in float64 (its finfo.min masks
     # overflow to -inf on padding rows, and their NaN reaches every row through 0 * NaN).
     eager, fast, reference = build(name, "eager", "fastattn", "sdpa")
     reference.double()
-    inputs = padded_inputs(name, left=name in ("gpt2", "llama"))
-    valid = valid_positions(name, inputs)
+    inputs = padded_inputs(name, left=name in ("gpt2", "llama"), decoder_padding=decoder_padding)
+    valid = valid_positions(inputs)
     results = {}
     for label, model in (("fast", fast), ("eager", eager), ("reference", reference)):
         logits = model(**inputs).logits
@@ -199,6 +204,8 @@ def test_logits_and_gradients_match_eager_on_padded_batches(name, fastattn_calls
     assert fastattn_calls, "no attention call reached fastattn"
     if name == "t5":  # the learned position bias arrives as an additive float mask
         assert any(kind == "torch.float32" for kind, *_ in fastattn_calls)
+    if not decoder_padding:  # decoder self-attention: no mask, the kernel's causal rule
+        assert any(causal for _, causal, *_ in fastattn_calls)
     if name == "llama":  # grouped-query attention: 4 query heads read 2 key/value heads
         assert all(hq == 4 and hkv == 2 for _, _, hq, _, hkv, _ in fastattn_calls)
     assert_within_baseline(f"{name} logits", results["fast"][0], results["reference"][0], results["eager"][0])
@@ -220,3 +227,12 @@ def test_greedy_generation_matches_eager(name, fastattn_calls):
     assert torch.equal(tokens, expected)
     # Decoding reads the KV cache: one new query against all the keys seen so far.
     assert any(sq == 1 and sk > 11 for *_, sq, _, sk in fastattn_calls)
+
+
+def test_compiled_model_has_no_graph_break():
+    torch._dynamo.reset()
+    eager, fast = build("llama", "eager", "fastattn")
+    inputs = padded_inputs("llama", left=True)
+    valid = valid_positions(inputs)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**inputs).logits[valid], eager(**inputs).logits[valid], atol=1e-5, rtol=1e-4)

@@ -67,7 +67,8 @@ def _pad_keys(mask, extra):
     if mask is None or extra == 0:
         return mask
     shape = tuple(mask.shape[:-1]) + (extra,)
-    fill = torch.ones(shape, dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool else mask.new_zeros(shape)
+    # True (attend) for bool masks, 0.0 for additive ones.
+    fill = mask.new_ones(shape) if mask.dtype == torch.bool else mask.new_zeros(shape)
     return torch.cat([mask, fill], dim=-1)
 
 
