@@ -10,12 +10,13 @@ namespace fastattn {
 namespace cuda {
 namespace flash {
 
-// Forward: 128 x 64 tiles, 4 warps of 32 query rows; head dims 96/128 halve the key block and
-// head dim 256 the query block, so that scores and output accumulator stay in registers.
-template <int kHeadDim>
+// Forward: 128 x 64 tiles, 4 warps of 32 query rows. Head dim 256, and 128 with a mask (whose
+// addressing needs registers too), use 64-row query blocks (16 rows a warp); head dims 96/128
+// with 128-row blocks use 32-key blocks: scores and output accumulator stay in registers.
+template <int kHeadDim, bool kHasMask>
 struct FwdConfig {
-  static constexpr int kBlockM = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kBlockN = kHeadDim == 96 || kHeadDim == 128 ? 32 : 64;
+  static constexpr int kBlockM = kHeadDim > 128 || (kHasMask && kHeadDim == 128) ? 64 : 128;
+  static constexpr int kBlockN = (kHeadDim == 96 || kHeadDim == 128) && kBlockM == 128 ? 32 : 64;
   static constexpr int kNWarps = 4;
 };
 
@@ -44,10 +45,10 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
 
 template <typename T, int kHeadDim>
 cudaError_t run_fwd(const AttnFwdParams& p, cudaStream_t stream) {
-  using C = FwdConfig<kHeadDim>;
-  const dim3 grid(p.b * p.hq, (p.sq + C::kBlockM - 1) / C::kBlockM);
-  const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
   return FA_BOOL_SWITCH(p.mask.kind != MaskKind::kNone, kHasMask, [&] {
+    using C = FwdConfig<kHeadDim, kHasMask>;
+    const dim3 grid(p.b * p.hq, (p.sq + C::kBlockM - 1) / C::kBlockM);
+    const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
     return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kHasMask>, grid,
                   C::kNWarps * 32, smem, stream, p);
   });
