@@ -87,7 +87,7 @@ def _device_reason(backend, device):
     return None
 
 
-def attention_reason(backend, q, k, v, mask):
+def attention_reason(backend, q, k, v, mask, scale):
     """None if `backend` can run this attention call, else why not."""
     reason = build_status()[backend] or _device_reason(backend, q.device)
     if reason or backend == "reference":
@@ -101,16 +101,24 @@ def attention_reason(backend, q, k, v, mask):
     if backend == "cuda":
         from . import cuda_support
 
-        return cuda_support.supports(q, k, v, mask)
+        return cuda_support.supports(q, k, v, mask, scale=scale)
     return None
 
 
-def softmax_reason(backend, x):
+def softmax_reason(backend, x, mask):
     """None if `backend` can run this fused softmax call, else why not."""
     reason = build_status()[backend] or _device_reason(backend, x.device)
-    if reason is None and backend != "reference" and x.dtype not in _NATIVE_DTYPES:
-        reason = f"the {backend} backend takes float16, bfloat16 or float32, got {x.dtype}"
-    return reason
+    if reason or backend == "reference":
+        return reason
+    if x.dtype not in _NATIVE_DTYPES:
+        return f"the {backend} backend takes float16, bfloat16 or float32, got {x.dtype}"
+    if backend == "triton":
+        return ops.triton_backend.supports_softmax(x, mask)
+    if backend == "cuda":
+        from . import cuda_support
+
+        return cuda_support.supports_softmax(x, mask)
+    return None
 
 
 def requested_backend(backend):

@@ -17,7 +17,7 @@ def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
         if dispatch.requested_backend(backend) not in (None, "reference"):
             raise ValueError("dropout_p > 0 runs on the reference backend only; do not force another backend")
         return reference.attention(q, k, v, mask, scale, causal, dropout_p)
-    chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, mask), q.device, backend)
+    chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, mask, scale), q.device, backend)
     if chosen == "reference":
         return reference.attention(q, k, v, mask, scale, causal)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
@@ -82,14 +82,15 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
     if dim != x.dim() - 1:
         x = x.movedim(dim, -1)
         mask = None if mask is None else mask.movedim(dim, -1)
-    chosen = dispatch.choose(lambda name: dispatch.softmax_reason(name, x), x.device, backend)
+    shape = x.shape
+    x4 = ops.last_dim_contiguous(_as_4d(x))
+    mask4 = None if mask is None else _as_4d(mask)
+    chosen = dispatch.choose(lambda name: dispatch.softmax_reason(name, x4, mask4), x.device, backend)
     if chosen == "reference":
-        y = reference.softmax(x, mask, scale, causal_code)
+        y = reference.softmax(x4, mask4, scale, causal_code)
     else:
-        shape = x.shape
-        x4 = ops.last_dim_contiguous(_as_4d(x))
-        mask4 = None if mask is None else _as_4d(mask)
-        y = _ops_for(chosen).softmax_fwd(x4, mask4, float(scale), causal_code).reshape(shape)
+        y = _ops_for(chosen).softmax_fwd(x4, mask4, float(scale), causal_code)
+    y = y.reshape(shape)
     return y.movedim(-1, dim) if dim != y.dim() - 1 else y
 
 
