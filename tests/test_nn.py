@@ -151,6 +151,8 @@ def test_multihead_attention_matches_torch(option, mode, mask_kind, need_weights
     inputs, src = mha_inputs(options, mode, batch_first)
     kwargs = dict(make_masks(mask_kind, BATCH, TGT, src, HEADS), need_weights=need_weights)
     call_mode = "self" if mode == "self" else ("distinct" if "kdim" in options else "shared_kv")
+    out = SharedInputs(ours, call_mode)(*inputs, **kwargs)[0]
+    assert out.shape == inputs[0].shape and out.is_contiguous()  # as torch's, for .view() users
     assert_matches_torch(
         SharedInputs(ours, call_mode), SharedInputs(theirs, call_mode), inputs, kwargs,
         mask_kwargs=("attn_mask", "key_padding_mask"),

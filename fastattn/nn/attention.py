@@ -160,11 +160,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 weights = weights.mean(dim=1)
         else:
             out = attend(q, k, v, mask, causal, None, dropout_p)
-        out = F.linear(out.transpose(1, 2).flatten(2), self.out_proj.weight, self.out_proj.bias)
+        # (N, H, L, D) -> (N, L, E), or (L, N, E) for sequence-first outputs, contiguous as torch's.
+        seq_first = is_batched and not self.batch_first
+        out = out.permute(2, 0, 1, 3) if seq_first else out.transpose(1, 2)
+        out = F.linear(out.flatten(2), self.out_proj.weight, self.out_proj.bias)
         if not is_batched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
         return out, weights
 
     def _in_projection(self, query, key, value, self_attention, shared_kv):
