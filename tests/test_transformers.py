@@ -40,6 +40,50 @@ def fastattn_calls(monkeypatch):
     return calls
 
 
+# ------------------------------------------------------------------- the attention function
+
+class FakeModule(torch.nn.Module):
+    def __init__(self, is_causal):
+        super().__init__()
+        self.is_causal = is_causal
+
+
+@pytest.mark.parametrize("case", ["bool", "float", "bias_bool", "bias_causal", "causal_longer_cache", "decode"])
+def test_attention_function_against_reference(case):
+    """attention_forward on each kind of input transformers sends, against fastattn's float64
+    reference given the equivalent explicit mask."""
+    from fastattn.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT, attention as reference
+
+    g = torch.Generator().manual_seed(3)
+    sq = 1 if case == "decode" else 6
+    sk = 9 if case in ("causal_longer_cache", "decode") else 6
+    q = torch.randn(2, 4, sq, 16, generator=g)
+    k, v = torch.randn(2, 2, sk, 16, generator=g), torch.randn(2, 2, sk, 16, generator=g)  # GQA
+    keep = torch.rand(2, 1, sq, sk, generator=g) > 0.3
+    keep[..., 0] = True
+    bias = torch.randn(1, 4, sq, sk, generator=g)
+    kwargs, mask, causal, module = {}, None, CAUSAL_NONE, FakeModule(is_causal=True)
+    if case == "bool":
+        mask = keep
+    elif case == "float":  # eager-style additive mask with finfo.min
+        mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    elif case == "bias_bool":
+        mask, kwargs = keep, {"position_bias": bias}
+    elif case == "bias_causal":
+        kwargs, causal = {"position_bias": bias}, CAUSAL_TOP_LEFT
+    elif case == "causal_longer_cache":  # SDPA's top-left rule: keys past the queries unseen
+        causal = CAUSAL_TOP_LEFT
+    out, weights = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3, **kwargs)
+    assert weights is None and out.shape == (2, sq, 4, 16)
+    ref_mask = mask
+    if "position_bias" in kwargs:
+        ref_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    mask64 = ref_mask.double() if ref_mask is not None and ref_mask.is_floating_point() else ref_mask
+    expected, _ = reference(q.double(), k.double(), v.double(), mask64, 0.3, causal)
+    baseline, _ = reference(q, k, v, ref_mask, 0.3, causal)
+    assert_within_baseline(case, out.transpose(1, 2), expected, baseline)
+
+
 # ------------------------------------------------------------------------ pretrained MiniLM
 
 def minilm_path():
