@@ -44,7 +44,8 @@ def check_backend_name(name, argument="backend"):
 
 
 def _triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # What Triton decided when it was imported; the variable may have changed since.
+    return ops.triton_backend is not None and getattr(ops.triton_backend, "INTERPRET", False)
 
 
 def _has_kernel(dispatch_key):
