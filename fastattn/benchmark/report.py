@@ -105,6 +105,7 @@ def plot(results, out_dir):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
@@ -120,6 +121,15 @@ def plot(results, out_dir):
                     ax.plot(*zip(*points), marker="o", label=impl)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            xs = sorted({r.x for r in group if r.series == name})
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+            times = [r.ms for r in group if r.series == name and r.ms is not None]
+            ax.yaxis.set_major_formatter(plain)
+            # Ticks at 2x and 5x each power of ten, labelled unless the times span many decades.
+            ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(plain if times and max(times) < 100 * min(times) else ticker.NullFormatter())
             ax.set_xlabel("sequence length (keys)")
             ax.set_ylabel("time (ms, median)")
             ax.set_title(" ".join(filter(None, (suite, pass_, name, f"({group[0].device})"))))
