@@ -155,6 +155,19 @@ def reset_peak_rss():
         pass
 
 
+def peak_rss():
+    """Peak resident bytes of this process: VmHWM on Linux (the mark clear_refs resets;
+    ru_maxrss also keeps peaks folded in from exited threads), else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def rss_child(impl):
     """Runs in a fresh process: prints the peak-RSS increase (bytes) of one forward."""
     q, k, v, _ = case_inputs(MEMORY_SHAPE[:3] + MEMORY_SHAPE[2:], torch.float32, False, "cpu", False)
@@ -162,10 +175,10 @@ def rss_child(impl):
     with torch.no_grad():
         IMPLEMENTATIONS[impl](*small, None, False, "cpu")  # load code paths before the baseline
         reset_peak_rss()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_rss()
         IMPLEMENTATIONS[impl](q, k, v, None, False, "cpu")
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+        after = peak_rss()
+    print(after - before)
 
 
 def peak_rss_increase(impl):
