@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.benchmark import FWD, FWD_BWD, attention_flops, measure, report
+from fastattn.benchmark import FWD, FWD_BWD, Case, Impl, Timing, attention_flops, measure, report
+from fastattn.benchmark.cli import run_and_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,3 +190,37 @@ def test_cpu_peak_memory_sees_the_step_allocations():
     for n in (16, 64):
         peak = measure.peak_memory(lambda: step(n), "cpu")
         assert 2 * n * mib - mib <= peak < 2 * n * mib + 8 * mib, (n, peak / mib)
+
+
+def _toy_case(impls):
+    def make_inputs(requires_grad):
+        return {"x": torch.randn(4, 64, requires_grad=requires_grad)}
+
+    return Case("toy", "4x64", {"rows": 4}, make_inputs, impls, baseline="base", x=64, flops={FWD: 512, FWD_BWD: 1536})
+
+
+def test_engine_reports_declined_and_failing_implementations(tmp_path, capsys):
+    def refuses(inputs):
+        raise ValueError("does not take these inputs")
+
+    def crashes(inputs):
+        raise RuntimeError("kernel bug")
+
+    impls = [
+        Impl("base", lambda i: i["x"].exp()),
+        Impl("twice", lambda i: i["x"].exp().exp()),
+        Impl("refuses", refuses, declines=(ValueError,)),
+        Impl("crashes", crashes, declines=(ValueError,)),
+    ]
+    timing = Timing(min_reps=2, budget_s=0.0, max_reps=2)
+    code = run_and_report([_toy_case(impls)], "cpu", str(tmp_path), timing, "tiny", ["toy"], progress=False)
+    assert code == 1  # an implementation crashed
+    assert "error: toy 4x64 fwd crashes: RuntimeError: kernel bug" in capsys.readouterr().err
+    with open(tmp_path / "results.json") as f:
+        results = {(r["impl"], r["pass"]): r for r in json.load(f)["results"]}
+    for pass_ in (FWD, FWD_BWD):
+        assert results["base", pass_]["status"] == "ok" and results["base", pass_]["speedup"] == 1.0
+        assert results["twice", pass_]["status"] == "ok" and results["twice", pass_]["baseline"] == "base"
+        assert results["refuses", pass_]["status"] == "skipped"
+        assert results["refuses", pass_]["note"] == "ValueError: does not take these inputs"
+        assert results["crashes", pass_]["status"] == "error" and results["crashes", pass_]["ms"] is None

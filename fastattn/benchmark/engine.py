@@ -24,16 +24,15 @@ class Impl:
     """One implementation of a case.
 
     fn(inputs) -> output tensor, where inputs is the dict returned by Case.make_inputs.
-    reason: why it cannot run this case (it is then reported as skipped, not run).
-    optional: a failure (e.g. an SDPA kernel that rejects these inputs) is reported as
-      skipped instead of as an error.
+    declines: exception types by which it refuses inputs it does not support (SDPA's
+      RuntimeError "no available kernel", fastattn's ValueError for a forced backend): the
+      result is then "skipped" with the message; any other exception is an "error".
     params: tensors besides the inputs that the backward pass differentiates (a model's weights).
     """
 
     name: str
     fn: Callable
-    reason: Optional[str] = None
-    optional: bool = False
+    declines: tuple = ()
     params: tuple = ()
 
 
@@ -144,20 +143,17 @@ def measure(case, impl, pass_, device, timing):
     """Times one implementation of a case for one pass. Returns its Result and, when it ran,
     the step factory for the memory pass (else None)."""
     result = Result(case.suite, case.label, pass_, impl.name, device, "ok", case.x, case.series, dict(case.params))
-    if impl.reason is not None:
-        result.status, result.note = "skipped", impl.reason
-        return result, None
     make_step = _step_factory(case, impl, pass_)
     try:
         with warnings.catch_warnings():
-            if impl.optional:  # SDPA warns why a kernel declined before raising
+            if impl.declines:  # SDPA warns why a kernel declined before raising
                 warnings.simplefilter("ignore")
             make_step()()
         result.ms, result.reps = time_step(make_step, device, timing)
     except torch.OutOfMemoryError:
         result.status, result.note = "skipped", "out of memory"
-    except Exception as error:  # reported in the table and the JSON, and fails the run
-        result.status = "skipped" if impl.optional else "error"
+    except Exception as error:  # reported in the table and the JSON; an "error" fails the run
+        result.status = "skipped" if isinstance(error, impl.declines) else "error"
         first_line = (str(error).strip().splitlines() or [""])[0]
         result.note = f"{type(error).__name__}: {first_line}"
     if result.status != "ok":  # the traceback's frames held tensors: free them for the next run
