@@ -61,7 +61,9 @@ def format_table(results):
         for r in rows:
             mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
             speedup = "-" if r.speedup is None else f"x{r.speedup:.2f}"
-            note = r.note or ("" if r.status == "ok" else r.status)
+            note = r.note or ""
+            if r.status != "ok":  # the full message is in the JSON
+                note = f"{r.status}: {note[:100]}"
             table.append((r.case, r.pass_, r.impl, _fmt(r.ms), _fmt(r.throughput), speedup, _fmt(mem), note))
         widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header) - 1)]
         dtype = rows[0].params.get("dtype", "")

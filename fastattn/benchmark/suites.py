@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import fastattn
 
-from .. import dispatch
 from .engine import FWD, FWD_BWD, Case, Impl, attention_flops
 from .measure import Timing
 
@@ -52,14 +51,14 @@ DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 def unavailable(device):
     """{implementation: reason} for the fastattn backends of `device` that cannot run here."""
-    status = dispatch.backends()
+    status = fastattn.backends()
     return {
         f"fastattn-{name}": status[name]["reason"] for name in DEVICE_BACKENDS[device] if not status[name]["usable"]
     }
 
 
 def _usable_backends(device):
-    status = dispatch.backends()
+    status = fastattn.backends()
     return [name for name in DEVICE_BACKENDS[device] if status[name]["usable"]]
 
 
@@ -160,6 +159,7 @@ def _attention_case(suite, device, shapes, batch, heads, seq_q, seq_k, head_dim,
 
 
 def _attention_suite(suite, causal=False, padded=False, query_fraction=1):
+    # Causal cases are square, where fastattn's bottom-right rule and SDPA's top-left agree.
     def build(device, scale):
         shapes = SHAPES[device, scale]
         cases = []
