@@ -28,11 +28,12 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
 
-  // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 below -126
-  // (including -inf); x must be < 128.
+  // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 for x <= -125
+  // (including -inf), by mask: products that would be subnormal take slow microcode assists.
+  // x must be < 128.
   static inline R exp2(R x) {
-    const R lo = _mm256_set1_ps(-126.f);
-    const R underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    const R lo = _mm256_set1_ps(-125.f);
+    const R underflow = _mm256_cmp_ps(x, lo, _CMP_LE_OQ);
     x = _mm256_max_ps(x, lo);
     const R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const R r = _mm256_sub_ps(x, n);

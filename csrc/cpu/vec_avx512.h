@@ -18,10 +18,13 @@ struct Vec {
   static inline float hsum(R x) { return _mm512_reduce_add_ps(x); }
   static inline float hmax(R x) { return _mm512_reduce_max_ps(x); }
 
-  // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 for x <= -150,
-  // including -inf.
+  // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 for x <= -125,
+  // including -inf. Those lanes are zeroed by mask rather than by underflow: results that
+  // underflow (or are subnormal) take slow microcode assists, which made masked rows ~8x slower.
   static inline R exp2(R x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+    const R lo = _mm512_set1_ps(-125.f);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GT_OQ);
+    x = _mm512_max_ps(x, lo);
     const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const R r = _mm512_sub_ps(x, n);
     R p = _mm512_set1_ps(1.5403530393e-4f);
@@ -31,7 +34,7 @@ struct Vec {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650696e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718056e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_scalef_ps(keep, p, n);
   }
 
   static inline R load_bf16(const uint16_t* p) {
