@@ -12,6 +12,7 @@ import torch
 import fastattn
 from fastattn.benchmark import FWD, FWD_BWD, Case, Impl, Timing, attention_flops, measure, report
 from fastattn.benchmark.cli import run_and_report
+from fastattn.benchmark.engine import measure_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -224,3 +225,24 @@ def test_engine_reports_declined_and_failing_implementations(tmp_path, capsys):
         assert results["refuses", pass_]["status"] == "skipped"
         assert results["refuses", pass_]["note"] == "ValueError: does not take these inputs"
         assert results["crashes", pass_]["status"] == "error" and results["crashes", pass_]["ms"] is None
+
+
+def test_cpu_timing_interleaves_implementations_and_isolates_failures():
+    calls = []
+
+    def recorder(name, fail_at=None):
+        def fn(inputs):
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} failed on call {fail_at}")
+            return inputs["x"] * 2
+
+        return fn
+
+    impls = [Impl("base", recorder("base")), Impl("other", recorder("other")), Impl("flaky", recorder("flaky", 3))]
+    results, ran = measure_group(_toy_case(impls), FWD, "cpu", Timing(min_reps=3, budget_s=0.0, max_reps=3))
+    # One warm-up each, then rounds of base, other, flaky until flaky fails in its second round.
+    assert calls == ["base", "other", "flaky"] + ["base", "other", "flaky"] * 2 + ["base", "other"]
+    status = {r.impl: (r.status, r.reps) for r in results}
+    assert status == {"base": ("ok", 3), "other": ("ok", 3), "flaky": ("error", None)}
+    assert [r.impl for r, _ in ran] == ["base", "other"]

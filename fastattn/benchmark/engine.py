@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .measure import Timing, exact_cpu_peaks, peak_memory, time_step
+from .measure import Timing, exact_cpu_peaks, peak_memory, time_cpu, time_cuda
 
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 PASSES = (FWD, FWD_BWD)
@@ -139,38 +139,69 @@ def _step_factory(case, impl, pass_):
     return make_step
 
 
-def measure(case, impl, pass_, device, timing):
-    """Times one implementation of a case for one pass. Returns its Result and, when it ran,
-    the step factory for the memory pass (else None)."""
-    result = Result(case.suite, case.label, pass_, impl.name, device, "ok", case.x, case.series, dict(case.params))
-    make_step = _step_factory(case, impl, pass_)
-    try:
-        with warnings.catch_warnings():
-            if impl.declines:  # SDPA warns why a kernel declined before raising
-                warnings.simplefilter("ignore")
-            make_step()()
-        result.ms, result.reps = time_step(make_step, device, timing)
-    except torch.OutOfMemoryError:
+def _record_failure(result, impl, error, device):
+    if isinstance(error, torch.OutOfMemoryError):
         result.status, result.note = "skipped", "out of memory"
-    except Exception as error:  # reported in the table and the JSON; an "error" fails the run
+    else:  # reported in the table and the JSON; an "error" fails the run
         result.status = "skipped" if isinstance(error, impl.declines) else "error"
         first_line = (str(error).strip().splitlines() or [""])[0]
         result.note = f"{type(error).__name__}: {first_line}"
-    if result.status != "ok":  # the traceback's frames held tensors: free them for the next run
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        return result, None
+    gc.collect()  # the traceback's frames held tensors: free them for the next runs
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _set_work(result, case, pass_, device):
+    """FLOPs and throughput (FLOP/s, or GB/s for a case that counts bytes) of a timed result."""
     work = (case.flops or case.bytes or {}).get(pass_)
-    if work is not None:
-        if case.flops is not None:
-            result.flops = work
-            result.unit = "TFLOP/s" if device == "cuda" else "GFLOP/s"
-        else:
-            result.unit = "GB/s"
-        scale = 1e12 if result.unit == "TFLOP/s" else 1e9
-        result.throughput = work / (result.ms * 1e-3) / scale
-    return result, make_step
+    if work is None:
+        return
+    if case.flops is not None:
+        result.flops = work
+        result.unit = "TFLOP/s" if device == "cuda" else "GFLOP/s"
+    else:
+        result.unit = "GB/s"
+    result.throughput = work / (result.ms * 1e-3) / (1e12 if result.unit == "TFLOP/s" else 1e9)
+
+
+def measure_group(case, pass_, device, timing):
+    """Times every implementation of a case for one pass (on CPU interleaved, round by round).
+    Returns the Results and, for those that ran, (result, step factory) for the memory pass."""
+    results = [
+        Result(case.suite, case.label, pass_, impl.name, device, "ok", case.x, case.series, dict(case.params))
+        for impl in case.impls
+    ]
+    ready = []
+    for result, impl in zip(results, case.impls):
+        make_step = _step_factory(case, impl, pass_)
+        try:
+            with warnings.catch_warnings():
+                if impl.declines:  # SDPA warns why a kernel declined before raising
+                    warnings.simplefilter("ignore")
+                make_step()()  # warm-up; also where unsupported inputs are refused
+        except Exception as error:
+            _record_failure(result, impl, error, device)
+            continue
+        ready.append((result, impl, make_step))
+    if device == "cuda":
+        timings = []
+        for _, _, make_step in ready:
+            try:
+                timings.append(time_cuda(make_step(), timing))
+            except Exception as error:
+                timings.append(error)
+    else:
+        timings = time_cpu([make_step for _, _, make_step in ready], timing)
+    ran = []
+    for (result, impl, make_step), timed in zip(ready, timings):
+        if isinstance(timed, Exception):
+            _record_failure(result, impl, timed, device)
+            continue
+        result.ms, result.reps = timed
+        _set_work(result, case, pass_, device)
+        ran.append((result, make_step))
+    _set_speedups(results, case.baseline)
+    return results, ran
 
 
 def _set_speedups(results, baseline):
@@ -198,11 +229,11 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
 
-    def update(self, description):
-        self.done += 1
+    def update(self, description, count=1):
+        self.done += count
         if self.bar is not None:
             self.bar.set_description_str(description)
-            self.bar.update()
+            self.bar.update(count)
         elif self.enabled:
             print(f"[{self.done}/{self.total}] {description}", file=sys.stderr, flush=True)
 
@@ -214,21 +245,15 @@ class _Progress:
 def run_cases(cases, device, timing=Timing(), progress=True):
     """Measures every implementation of every case, each pass; returns the Results in order.
     All timing comes first, then one more run of each step measures its peak memory."""
-    total = sum(len(case.impls) * len(case.passes) for case in cases)
-    bar = _Progress(total, progress)
+    bar = _Progress(sum(len(case.impls) * len(case.passes) for case in cases), progress)
     results, ran = [], []
     try:
         for case in cases:
             for pass_ in case.passes:
-                group = []
-                for impl in case.impls:
-                    result, make_step = measure(case, impl, pass_, device, timing)
-                    group.append(result)
-                    if make_step is not None:
-                        ran.append((result, make_step))
-                    bar.update(f"{case.suite} {case.label} {pass_} {impl.name}")
-                _set_speedups(group, case.baseline)
+                group, group_ran = measure_group(case, pass_, device, timing)
                 results += group
+                ran += group_ran
+                bar.update(f"{case.suite} {case.label} {pass_}", len(group))
     finally:
         bar.close()
     if device == "cpu":

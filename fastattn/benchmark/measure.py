@@ -1,4 +1,4 @@
-"""Timing and peak-memory measurement of one benchmark step (a zero-argument callable)."""
+"""Timing and peak-memory measurement of benchmark steps (zero-argument callables)."""
 import ctypes
 import ctypes.util
 import dataclasses
@@ -10,9 +10,9 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """How long to time each step. CPU: at least `min_reps` runs, more while the runs so far
-    took under `budget_s` seconds, at most `max_reps`. CUDA: do_bench's warm-up and repetition
-    windows (ms), or `max_reps` event-timed runs where Triton is not installed."""
+    """How long to time. CPU: at least `min_reps` rounds, more while the rounds so far took
+    under `budget_s` seconds per implementation, at most `max_reps`. CUDA: do_bench's warm-up
+    and repetition windows (ms), or `max_reps` event-timed runs where Triton is not installed."""
 
     min_reps: int = 5
     budget_s: float = 1.0
@@ -21,25 +21,35 @@ class Timing:
     cuda_rep_ms: int = 100
 
 
-def time_step(make_step, device, timing):
-    """Median milliseconds of a step and the number of timed runs. `make_step()` returns a
-    step over fresh random inputs; the caller has already run one step as a warm-up."""
-    if device == "cuda":
-        return _time_cuda(make_step(), timing)
-    return _time_cpu(make_step, timing)
+def time_cpu(make_steps, timing):
+    """Times CPU steps interleaved, round by round, so that load from other processes slows
+    them alike; each run gets fresh inputs from its factory, made outside the timed region.
+    The caller has warmed each step up. Returns, per factory, (median ms, runs), or the
+    exception its step raised (that step is left out of later rounds)."""
+    times = [[] for _ in make_steps]
+    failures = [None] * len(make_steps)
+    rounds = 0
+    while rounds < timing.max_reps and (
+        rounds < timing.min_reps or sum(map(sum, times)) < timing.budget_s * len(make_steps)
+    ):
+        if all(failures):
+            break
+        for i, make_step in enumerate(make_steps):
+            if failures[i] is not None:
+                continue
+            step = make_step()
+            try:
+                start = time.perf_counter()
+                step()
+                times[i].append(time.perf_counter() - start)
+            except Exception as error:  # reported by the caller against this step only
+                failures[i] = error
+        rounds += 1
+    return [failure or (statistics.median(t) * 1e3, len(t)) for failure, t in zip(failures, times)]
 
 
-def _time_cpu(make_step, timing):
-    times = []
-    while len(times) < timing.max_reps and (len(times) < timing.min_reps or sum(times) < timing.budget_s):
-        step = make_step()  # fresh inputs each run, made outside the timed region
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, len(times)
-
-
-def _time_cuda(step, timing):
+def time_cuda(step, timing):
+    """Median milliseconds of a warmed-up CUDA step and the number of timed runs."""
     try:
         from triton.testing import do_bench
     except ImportError:
