@@ -18,7 +18,6 @@ each figure is the median of the rounds after a warm-up. Prints a table and writ
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
+from fastattn.benchmark.report import environment  # noqa: E402
 
 IMPLS = ["fastattn", "sdpa", "eager"]
 
@@ -189,11 +188,9 @@ def main(argv=None):
     decoder_rows = bench_decoder(QUICK_DECODER if args.quick else DECODER_CASES, device, dtype, rounds, warmup)
     print_tables(encoder_rows, decoder_rows)
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
-        "torch": torch.__version__, "transformers": transformers.__version__, "fastattn": fastattn.__version__,
-        "backends": {name: status["usable"] for name, status in fastattn.backends().items()},
-        "rounds": rounds, "encoder": encoder_rows, "decoder": decoder_rows,
+        "environment": environment(args.device), "transformers": transformers.__version__,
+        "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
+        "encoder": encoder_rows, "decoder": decoder_rows,
     }
     out_path = args.out or os.path.join(ROOT, "benchmarks", "results", f"{args.device}_models.json")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
