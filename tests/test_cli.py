@@ -1,5 +1,6 @@
-"""The command line: `python -m fastattn info | check | bench`, benchmarks/softmax.py, and the
-benchmark engine's measurements (FLOP counts, peak memory)."""
+"""The command line: `python -m fastattn info | check | bench`, benchmarks/softmax.py and
+benchmarks/attention.py, and the benchmark engine's measurements (FLOP counts, peak memory,
+the targets block)."""
 import csv
 import json
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.benchmark import FWD, FWD_BWD, Case, Impl, Timing, attention_flops, measure, report
+from fastattn.benchmark import FWD, FWD_BWD, Case, Impl, Result, Timing, attention_flops, measure, report, suites
 from fastattn.benchmark.cli import run_and_report
 from fastattn.benchmark.engine import measure_group
 
@@ -170,6 +171,77 @@ def test_softmax_script_runs_the_softmax_suite(tmp_path):
     assert doc["suites"] == ["softmax"] and {r["suite"] for r in doc["results"]} == {"softmax"}
     proc = run("benchmarks/softmax.py", "--suite", "encoder")
     assert proc.returncode == 2  # the script has no --suite
+
+
+def test_attention_script_checks_the_targets_from_its_results(tmp_path):
+    proc = run("benchmarks/attention.py", "--tiny", "--no-progress", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "results.json") as f:
+        doc = json.load(f)
+    assert doc["suites"] == ["targets"] and {r["suite"] for r in doc["results"]} == {"targets"}
+    found = {(r["case"], r["pass"], r["impl"]): r for r in doc["results"]}
+    assert {r["params"]["dtype"] for r in doc["results"]} == {"float32", "bfloat16"}
+    masks = {r["params"]["mask"] for r in doc["results"]}
+    assert masks == {"none", "last half hidden"}
+    memory = [r for r in doc["results"] if r["case"].startswith("memory ")]
+    assert memory and all(r["pass"] == FWD and r["reps"] == 1 for r in memory)  # one timed forward
+    assert {r["impl"] for r in memory} <= {"fastattn-cpu", "eager"}
+    assert doc["targets"] and "== targets ==" in proc.stdout
+    usable = fastattn.backends()["cpu"]["usable"]
+    for target in doc["targets"]:
+        if not usable:  # fastattn-cpu did not run: nothing to check the targets with
+            assert target["value"] is None and target["met"] is None and target["note"]
+            continue
+        subject = found[tuple(target["subject"])]
+        if target["quantity"] == "peak MB":
+            assert target["value"] == pytest.approx(subject["peak_mem_bytes"] / 1e6)
+        else:
+            reference = found[tuple(target["reference"])]
+            ratio = reference["ms"] / subject["ms"]
+            assert target["value"] == pytest.approx(ratio if target["quantity"] == "speedup" else 1 / ratio)
+        assert target["met"] == {">=": target["value"] >= target["bound"], "<=": target["value"] <= target["bound"],
+                                 "<": target["value"] < target["bound"]}[target["op"]]
+
+
+def _result(case, pass_, impl, ms, peak=None):
+    return Result("targets", case, pass_, impl, "cpu", "ok", 512, "", {}, ms=ms, peak_mem_bytes=peak)
+
+
+def test_targets_block_is_computed_from_the_results():
+    targets = suites.targets(["targets"], "cpu", "full")
+    label = {t.text: t for t in targets}
+    assert len(targets) == 9 and len(label) == 9
+    base = label["forward, no mask: fastattn / SDPA speed"]
+    bf16 = label["base fwd: fastattn bf16 time / its fp32 time"]
+    memory = label["one long forward: fastattn peak memory increase (MB)"]
+    assert base.subject[2] == "fastattn-cpu" and base.reference[2] == "sdpa" and base.bound == 1.3
+
+    def check(base_ms, bf16_ms, peak_bytes):
+        results = [
+            _result(*base.subject, base_ms), _result(*base.reference, 100.0),
+            _result(*bf16.subject, bf16_ms), _result(*bf16.reference, base_ms),
+            _result(*memory.subject, 50.0, peak_bytes),
+        ]
+        return {c["text"]: c for c in report.check_targets([base, bf16, memory], results)}
+
+    checked = check(base_ms=50.0, bf16_ms=55.0, peak_bytes=25 * 10**6)
+    assert checked[base.text]["value"] == pytest.approx(2.0) and checked[base.text]["met"] is True
+    assert checked[bf16.text]["value"] == pytest.approx(1.1) and checked[bf16.text]["met"] is True
+    assert checked[memory.text]["value"] == pytest.approx(25.0) and checked[memory.text]["met"] is True
+    checked = check(base_ms=80.0, bf16_ms=100.0, peak_bytes=100 * 10**6)
+    assert checked[base.text]["value"] == pytest.approx(1.25) and checked[base.text]["met"] is False
+    assert checked[bf16.text]["value"] == pytest.approx(1.25) and checked[bf16.text]["met"] is False
+    assert checked[memory.text]["met"] is False  # the bound is strict: < 100 MB
+    text = report.format_targets(list(checked.values()))
+    assert "x1.25  >= 1.3" in text and "NOT MET" in text and "0 of 3 targets met" in text
+
+    # A result that is missing or did not run leaves its target unmeasured, never met.
+    skipped = _result(*base.subject, None)
+    skipped.status, skipped.note = "skipped", "ValueError: no"
+    checked = report.check_targets([base, bf16], [skipped, _result(*base.reference, 100.0)])
+    assert [c["met"] for c in checked] == [None, None]
+    assert "skipped: ValueError: no" in checked[0]["note"] and "not run" in checked[1]["note"]
+    assert "not measured (" in report.format_targets(checked)
 
 
 def test_attention_flops_rules():

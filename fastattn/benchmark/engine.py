@@ -47,6 +47,7 @@ class Case:
       several kernels ("sdpa-flash", ...), the fastest implementation named baseline-* counts.
     x, series: where the case goes in the plots (x: sequence length; one subplot per series).
     flops, bytes: {pass: work} for the throughput column (FLOP/s, or GB/s for memory-bound ops).
+    timing: its own Timing instead of the run's (a case too slow to time more than once).
     """
 
     suite: str
@@ -60,6 +61,7 @@ class Case:
     flops: Optional[dict] = None
     bytes: Optional[dict] = None
     passes: tuple = PASSES
+    timing: Optional[Timing] = None
 
 
 @dataclasses.dataclass
@@ -171,6 +173,7 @@ def measure_group(case, pass_, device, timing):
         Result(case.suite, case.label, pass_, impl.name, device, "ok", case.x, case.series, dict(case.params))
         for impl in case.impls
     ]
+    timing = case.timing or timing
     ready = []
     for result, impl in zip(results, case.impls):
         make_step = _step_factory(case, impl, pass_)

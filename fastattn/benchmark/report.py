@@ -1,11 +1,14 @@
-"""Output of a benchmark run: the table, JSON, CSV and PNG plots."""
+"""Output of a benchmark run: the table, the targets block, JSON, CSV and PNG plots."""
 import csv
+import dataclasses
 import datetime
 import json
+import operator
 import os
 import platform
 import shlex
 import sys
+from typing import Optional
 
 import torch
 
@@ -66,7 +69,7 @@ def format_table(results):
                 note = f"{r.status}: {note[:100]}"
             table.append((r.case, r.pass_, r.impl, _fmt(r.ms), _fmt(r.throughput), speedup, _fmt(mem), note))
         widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header) - 1)]
-        dtype = rows[0].params.get("dtype", "")
+        dtype = "/".join(dict.fromkeys(r.params.get("dtype", "") for r in rows))
         lines.append(f"== {suite} ({rows[0].device}, {dtype}) ==")
         previous = None
         for row in [header] + table:
@@ -79,6 +82,75 @@ def format_table(results):
             lines.append("  ".join(cells + [str(shown[-1])]).rstrip())
         lines.append("")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal checked against a run's results. subject and reference name a result as
+    (case label, pass, impl). quantity: "speedup" (reference ms / subject ms), "time ratio"
+    (subject ms / reference ms) or "peak MB" (subject's peak memory increase, 10^6 bytes).
+    Met when `value op bound` holds."""
+
+    text: str
+    quantity: str
+    subject: tuple
+    op: str  # ">=", "<=" or "<"
+    bound: float
+    reference: Optional[tuple] = None
+
+
+_OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+
+def _target_value(target, results):
+    """The measured value of a target, or (None, why) when a result it needs is missing."""
+    found = {(r.case, r.pass_, r.impl): r for r in results}
+    needed = [target.subject] + ([target.reference] if target.reference else [])
+    for key in needed:
+        result = found.get(tuple(key))
+        if result is None or result.status != "ok":
+            return None, f"{' '.join(key)}: " + ("not run" if result is None else f"{result.status}: {result.note}")
+    subject = found[tuple(target.subject)]
+    if target.quantity == "peak MB":
+        if subject.peak_mem_bytes is None:
+            return None, "peak memory not measurable here"
+        return subject.peak_mem_bytes / 1e6, None
+    reference = found[tuple(target.reference)]
+    if target.quantity == "speedup":
+        return reference.ms / subject.ms, None
+    if target.quantity == "time ratio":
+        return subject.ms / reference.ms, None
+    raise ValueError(f"target {target.text!r}: unknown quantity {target.quantity!r}")
+
+
+def check_targets(targets, results):
+    """One record per target: the target, its measured value and whether it is met (None
+    when it could not be measured, with the reason in "note")."""
+    checked = []
+    for target in targets:
+        value, note = _target_value(target, results)
+        record = dataclasses.asdict(target)
+        record.update(value=value, met=None if value is None else bool(_OPS[target.op](value, target.bound)))
+        record["note"] = note
+        checked.append(record)
+    return checked
+
+
+def format_targets(checked):
+    """The targets block printed after the table: target, measured value, bound, verdict."""
+    rows = []
+    for record in checked:
+        fmt = "{:.1f}" if record["quantity"] == "peak MB" else "x{:.2f}"
+        value = "-" if record["value"] is None else fmt.format(record["value"])
+        verdict = {True: "met", False: "NOT MET", None: f"not measured ({record['note']})"}[record["met"]]
+        rows.append((record["text"], value, f"{record['op']} {record['bound']:g}", verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["== targets =="]
+    for text, value, bound, verdict in rows:
+        lines.append(f"{text.ljust(widths[0])}  {value.rjust(widths[1])}  {bound.ljust(widths[2])}  {verdict}")
+    met = sum(record["met"] is True for record in checked)
+    lines.append(f"{met} of {len(checked)} targets met")
+    return "\n".join(lines) + "\n"
 
 
 def write_json(path, results, meta):

@@ -1,6 +1,7 @@
 """The op-level suites: attention as encoders, decoders, padded batches and cross-attention
-use it, and the fused masked softmax. Each case compares every usable fastattn backend of the
-device with PyTorch: SDPA (on CUDA each of its kernels that runs) and the eager formula.
+use it, the fused masked softmax, and the CPU performance targets. Each case compares every
+usable fastattn backend of the device with PyTorch: SDPA (on CUDA each of its kernels that
+runs) and the eager formula.
 
 Shapes keep the token count per batch fixed (batch = tokens // seq), so the work grows
 linearly with the sequence length; on CUDA they are flash-attention's benchmark setup (bf16,
@@ -15,6 +16,7 @@ import fastattn
 
 from .engine import FWD, FWD_BWD, Case, Impl, attention_flops
 from .measure import Timing
+from .report import Target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +112,22 @@ def _sdpa_impls(device, causal):
     return impls
 
 
-def _attention_case(suite, device, shapes, batch, heads, seq_q, seq_k, head_dim, causal, padded):
-    dtype = shapes.dtype
+def _key_mask(kind, batch, seq, device):
+    """The key mask of a case: None ("none"), random lengths ("key-padding", see
+    _padding_mask) or the same for every sequence ("last half hidden")."""
+    if kind == "none":
+        return None
+    if kind == "key-padding":
+        return _padding_mask(batch, seq, device)
+    return (torch.arange(seq, device=device) < seq // 2).view(1, 1, 1, seq).repeat(batch, 1, 1, 1)
+
+
+def _shape_label(batch, heads, seq_q, seq_k, head_dim):
+    seqs = f"S{seq_q}" if seq_q == seq_k else f"Sq{seq_q} Sk{seq_k}"
+    return f"B{batch} H{heads} {seqs} D{head_dim}"
+
+
+def _attention_case(suite, device, dtype, batch, heads, seq_q, seq_k, head_dim, causal, mask, label=None):
     scale = head_dim**-0.5
 
     def make_inputs(requires_grad):
@@ -119,8 +135,7 @@ def _attention_case(suite, device, shapes, batch, heads, seq_q, seq_k, head_dim,
             torch.randn(batch, heads, s, head_dim, device=device, dtype=dtype, requires_grad=requires_grad)
             for s in (seq_q, seq_k, seq_k)
         )
-        mask = _padding_mask(batch, seq_k, device) if padded else None
-        return {"q": q, "k": k, "v": v, "mask": mask}
+        return {"q": q, "k": k, "v": v, "mask": _key_mask(mask, batch, seq_k, device)}
 
     impls = []
     for backend in _usable_backends(device):
@@ -134,10 +149,9 @@ def _attention_case(suite, device, shapes, batch, heads, seq_q, seq_k, head_dim,
         impls.append(Impl(f"fastattn-{backend}", run, declines=(ValueError,)))
     impls += _sdpa_impls(device, causal)
     impls.append(Impl("eager", lambda i: eager_attention(i["q"], i["k"], i["v"], i["mask"], causal, scale)))
-    seqs = f"S{seq_q}" if seq_q == seq_k else f"Sq{seq_q} Sk{seq_k}"
     return Case(
         suite=suite,
-        label=f"B{batch} H{heads} {seqs} D{head_dim}",
+        label=label or _shape_label(batch, heads, seq_q, seq_k, head_dim),
         params=dict(
             batch=batch,
             heads_q=heads,
@@ -147,7 +161,7 @@ def _attention_case(suite, device, shapes, batch, heads, seq_q, seq_k, head_dim,
             head_dim=head_dim,
             dtype=str(dtype).replace("torch.", ""),
             causal=causal,
-            mask="key-padding" if padded else "none",
+            mask=mask,
         ),
         make_inputs=make_inputs,
         impls=impls,
@@ -167,11 +181,99 @@ def _attention_suite(suite, causal=False, padded=False, query_fraction=1):
             heads = shapes.model_dim // head_dim
             for seq in shapes.seqs:
                 batch = max(2 if padded else 1, shapes.tokens // seq)  # padding needs >= 2 sequences
-                args = (batch, heads, seq // query_fraction, seq, head_dim, causal, padded)
-                cases.append(_attention_case(suite, device, shapes, *args))
+                mask = "key-padding" if padded else "none"
+                args = (batch, heads, seq // query_fraction, seq, head_dim, causal, mask)
+                cases.append(_attention_case(suite, device, shapes.dtype, *args))
         return cases
 
     return build
+
+
+# ----------------------------------------------------------------------------- targets
+
+# The CPU performance targets: name, (B, H, S, D), dtype, causal, key mask, whether eager runs
+# the fwd+bwd pass too (not at S=2048 causal: slow, and no target reads it).
+TARGET_CASES = (
+    ("base", (4, 12, 512, 64), torch.float32, False, "none", True),
+    ("causal", (1, 12, 2048, 64), torch.float32, True, "none", False),
+    ("key-padding", (4, 12, 512, 64), torch.float32, False, "last half hidden", True),
+    ("base-bf16", (4, 12, 512, 64), torch.bfloat16, False, "none", True),
+    ("causal-bf16", (1, 12, 2048, 64), torch.bfloat16, True, "none", False),
+    ("head128", (2, 8, 1024, 128), torch.float32, False, "none", True),
+)
+# One fp32 forward, no mask, where eager's S x S scores take GBs: peak memory, one timed run.
+MEMORY_CASE = ("memory", (1, 8, 8192, 64))
+MEMORY_BOUND_BYTES = 100e6
+
+
+def _target_shape(shape, scale):
+    """The shape at `scale`: as given, or (for the tests) 1 sequence, 2 heads, S/16, D/4."""
+    if scale != "tiny":
+        return shape
+    _, _, seq, head_dim = shape
+    return 1, 2, seq // 16, head_dim // 4
+
+
+def _target_label(name, shape, scale):
+    batch, heads, seq, head_dim = _target_shape(shape, scale)
+    return f"{name} {_shape_label(batch, heads, seq, seq, head_dim)}"
+
+
+def _targets_suite(device, scale):
+    if device != "cpu":
+        return []  # CPU targets; the run says so (see unsupported)
+    cases = []
+    for name, shape, dtype, causal, mask, eager_backward in TARGET_CASES:
+        batch, heads, seq, head_dim = _target_shape(shape, scale)
+        label = _target_label(name, shape, scale)
+        case = _attention_case("targets", device, dtype, batch, heads, seq, seq, head_dim, causal, mask, label)
+        case = dataclasses.replace(case, series=name)  # a plot per case: they differ in more than S
+        if eager_backward:
+            cases.append(case)
+        else:
+            without_eager = [impl for impl in case.impls if impl.name != "eager"]
+            cases += [dataclasses.replace(case, passes=(FWD,)),
+                      dataclasses.replace(case, passes=(FWD_BWD,), impls=without_eager)]
+    name, shape = MEMORY_CASE
+    batch, heads, seq, head_dim = _target_shape(shape, scale)
+    case = _attention_case("targets", device, torch.float32, batch, heads, seq, seq, head_dim, False, "none",
+                           _target_label(name, shape, scale))
+    cases.append(dataclasses.replace(
+        case,
+        impls=[impl for impl in case.impls if impl.name != "sdpa"],
+        baseline="eager",
+        series=name,
+        passes=(FWD,),
+        timing=Timing(min_reps=1, budget_s=0.0, max_reps=1),
+    ))
+    return cases
+
+
+def _targets(device, scale):
+    """The targets of the targets suite, naming its cases (report.check_targets reads them)."""
+    if device != "cpu":
+        return []
+    label = {name: _target_label(name, shape, scale) for name, shape, *_ in TARGET_CASES + (MEMORY_CASE,)}
+    fast = "fastattn-cpu"
+    targets = [
+        Target("forward, no mask: fastattn / SDPA speed", "speedup",
+               (label["base"], FWD, fast), ">=", 1.3, (label["base"], FWD, "sdpa")),
+        Target("causal forward: fastattn / SDPA speed", "speedup",
+               (label["causal"], FWD, fast), ">=", 1.3, (label["causal"], FWD, "sdpa")),
+        Target("key-padding forward, same mask: fastattn / SDPA speed", "speedup",
+               (label["key-padding"], FWD, fast), ">=", 1.8, (label["key-padding"], FWD, "sdpa")),
+        Target("forward+backward, no mask: fastattn / SDPA speed", "speedup",
+               (label["base"], FWD_BWD, fast), ">=", 1.0, (label["base"], FWD_BWD, "sdpa")),
+    ]
+    for name in ("base", "causal"):
+        for pass_ in (FWD, FWD_BWD):
+            targets.append(Target(
+                f"{name} {pass_}: fastattn bf16 time / its fp32 time", "time ratio",
+                (label[f"{name}-bf16"], pass_, fast), "<=", 1.2, (label[name], pass_, fast),
+            ))
+    targets.append(Target("one long forward: fastattn peak memory increase (MB)", "peak MB",
+                          (label["memory"], FWD, fast), "<", MEMORY_BOUND_BYTES / 1e6))
+    return targets
 
 
 # ----------------------------------------------------------------------------- softmax
@@ -226,7 +328,10 @@ SUITES = {
     "padded": _attention_suite("padded", padded=True),
     "cross": _attention_suite("cross", query_fraction=4),
     "softmax": _softmax_suite,
+    "targets": _targets_suite,
 }
+# `fastattn bench` without --suite: the targets suite re-times the shapes of the CPU targets.
+DEFAULT_SUITES = ("encoder", "decoder", "padded", "cross", "softmax")
 
 DESCRIPTIONS = {
     "encoder": "self-attention, no mask (BERT-like encoders)",
@@ -234,10 +339,25 @@ DESCRIPTIONS = {
     "padded": "self-attention with a key-padding mask, lengths spread over [S/4, S]",
     "cross": "cross-attention, queries = keys / 4 (T5/BART-like decoders reading the encoder)",
     "softmax": "fused masked softmax vs torch.softmax (key-padding mask, scaled)",
+    "targets": "the CPU performance targets: fixed shapes, fp32 and bf16, then their met / not met (CPU only)",
 }
+
+
+def unsupported(names, device):
+    """{suite: reason} for the named suites that have nothing to run on `device`."""
+    return {
+        name: "its targets are CPU ones (on CUDA see encoder, decoder, padded, cross)"
+        for name in names
+        if name == "targets" and device != "cpu"
+    }
 
 
 def build(names, device, scale):
     """The cases of the named suites (in order) for `device` ("cpu"/"cuda") at `scale`
     ("tiny", "quick" or "full")."""
     return [case for name in names for case in SUITES[name](device, scale)]
+
+
+def targets(names, device, scale):
+    """The targets to check after running the named suites."""
+    return _targets(device, scale) if "targets" in names else []
