@@ -13,9 +13,9 @@ def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if dropout_p > 0.0:  # no fused dropout yet: the reference path applies it
-        if dispatch.requested_backend(backend) not in (None, "reference"):
-            raise ValueError("dropout_p > 0 runs on the reference backend only; do not force another backend")
+    if dropout_p > 0.0:
+        # No fused dropout yet: the reference path applies it, also where a backend was forced
+        # for a block or the process (use_backend, FASTATTN_BACKEND), so training still runs.
         return reference.attention(q, k, v, mask, scale, causal, dropout_p)
     chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, mask, scale), q.device, backend)
     if chosen == "reference":

@@ -1,7 +1,6 @@
 """The public functions on every backend usable on CPU tensors: SDPA parity, semantics,
 masks, gradients, dispatch and errors."""
-import math
-import os
+import contextlib
 
 import pytest
 import torch
@@ -189,10 +188,12 @@ def test_sdpa_dropout_runs_unfused_and_scales_kept_values():
     torch.manual_seed(0)
     q, k = rand(1, 1, 64, 16), rand(1, 1, 64, 16)
     v = torch.ones(1, 1, 64, 16)
-    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    # each output is (sum of kept probabilities) / (1 - p): not all equal to 1, mean near 1
-    assert not torch.allclose(out, torch.ones_like(out))
-    assert abs(out.mean().item() - 1.0) < 0.2
+    for forced in (None, "cpu"):  # a backend forced for a block still trains with dropout
+        with fastattn.use_backend(forced) if forced else contextlib.nullcontext():
+            out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        # each output is (sum of kept probabilities) / (1 - p): not all equal to 1, mean near 1
+        assert not torch.allclose(out, torch.ones_like(out))
+        assert abs(out.mean().item() - 1.0) < 0.2
 
 
 # ----------------------------------------------------------------------------- softmax
