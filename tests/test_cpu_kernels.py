@@ -176,6 +176,37 @@ def test_attention_forward_backward(case, isa):
         assert dmask.shape == (0,)
 
 
+# Decode shapes (Sq <= 8): the row-wise forward, all query heads of a kv group per item.
+# (B, Hq, Hkv, Sq, Sk, D, Dv, dtype, causal, mask kind, transposed inputs)
+DECODE_CASES = [
+    (4, 12, 12, 1, 200, 64, 64, F32, NONE, None, False),
+    (1, 8, 2, 1, 1500, 128, 128, F32, BOTTOM_RIGHT, None, True),  # GQA, K/V read in place
+    (2, 6, 2, 2, 1031, 64, 64, BF16, BOTTOM_RIGHT, "key_padding", False),
+    (2, 4, 1, 5, 777, 40, 80, F32, BOTTOM_RIGHT, "add_full", True),  # padded head dims
+    (1, 4, 2, 5, 300, 80, 64, F16, TOP_LEFT, "bool_full", False),  # rows that see nothing
+    (2, 4, 4, 2, 513, 96, 96, BF16, NONE, "add_heads", True),
+    (1, 6, 3, 8, 129, 32, 32, F32, NONE, "bool_query_col", False),
+    (1, 2, 1, 3, 2, 64, 64, F32, BOTTOM_RIGHT, "add_rows_f32", False),  # Sk < Sq: early rows see nothing
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=case_id)
+def test_attention_forward_few_queries(case, isa):
+    B, Hq, Hkv, Sq, Sk, D, Dv, dtype, causal, mask_kind, transposed = case
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, Dv, dtype, transposed)
+    mask = make_mask(mask_kind, B, Hq, Sq, Sk, dtype)
+    scale = D ** -0.5 * 1.3
+    poison_allocator()
+    out, lse = ops.attn_fwd(q, k, v, mask, scale, causal)
+    leaves64 = [t.double() for t in (q, k, v)]
+    mask64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    ref_out, ref_lse = reference.attention(*leaves64, mask64, scale, causal)
+    base_out, base_lse = reference.attention(q, k, v, mask, scale, causal, upcast=False)
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, Dv) and not torch.isnan(out).any()
+    assert_within_baseline("out", out, ref_out, base_out)
+    assert_lse_close(lse, ref_lse, base_lse.float())
+
+
 def test_rows_without_keys_are_zero(isa):
     """Key-padding that hides every key of batch 0: zeros, lse = -inf, zero grads, no NaN."""
     q, k, v = make_qkv(2, 2, 2, 70, 90, 64, 64, F32, False)

@@ -107,6 +107,10 @@ void run_items(int64_t n, const F& f) {
   });
 }
 
+// Up to this many queries per head the forward takes the row-wise (decode) kernel: the
+// query-lane layout would leave most vector lanes empty.
+constexpr int64_t kFewQueries = 8;
+
 struct AttnShapes {
   int64_t B, Hq, Hkv, Sq, Sk, D, Dv;
 };
@@ -156,6 +160,10 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::T
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const KernelTable& kt = kernels();
+  if (s.Sq <= kFewQueries) {  // decode: vectorise along keys, one item per (batch, kv head)
+    run_items(s.B * s.Hkv, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_fwd_rows(p, t, n, stride); });
+    return {out, lse};
+  }
   const int64_t items = s.B * s.Hq * ((s.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
   run_items(items, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_fwd(p, t, n, stride); });
   return {out, lse};

@@ -348,6 +348,158 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   }
 }
 
+// ---------------------------------------------------------------- attention forward, few queries
+// Decode shapes (a few queries against many keys) waste the query lanes of the layout above.
+// Here a work item is (batch, kv head) and its rows are the G x Sq (query head, query) pairs of
+// the group, which share every K/V tile (flash-decoding's grouping); scores S = Q K^T are dot
+// products along the head dim (keys read in place when fp32), the online softmax runs along
+// each row of keys, and O += P V uses the GEMM micro-kernel with V's rows as the B operand.
+static constexpr int64_t kDecBK = 128;  // keys per tile (multiple of every W)
+
+// s[r * ld + j] = q_r . k_j for r < RB rows of q (ld Dp, zero-padded) and j < nk keys (rows
+// of k, ld ldk, padded to Dp). Four keys at a time, so that the FMA chains are independent.
+template <int RB>
+static void dot_rows(const float* q, int64_t Dp, const float* k, int64_t ldk, int64_t nk, float* s,
+                     int64_t ld) {
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    R acc[RB][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[r][c] = Vec::zero();
+    for (int64_t d = 0; d < Dp; d += W) {
+      R kv[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) kv[c] = Vec::load(k + (j + c) * ldk + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        const R qv = Vec::load(q + r * Dp + d);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[r][c] = Vec::fma(qv, kv[c], acc[r][c]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) s[r * ld + j + c] = Vec::hsum(acc[r][c]);
+  }
+  for (; j < nk; ++j) {
+    for (int r = 0; r < RB; ++r) {
+      R acc = Vec::zero();
+      for (int64_t d = 0; d < Dp; d += W) acc = Vec::fma(Vec::load(q + r * Dp + d), Vec::load(k + j * ldk + d), acc);
+      s[r * ld + j] = Vec::hsum(acc);
+    }
+  }
+}
+
+static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
+  const int64_t BK = kDecBK;
+  const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
+  const int64_t G = p.Hq / p.Hkv, rows = G * p.Sq;
+  const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
+  const int64_t esz = elem_size(p.dtype);
+  // K and V are read in place when they are fp32 rows of whole vectors, else packed per tile.
+  const bool k_direct = p.dtype == kF32 && p.D % W == 0;
+  const bool v_direct = p.dtype == kF32 && p.Dv % W == 0;
+  // Rows share one mask row when the mask varies along neither heads nor queries.
+  const bool shared_mask = p.mask.ptr && p.mask.sh == 0 && p.mask.sq == 0;
+  Scratch qs(rows * Dp), o(rows * Dvp), mvec(rows), lvec(rows), s(rows * BK), bias(rows * BK),
+      visible(rows), kp(BK * Dp), vp(BK * Dvp);
+  // Last key each query sees (+1) under the causal rule.
+  const int64_t kend_all = p.causal ? max64(0, min64(p.Sk, p.Sq + off)) : p.Sk;
+  for (int64_t it = begin; it < end; it += stride) {
+    const int64_t hkv = it % p.Hkv, b = it / p.Hkv;
+    for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale and log2(e) folded in
+      const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
+      load_row(at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + i * p.q.ss, p.dtype), p.dtype, p.D,
+               qs.p + r * Dp, p.scale * kLog2e);
+      fill(qs.p + r * Dp + p.D, Dp - p.D, 0.f);
+    }
+    fill(mvec.p, rows, kLowest);  // finite, so that m_old - m_new is never inf - inf
+    fill(lvec.p, rows, 0.f);
+    fill(o.p, rows * Dvp, 0.f);
+    for (int64_t k0 = 0; k0 < kend_all; k0 += BK) {
+      const int64_t nk = min64(BK, kend_all - k0);
+      bool any = true;
+      if (p.mask.ptr) {  // bias rows in base 2; a tile no row sees is skipped (key padding)
+        any = false;
+        for (int64_t r = 0; r < (shared_mask ? 1 : rows); ++r) {
+          const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
+          visible.p[r] = mask_row(p.mask, b, hq, i, k0, nk, bias.p + r * BK, kLog2e) ? 1.f : 0.f;
+          any |= visible.p[r] != 0.f;
+        }
+      }
+      if (!any) continue;
+      const float* kt;
+      int64_t ldk;
+      const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
+      if (k_direct) {
+        kt = reinterpret_cast<const float*>(kbase), ldk = p.k.ss;
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, kp.p + j * Dp, 1.f);
+          fill(kp.p + j * Dp + p.D, Dp - p.D, 0.f);
+        }
+        kt = kp.p, ldk = Dp;
+      }
+      int64_t r0 = 0;
+      for (; r0 + 2 <= rows; r0 += 2) dot_rows<2>(qs.p + r0 * Dp, Dp, kt, ldk, nk, s.p + r0 * BK, BK);
+      if (r0 < rows) dot_rows<1>(qs.p + r0 * Dp, Dp, kt, ldk, nk, s.p + r0 * BK, BK);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* srow = s.p + r * BK;
+        if (p.mask.ptr) {
+          const int64_t mr = shared_mask ? 0 : r;
+          if (visible.p[mr] == 0.f) {
+            fill(srow, BK, -kInf);
+          } else {
+            const float* brow = bias.p + mr * BK;
+            for (int64_t j = 0; j < nk; ++j) srow[j] += brow[j];
+          }
+        }
+        // Causal: query i sees keys < i + off + 1; the padding past nk is hidden too.
+        const int64_t lim = p.causal ? max64(0, min64(nk, r % p.Sq + off + 1 - k0)) : nk;
+        fill(srow + lim, BK - lim, -kInf);
+        const float m_old = mvec.p[r];
+        const float mx = row_max(srow, BK);
+        const float m_new = mx > m_old ? mx : m_old;
+        const float sum = exp_sum(srow, BK, m_new);
+        const float a = std::exp2(m_old - m_new);
+        lvec.p[r] = lvec.p[r] * a + sum;
+        mvec.p[r] = m_new;
+        if (a != 1.f) scale_row(o.p + r * Dvp, Dvp, a);
+      }
+      const float* vt;
+      int64_t ldv;
+      const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
+      if (v_direct) {
+        vt = reinterpret_cast<const float*>(vbase), ldv = p.v.ss;
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vp.p + j * Dvp, 1.f);
+          fill(vp.p + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
+        }
+        vt = vp.p, ldv = Dvp;
+      }
+      gemm(s.p, BK, vt, ldv, o.p, Dvp, rows, Dvp / W, nk, true);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
+      char* orow = static_cast<char*>(p.out) + ((b * p.Hq + hq) * p.Sq + i) * p.Dv * esz;
+      float* lse = p.lse + (b * p.Hq + hq) * p.Sq + i;
+      const float l = lvec.p[r];
+      if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
+        fill(o.p + r * Dvp, p.Dv, 0.f);
+        store_row(orow, p.dtype, p.Dv, o.p + r * Dvp, 1.f);
+        *lse = -kInf;
+      } else {
+        store_row(orow, p.dtype, p.Dv, o.p + r * Dvp, 1.f / l);
+        *lse = (mvec.p[r] + std::log2(l)) * kLn2;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- attention backward
 // Per work item (batch, kv head, chunk of key blocks): for each query head of the group, the
 // transposed tiles S^T = K Q^T and dP^T = V dO^T are recomputed from the saved lse, and
@@ -530,5 +682,5 @@ static void softmax_bwd(const SoftmaxBwdParams& p, int64_t row_begin, int64_t ro
 }
 
 static const KernelTable kTable = {
-    kIsaName, kFwdBQ, kBwdBK, attn_fwd, attn_bwd, softmax_fwd, softmax_bwd,
+    kIsaName, kFwdBQ, kBwdBK, attn_fwd, attn_fwd_rows, attn_bwd, softmax_fwd, softmax_bwd,
 };

@@ -75,6 +75,8 @@ struct KernelTable {
   int64_t fwd_block_q;  // queries per forward work item
   int64_t bwd_block_k;  // keys per backward block
   void (*attn_fwd)(const AttnFwdParams&, int64_t begin, int64_t end, int64_t stride);
+  // Few queries (decode): items are (batch, kv head), all query heads of the group at once.
+  void (*attn_fwd_rows)(const AttnFwdParams&, int64_t begin, int64_t end, int64_t stride);
   void (*attn_bwd)(const AttnBwdParams&, int64_t begin, int64_t end, int64_t stride);
   void (*softmax_fwd)(const SoftmaxFwdParams&, int64_t row_begin, int64_t row_end);
   void (*softmax_bwd)(const SoftmaxBwdParams&, int64_t row_begin, int64_t row_end);
