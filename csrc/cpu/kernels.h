@@ -356,11 +356,21 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
 // each row of keys, and O += P V uses the GEMM micro-kernel with V's rows as the B operand.
 static constexpr int64_t kDecBK = 128;  // keys per tile (multiple of every W)
 
-// s[r * ld + j] = q_r . k_j for r < RB rows of q (ld Dp, zero-padded) and j < nk keys (rows
-// of k, ld ldk, padded to Dp). Four keys at a time, so that the FMA chains are independent.
-template <int RB>
-static void dot_rows(const float* q, int64_t Dp, const float* k, int64_t ldk, int64_t nk, float* s,
+// Vector i (elements [i, i + W)) of a row of dtype DT, as fp32.
+template <int DT>
+static inline R load_as(const void* row, int64_t i) {
+  if constexpr (DT == kF32) return Vec::load(static_cast<const float*>(row) + i);
+  else if constexpr (DT == kBF16) return Vec::load_bf16(static_cast<const uint16_t*>(row) + i);
+  else return Vec::load_f16(static_cast<const uint16_t*>(row) + i);
+}
+
+// s[r * ld + j] = q_r . k_j for r < RB rows of q (fp32, ld Dp, zero-padded) and j < nk keys
+// (rows of dtype DT, `ldk` elements apart, Dp long: read in place, converted on the fly).
+// Four keys at a time, so that the FMA chains are independent.
+template <int RB, int DT>
+static void dot_rows(const float* q, int64_t Dp, const void* k, int64_t ldk, int64_t nk, float* s,
                      int64_t ld) {
+  const auto key = [&](int64_t j) { return at_elem(k, j * ldk, DT); };
   int64_t j = 0;
   for (; j + 4 <= nk; j += 4) {
     R acc[RB][4];
@@ -371,7 +381,7 @@ static void dot_rows(const float* q, int64_t Dp, const float* k, int64_t ldk, in
     for (int64_t d = 0; d < Dp; d += W) {
       R kv[4];
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) kv[c] = Vec::load(k + (j + c) * ldk + d);
+      for (int c = 0; c < 4; ++c) kv[c] = load_as<DT>(key(j + c), d);
 #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
         const R qv = Vec::load(q + r * Dp + d);
@@ -387,10 +397,22 @@ static void dot_rows(const float* q, int64_t Dp, const float* k, int64_t ldk, in
   for (; j < nk; ++j) {
     for (int r = 0; r < RB; ++r) {
       R acc = Vec::zero();
-      for (int64_t d = 0; d < Dp; d += W) acc = Vec::fma(Vec::load(q + r * Dp + d), Vec::load(k + j * ldk + d), acc);
+      for (int64_t d = 0; d < Dp; d += W) acc = Vec::fma(Vec::load(q + r * Dp + d), load_as<DT>(key(j), d), acc);
       s[r * ld + j] = Vec::hsum(acc);
     }
   }
+}
+
+// Up to kDotRows query rows share each key load (4 x kDotRows accumulators in registers).
+static constexpr int kDotRows = W >= 16 ? 4 : 2;
+
+template <int DT>
+static void dot_all_rows(const float* q, int64_t rows, int64_t Dp, const void* k, int64_t ldk, int64_t nk,
+                         float* s, int64_t ld) {
+  int64_t r0 = 0;
+  for (; r0 + kDotRows <= rows; r0 += kDotRows)
+    dot_rows<kDotRows, DT>(q + r0 * Dp, Dp, k, ldk, nk, s + r0 * ld, ld);
+  for (; r0 < rows; ++r0) dot_rows<1, DT>(q + r0 * Dp, Dp, k, ldk, nk, s + r0 * ld, ld);
 }
 
 static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
@@ -399,8 +421,9 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
   const int64_t G = p.Hq / p.Hkv, rows = G * p.Sq;
   const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
   const int64_t esz = elem_size(p.dtype);
-  // K and V are read in place when they are fp32 rows of whole vectors, else packed per tile.
-  const bool k_direct = p.dtype == kF32 && p.D % W == 0;
+  // K is read in place (converted on the fly) when its rows are whole vectors, else packed
+  // per tile; V likewise when fp32 (the GEMM's B operand is fp32).
+  const bool k_direct = p.D % W == 0;
   const bool v_direct = p.dtype == kF32 && p.Dv % W == 0;
   // Rows share one mask row when the mask varies along neither heads nor queries.
   const bool shared_mask = p.mask.ptr && p.mask.sh == 0 && p.mask.sq == 0;
@@ -431,21 +454,20 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
         }
       }
       if (!any) continue;
-      const float* kt;
-      int64_t ldk;
       const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
       if (k_direct) {
-        kt = reinterpret_cast<const float*>(kbase), ldk = p.k.ss;
+        switch (p.dtype) {
+          case kF32: dot_all_rows<kF32>(qs.p, rows, Dp, kbase, p.k.ss, nk, s.p, BK); break;
+          case kBF16: dot_all_rows<kBF16>(qs.p, rows, Dp, kbase, p.k.ss, nk, s.p, BK); break;
+          default: dot_all_rows<kF16>(qs.p, rows, Dp, kbase, p.k.ss, nk, s.p, BK); break;
+        }
       } else {
         for (int64_t j = 0; j < nk; ++j) {
           load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, kp.p + j * Dp, 1.f);
           fill(kp.p + j * Dp + p.D, Dp - p.D, 0.f);
         }
-        kt = kp.p, ldk = Dp;
+        dot_all_rows<kF32>(qs.p, rows, Dp, kp.p, Dp, nk, s.p, BK);
       }
-      int64_t r0 = 0;
-      for (; r0 + 2 <= rows; r0 += 2) dot_rows<2>(qs.p + r0 * Dp, Dp, kt, ldk, nk, s.p + r0 * BK, BK);
-      if (r0 < rows) dot_rows<1>(qs.p + r0 * Dp, Dp, kt, ldk, nk, s.p + r0 * BK, BK);
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = s.p + r * BK;
         if (p.mask.ptr) {
