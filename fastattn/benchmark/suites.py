@@ -201,6 +201,8 @@ TARGET_CASES = (
     ("causal-bf16", (1, 12, 2048, 64), torch.bfloat16, True, "none", False),
     ("head128", (2, 8, 1024, 128), torch.float32, False, "none", True),
 )
+# One KV-cache generation step (name, (B, H, Sq, Sk, D)), fp32 forward: reported, no target.
+DECODE_CASE = ("decode", (4, 12, 1, 2000, 64))
 # One fp32 forward, no mask, where eager's S x S scores take GBs: peak memory, one timed run.
 MEMORY_CASE = ("memory", (1, 8, 8192, 64))
 MEMORY_BOUND_BYTES = 100e6
@@ -234,6 +236,12 @@ def _targets_suite(device, scale):
             without_eager = [impl for impl in case.impls if impl.name != "eager"]
             cases += [dataclasses.replace(case, passes=(FWD,)),
                       dataclasses.replace(case, passes=(FWD_BWD,), impls=without_eager)]
+    name, (batch, heads, seq_q, seq_k, head_dim) = DECODE_CASE
+    if scale == "tiny":
+        batch, heads, seq_k, head_dim = 1, 2, seq_k // 16, head_dim // 4
+    case = _attention_case("targets", device, torch.float32, batch, heads, seq_q, seq_k, head_dim, False, "none",
+                           f"{name} {_shape_label(batch, heads, seq_q, seq_k, head_dim)}")
+    cases.append(dataclasses.replace(case, series=name, passes=(FWD,)))
     name, shape = MEMORY_CASE
     batch, heads, seq, head_dim = _target_shape(shape, scale)
     case = _attention_case("targets", device, torch.float32, batch, heads, seq, seq, head_dim, False, "none",
