@@ -187,6 +187,10 @@ DECODE_CASES = [
     (2, 4, 4, 2, 513, 96, 96, BF16, NONE, "add_heads", True),
     (1, 6, 3, 8, 129, 32, 32, F32, NONE, "bool_query_col", False),
     (1, 2, 1, 3, 2, 64, 64, F32, BOTTOM_RIGHT, "add_rows_f32", False),  # Sk < Sq: early rows see nothing
+    # One (batch, kv head) pair: keys split over the threads, partial outputs merged.
+    (1, 4, 1, 1, 1500, 64, 64, F32, NONE, "key_padding", False),  # all -inf in every split
+    (1, 2, 1, 3, 1200, 128, 128, BF16, BOTTOM_RIGHT, "add_full", True),
+    (2, 1, 1, 5, 900, 64, 32, F16, TOP_LEFT, None, False),  # top-left: later splits see nothing
 ]
 
 

@@ -431,8 +431,11 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
       visible(rows), kp(BK * Dp), vp(BK * Dvp);
   // Last key each query sees (+1) under the causal rule.
   const int64_t kend_all = p.causal ? max64(0, min64(p.Sk, p.Sq + off)) : p.Sk;
+  const int64_t nkb = ceil_div(kend_all, BK);
   for (int64_t it = begin; it < end; it += stride) {
-    const int64_t hkv = it % p.Hkv, b = it / p.Hkv;
+    const int64_t c = it % p.nsplit, pair = it / p.nsplit;  // split c: key blocks [kb0, kb1)
+    const int64_t hkv = pair % p.Hkv, b = pair / p.Hkv;
+    const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale and log2(e) folded in
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
       load_row(at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + i * p.q.ss, p.dtype), p.dtype, p.D,
@@ -442,7 +445,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     fill(mvec.p, rows, kLowest);  // finite, so that m_old - m_new is never inf - inf
     fill(lvec.p, rows, 0.f);
     fill(o.p, rows * Dvp, 0.f);
-    for (int64_t k0 = 0; k0 < kend_all; k0 += BK) {
+    for (int64_t k0 = kb0 * BK; k0 < kb1 * BK; k0 += BK) {
       const int64_t nk = min64(BK, kend_all - k0);
       bool any = true;
       if (p.mask.ptr) {  // bias rows in base 2; a tile no row sees is skipped (key padding)
@@ -507,15 +510,19 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
-      char* orow = static_cast<char*>(p.out) + ((b * p.Hq + hq) * p.Sq + i) * p.Dv * esz;
-      float* lse = p.lse + (b * p.Hq + hq) * p.Sq + i;
+      const int64_t at = (b * p.Hq + hq) * p.Sq + i;
+      // One split: fp32 partial output and lse at split c, merged by the caller.
+      char* orow = p.nsplit == 1 ? static_cast<char*>(p.out) + at * p.Dv * esz
+                                 : reinterpret_cast<char*>(p.out_partial + (c * p.B * p.Hq * p.Sq + at) * p.Dv);
+      const int odtype = p.nsplit == 1 ? p.dtype : int(kF32);
+      float* lse = p.nsplit == 1 ? p.lse + at : p.lse_partial + c * p.B * p.Hq * p.Sq + at;
       const float l = lvec.p[r];
       if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
         fill(o.p + r * Dvp, p.Dv, 0.f);
-        store_row(orow, p.dtype, p.Dv, o.p + r * Dvp, 1.f);
+        store_row(orow, odtype, p.Dv, o.p + r * Dvp, 1.f);
         *lse = -kInf;
       } else {
-        store_row(orow, p.dtype, p.Dv, o.p + r * Dvp, 1.f / l);
+        store_row(orow, odtype, p.Dv, o.p + r * Dvp, 1.f / l);
         *lse = (mvec.p[r] + std::log2(l)) * kLn2;
       }
     }
@@ -704,5 +711,5 @@ static void softmax_bwd(const SoftmaxBwdParams& p, int64_t row_begin, int64_t ro
 }
 
 static const KernelTable kTable = {
-    kIsaName, kFwdBQ, kBwdBK, attn_fwd, attn_fwd_rows, attn_bwd, softmax_fwd, softmax_bwd,
+    kIsaName, kFwdBQ, kDecBK, kBwdBK, attn_fwd, attn_fwd_rows, attn_bwd, softmax_fwd, softmax_bwd,
 };
