@@ -176,7 +176,7 @@ def test_attention_forward_backward(case, isa):
         assert dmask.shape == (0,)
 
 
-# Decode shapes (Sq <= 8): the row-wise forward, all query heads of a kv group per item.
+# Few queries (Sq <= 16: decode, speculative decoding): the row-wise forward, all query heads of a kv group per item.
 # (B, Hq, Hkv, Sq, Sk, D, Dv, dtype, causal, mask kind, transposed inputs)
 DECODE_CASES = [
     (4, 12, 12, 1, 200, 64, 64, F32, NONE, None, False),
@@ -186,6 +186,7 @@ DECODE_CASES = [
     (1, 4, 2, 5, 300, 80, 64, F16, TOP_LEFT, "bool_full", False),  # rows that see nothing
     (2, 4, 4, 2, 513, 96, 96, BF16, NONE, "add_heads", True),
     (1, 6, 3, 8, 129, 32, 32, F32, NONE, "bool_query_col", False),
+    (1, 4, 2, 16, 700, 64, 64, F32, BOTTOM_RIGHT, "bool_full", False),  # the largest Sq of the path
     (1, 2, 1, 3, 2, 64, 64, F32, BOTTOM_RIGHT, "add_rows_f32", False),  # Sk < Sq: early rows see nothing
     # One (batch, kv head) pair: keys split over the threads, partial outputs merged.
     (1, 4, 1, 1, 1500, 64, 64, F32, NONE, "key_padding", False),  # all -inf in every split

@@ -109,7 +109,7 @@ void run_items(int64_t n, const F& f) {
 
 // Up to this many queries per head the forward takes the row-wise (decode) kernel: the
 // query-lane layout would leave most vector lanes empty.
-constexpr int64_t kFewQueries = 8;
+constexpr int64_t kFewQueries = 16;
 
 struct AttnShapes {
   int64_t B, Hq, Hkv, Sq, Sk, D, Dv;
