@@ -350,10 +350,11 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
 
 // ---------------------------------------------------------------- attention forward, few queries
 // Decode shapes (a few queries against many keys) waste the query lanes of the layout above.
-// Here a work item is (batch, kv head) and its rows are the G x Sq (query head, query) pairs of
-// the group, which share every K/V tile (flash-decoding's grouping); scores S = Q K^T are dot
-// products along the head dim (keys read in place when fp32), the online softmax runs along
-// each row of keys, and O += P V uses the GEMM micro-kernel with V's rows as the B operand.
+// Here a work item is (batch, kv head, key split) and its rows are the G x Sq (query head,
+// query) pairs of the group, which share every K/V tile (flash-decoding's grouping); scores
+// S = Q K^T are dot products along the head dim (keys read in place, converted on the fly),
+// the online softmax runs along each row of keys, and O += P V uses the GEMM micro-kernel
+// with V's rows as the B operand.
 static constexpr int64_t kDecBK = 128;  // keys per tile (multiple of every W)
 
 // Vector i (elements [i, i + W)) of a row of dtype DT, as fp32.
