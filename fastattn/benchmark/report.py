@@ -231,7 +231,8 @@ def run_metadata(device, scale, suites, unavailable):
     meta = {
         "schema": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.orig_argv),
+        # the interpreter by name only: the record describes the run, not this machine's paths
+        "command": shlex.join([os.path.basename(sys.orig_argv[0])] + sys.orig_argv[1:]),
         "scale": scale,
         "suites": list(suites),
         "unavailable": unavailable,
