@@ -45,7 +45,7 @@ def check_backend_name(name, argument="backend"):
 
 def _triton_interpreted():
     # What Triton decided when it was imported; the variable may have changed since.
-    return ops.triton_backend is not None and getattr(ops.triton_backend, "INTERPRET", False)
+    return ops.triton_backend.INTERPRET
 
 
 def _has_kernel(dispatch_key):

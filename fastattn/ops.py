@@ -17,15 +17,10 @@ except ImportError as error:  # pure-Python install: the reference backend still
 else:
     C_IMPORT_ERROR = None
 
-try:  # registers the Triton ops when triton imports
-    from . import triton as triton_backend
-except ImportError as error:
-    triton_backend = None
-    TRITON_IMPORT_ERROR = f"fastattn.triton failed to import ({error})"
-else:
-    TRITON_IMPORT_ERROR = None if getattr(triton_backend, "AVAILABLE", False) else getattr(
-        triton_backend, "UNAVAILABLE_REASON", "fastattn.triton has no kernels"
-    )
+# Registers the Triton ops when triton imports; otherwise says why not.
+from . import triton as triton_backend
+
+TRITON_IMPORT_ERROR = triton_backend.UNAVAILABLE_REASON
 
 
 # ----------------------------------------------------------------------------- argument checks
