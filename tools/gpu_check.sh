@@ -13,7 +13,7 @@
 # Logs and JSON land in $OUT (default ./gpu_check_out); a summary table is printed last.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
+export OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 STEPS=("$@")
