@@ -182,7 +182,6 @@ step_bench() {
   fi
 }
 
-export OUT
 for s in "${STEPS[@]}"; do
   case "$s" in
     versions | build | ptxas | test | sanitize | bench) "step_$s" ;;
