@@ -95,6 +95,11 @@ ATTENTION_CASES = [
     (2, 4, 4, 128, 128, 64, 64, BF16, TOP_LEFT, "add_full", False),
     (1, 2, 2, 113, 203, 40, 80, F32, TOP_LEFT, "bool_query_col", True),
     (1, 1, 1, 1023, 1024, 64, 64, F32, TOP_LEFT, "key_padding", False),
+    # Query blocks narrower than 64 lanes (fwd_block_q): one short block, and several blocks
+    # whose last one is partial.
+    (1, 4, 2, 17, 300, 64, 64, F32, BOTTOM_RIGHT, "add_full", False),
+    (2, 2, 1, 70, 150, 48, 48, BF16, TOP_LEFT, "bool_full", True),
+    (1, 2, 2, 150, 97, 64, 64, F32, BOTTOM_RIGHT, "key_padding", False),
 ]
 
 

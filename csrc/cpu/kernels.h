@@ -237,7 +237,14 @@ static inline int64_t causal_offset(int causal, int64_t sq, int64_t sk) {
 //   S^T = K Q^T (keys x queries), so that the online softmax (running max m, running sum l,
 //   rescale factor alpha) runs along vectors of queries without horizontal reductions, then
 //   O += P V with P^T read as a column-major A operand.
-static constexpr int64_t kFwdBQ = 64;  // queries per work item (multiple of every W)
+static constexpr int64_t kFwdBQ = 64;  // most queries per work item (multiple of every W)
+
+// Queries per block for Sq queries: as many blocks as kFwdBQ gives (the caller counts items
+// that way), each as small as whole vectors allow, so that a short query range does not pay
+// for kFwdBQ lanes (17 queries take 32 lanes with W = 16, not 64).
+static inline int64_t fwd_block_q(int64_t Sq) {
+  return round_up(ceil_div(Sq, ceil_div(Sq, kFwdBQ)), W);
+}
 static constexpr int64_t kFwdBK = 64;  // keys per tile
 
 // Masks and the causal rule on an S^T tile (nk keys x BQ queries; only the first mq queries
@@ -262,7 +269,7 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
 }
 
 static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
-  const int64_t BQ = kFwdBQ, BK = kFwdBK;
+  const int64_t BQ = fwd_block_q(p.Sq), BK = kFwdBK;
   const int64_t Dvp = round_up(p.Dv, W);
   const int64_t G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
