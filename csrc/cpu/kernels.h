@@ -555,8 +555,11 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
   const int64_t esz = elem_size(p.dtype);
   const int64_t max_chunk_keys = ceil_div(nkb, p.nchunks) * BK;
-  Scratch qt(Dp * Sqp), qr(Sqp * Dp), dot(Dvp * Sqp), dor(Sqp * Dvp), delta(Sqp), lse(Sqp),
-      dqt(Dp * Sqp);
+  // Leading dim of the transposed (dim x query) buffers: padded past Sqp, as a power-of-two
+  // row pitch (Sq = 1024: 4 KiB) maps every row of a tile to the same L1 sets.
+  const int64_t ldt = Sqp + 16;
+  Scratch qt(Dp * ldt), qr(Sqp * Dp), dot(Dvp * ldt), dor(Sqp * Dvp), delta(Sqp), lse(Sqp),
+      dqt(Dp * ldt);
   Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
@@ -578,11 +581,11 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         float* qrow = qr.p + i * Dp;
         load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, qrow, 1.f);
         fill(qrow + p.D, Dp - p.D, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[d * Sqp + i] = qrow[d] * (p.scale * kLog2e);
+        for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = qrow[d] * (p.scale * kLog2e);
         float* dorow = dor.p + i * Dvp;
         load_row(dobase + i * p.dout.ss * esz, p.dtype, p.Dv, dorow, 1.f);
         fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
-        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * Sqp + i] = dorow[d];
+        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = dorow[d];
         load_row(obase + i * p.out.ss * esz, p.dtype, p.Dv, row2.p, 1.f);
         fill(row2.p + p.Dv, Dvp - p.Dv, 0.f);
         R acc = Vec::zero();
@@ -596,12 +599,12 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       for (int64_t i = p.Sq; i < Sqp; ++i) {
         fill(qr.p + i * Dp, Dp, 0.f);
         fill(dor.p + i * Dvp, Dvp, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[d * Sqp + i] = 0.f;
-        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * Sqp + i] = 0.f;
+        for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = 0.f;
         delta.p[i] = 0.f;
         lse.p[i] = kInf;
       }
-      fill(dqt.p, p.D * Sqp, 0.f);
+      fill(dqt.p, p.D * ldt, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t k0 = kb * BK, nk = min64(BK, p.Sk - k0);
         const int64_t qstart = p.causal ? max64(0, k0 - off) : 0;  // first query seeing key k0
@@ -619,8 +622,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
           bool per_query = false;
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
-          gemm(kr.p, Dp, qt.p + q0, Sqp, st.p, BQ, nk, BQ / W, p.D, false);
-          gemm(vr.p, Dvp, dot.p + q0, Sqp, dst.p, BQ, nk, BQ / W, p.Dv, false);
+          gemm(kr.p, Dp, qt.p + q0, ldt, st.p, BQ, nk, BQ / W, p.D, false);
+          gemm(vr.p, Dvp, dot.p + q0, ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
           mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
                         k0 - off - q0);
           for (int64_t j = 0; j < nk; ++j) {
@@ -640,12 +643,12 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           }
           gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
           gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
-          gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + q0, Sqp, p.D, BQ / W, nk, true);
+          gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + q0, ldt, p.D, BQ / W, nk, true);
         }
       }
       // dq of this head (transposed back); chunked items write unscaled fp32 partials.
       for (int64_t i = 0; i < p.Sq; ++i) {
-        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqt.p[d * Sqp + i];
+        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqt.p[d * ldt + i];
         if (p.nchunks == 1) {
           char* dq = static_cast<char*>(p.dq) + (((b * p.Hq + hq) * p.Sq) + i) * p.D * esz;
           store_row(dq, p.dtype, p.D, row.p, p.scale);
