@@ -100,6 +100,10 @@ ATTENTION_CASES = [
     (1, 4, 2, 17, 300, 64, 64, F32, BOTTOM_RIGHT, "add_full", False),
     (2, 2, 1, 70, 150, 48, 48, BF16, TOP_LEFT, "bool_full", True),
     (1, 2, 2, 150, 97, 64, 64, F32, BOTTOM_RIGHT, "key_padding", False),
+    # One or two work items: keys split over the threads, partial outputs merged.
+    (1, 1, 1, 100, 700, 64, 64, F32, NONE, "add_full", False),
+    (1, 1, 1, 40, 600, 32, 32, BF16, TOP_LEFT, None, True),  # later splits see nothing
+    (2, 1, 1, 20, 400, 64, 64, F16, BOTTOM_RIGHT, "key_padding", False),  # batch 0 sees nothing
 ]
 
 

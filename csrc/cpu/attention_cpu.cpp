@@ -160,31 +160,32 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::T
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const KernelTable& kt = kernels();
-  if (s.Sq <= kFewQueries) {  // decode: vectorise along keys, items (batch, kv head, key split)
-    // With fewer (batch, kv head) pairs than twice the threads, keys are split too (at least
-    // two tiles per split); the partial outputs are merged by their lse in a fixed order.
-    const int64_t pairs = s.B * s.Hkv;
-    const int64_t tiles = (s.Sk + kt.rows_block_k - 1) / kt.rows_block_k;
-    const int64_t threads = at::get_num_threads();
-    p.nsplit = pairs >= 2 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(tiles / 2, (2 * threads + pairs - 1) / pairs));
-    at::Tensor out_partial, lse_partial;
-    if (p.nsplit > 1) {
-      out_partial = at::empty({p.nsplit, s.B, s.Hq, s.Sq, s.Dv}, q.options().dtype(at::kFloat));
-      lse_partial = at::empty({p.nsplit, s.B, s.Hq, s.Sq}, q.options().dtype(at::kFloat));
-      p.out_partial = out_partial.data_ptr<float>();
-      p.lse_partial = lse_partial.data_ptr<float>();
-    }
-    run_items(pairs * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_fwd_rows(p, t, n, stride); });
-    if (p.nsplit > 1) {
-      lse.copy_(lse_partial.logsumexp(0));
-      // Weight of each split; rows that see no key anywhere (lse -inf) get weight 0, not NaN.
-      at::Tensor w = (lse_partial - lse.unsqueeze(0)).exp_().nan_to_num_(0.0);
-      out.copy_((out_partial * w.unsqueeze(-1)).sum(0));
-    }
-    return {out, lse};
+  // Few queries (decode): vectorise along keys, items (batch, kv head, key split); else
+  // queries in vector lanes, items (batch, query head, query block, key split).
+  const bool few = s.Sq <= kFewQueries;
+  const int64_t items = few ? s.B * s.Hkv : s.B * s.Hq * ((s.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
+  const int64_t block_k = few ? kt.rows_block_k : kt.fwd_block_k;
+  // With fewer items than twice the threads, keys are split too (at least two blocks per
+  // split); the partial outputs are merged by their lse in a fixed order.
+  const int64_t blocks = (s.Sk + block_k - 1) / block_k;
+  const int64_t threads = at::get_num_threads();
+  p.nsplit = items >= 2 * threads ? 1
+                                  : std::max<int64_t>(1, std::min<int64_t>(blocks / 2, (2 * threads + items - 1) / items));
+  at::Tensor out_partial, lse_partial;
+  if (p.nsplit > 1) {
+    out_partial = at::empty({p.nsplit, s.B, s.Hq, s.Sq, s.Dv}, q.options().dtype(at::kFloat));
+    lse_partial = at::empty({p.nsplit, s.B, s.Hq, s.Sq}, q.options().dtype(at::kFloat));
+    p.out_partial = out_partial.data_ptr<float>();
+    p.lse_partial = lse_partial.data_ptr<float>();
   }
-  const int64_t items = s.B * s.Hq * ((s.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
-  run_items(items, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_fwd(p, t, n, stride); });
+  const auto kernel = few ? kt.attn_fwd_rows : kt.attn_fwd;
+  run_items(items * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kernel(p, t, n, stride); });
+  if (p.nsplit > 1) {
+    lse.copy_(lse_partial.logsumexp(0));
+    // Weight of each split; rows that see no key anywhere (lse -inf) get weight 0, not NaN.
+    at::Tensor w = (lse_partial - lse.unsqueeze(0)).exp_().nan_to_num_(0.0);
+    out.copy_((out_partial * w.unsqueeze(-1)).sum(0));
+  }
   return {out, lse};
 }
 

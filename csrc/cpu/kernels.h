@@ -268,6 +268,25 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
   }
 }
 
+// Output row `at` (flat (b, hq, i)) of key split c from its unnormalised accumulator o (Dvp
+// long, clobbered), running max m (base 2) and sum l. With one split it goes to out and lse;
+// else as a normalised fp32 partial and its lse, merged by the caller.
+static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t at, float* o, float m, float l) {
+  const bool whole = p.nsplit == 1;
+  char* orow = whole ? static_cast<char*>(p.out) + at * p.Dv * elem_size(p.dtype)
+                     : reinterpret_cast<char*>(p.out_partial + (c * p.B * p.Hq * p.Sq + at) * p.Dv);
+  const int odtype = whole ? p.dtype : int(kF32);
+  float* lse = whole ? p.lse + at : p.lse_partial + c * p.B * p.Hq * p.Sq + at;
+  if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
+    fill(o, p.Dv, 0.f);
+    store_row(orow, odtype, p.Dv, o, 1.f);
+    *lse = -kInf;
+  } else {
+    store_row(orow, odtype, p.Dv, o, 1.f / l);
+    *lse = (m + std::log2(l)) * kLn2;
+  }
+}
+
 static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
   const int64_t BQ = fwd_block_q(p.Sq), BK = kFwdBK;
   const int64_t Dvp = round_up(p.Dv, W);
@@ -281,8 +300,11 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   int64_t current = -1;
   for (int64_t it = begin; it < end; it += stride) {
-    const int64_t qb = it % nqb;
-    int64_t rest = it / nqb;
+    const int64_t c = it % p.nsplit;  // split c: key blocks [kb0, kb1)
+    const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
+    int64_t rest = it / p.nsplit;
+    const int64_t qb = rest % nqb;
+    rest /= nqb;
     const int64_t g = rest % G;
     rest /= G;
     const int64_t hkv = rest % p.Hkv, b = rest / p.Hkv, hq = hkv * G + g;
@@ -300,8 +322,8 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     fill(mvec.p, BQ, kLowest);  // finite, so that m_old - m_new is never inf - inf
     fill(lvec.p, BQ, 0.f);
     fill(o.p, mq * Dvp, 0.f);
-    const int64_t kend = p.causal ? min64(p.Sk, q0 + mq + off) : p.Sk;
-    for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+    const int64_t kend = min64(kb1 * BK, p.causal ? min64(p.Sk, q0 + mq + off) : p.Sk);
+    for (int64_t k0 = kb0 * BK; k0 < kend; k0 += BK) {
       const int64_t kb = k0 / BK, nk = min64(BK, p.Sk - k0);
       bool per_query = false;
       if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
@@ -339,19 +361,8 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
         if (alpha.p[i] != 1.f) scale_row(o.p + i * Dvp, Dvp, alpha.p[i]);
       gemm<true>(st.p, BQ, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
     }
-    char* obase = static_cast<char*>(p.out) + ((b * p.Hq + hq) * p.Sq + q0) * p.Dv * esz;
-    float* lse = p.lse + (b * p.Hq + hq) * p.Sq + q0;
-    for (int64_t i = 0; i < mq; ++i) {
-      const float l = lvec.p[i];
-      if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
-        fill(o.p + i * Dvp, p.Dv, 0.f);
-        store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f);
-        lse[i] = -kInf;
-      } else {
-        store_row(obase + i * p.Dv * esz, p.dtype, p.Dv, o.p + i * Dvp, 1.f / l);
-        lse[i] = (mvec.p[i] + std::log2(l)) * kLn2;
-      }
-    }
+    for (int64_t i = 0; i < mq; ++i)
+      store_fwd_row(p, c, (b * p.Hq + hq) * p.Sq + q0 + i, o.p + i * Dvp, mvec.p[i], lvec.p[i]);
   }
 }
 
@@ -518,21 +529,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
-      const int64_t at = (b * p.Hq + hq) * p.Sq + i;
-      // One split: fp32 partial output and lse at split c, merged by the caller.
-      char* orow = p.nsplit == 1 ? static_cast<char*>(p.out) + at * p.Dv * esz
-                                 : reinterpret_cast<char*>(p.out_partial + (c * p.B * p.Hq * p.Sq + at) * p.Dv);
-      const int odtype = p.nsplit == 1 ? p.dtype : int(kF32);
-      float* lse = p.nsplit == 1 ? p.lse + at : p.lse_partial + c * p.B * p.Hq * p.Sq + at;
-      const float l = lvec.p[r];
-      if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
-        fill(o.p + r * Dvp, p.Dv, 0.f);
-        store_row(orow, odtype, p.Dv, o.p + r * Dvp, 1.f);
-        *lse = -kInf;
-      } else {
-        store_row(orow, odtype, p.Dv, o.p + r * Dvp, 1.f / l);
-        *lse = (mvec.p[r] + std::log2(l)) * kLn2;
-      }
+      store_fwd_row(p, c, (b * p.Hq + hq) * p.Sq + i, o.p + r * Dvp, mvec.p[r], lvec.p[r]);
     }
   }
 }
@@ -722,5 +719,5 @@ static void softmax_bwd(const SoftmaxBwdParams& p, int64_t row_begin, int64_t ro
 }
 
 static const KernelTable kTable = {
-    kIsaName, kFwdBQ, kDecBK, kBwdBK, attn_fwd, attn_fwd_rows, attn_bwd, softmax_fwd, softmax_bwd,
+    kIsaName, kFwdBQ, kFwdBK, kDecBK, kBwdBK, attn_fwd, attn_fwd_rows, attn_bwd, softmax_fwd, softmax_bwd,
 };

@@ -31,7 +31,8 @@ struct AttnFwdParams {
   int causal = 0;
   void* out = nullptr;  // contiguous (B, Hq, Sq, Dv), dtype
   float* lse = nullptr;  // contiguous (B, Hq, Sq)
-  // Few-query kernel only: keys split into nsplit ranges; with nsplit > 1 each writes its
+  // Keys split into nsplit ranges of key blocks (work items per query block, or per (batch,
+  // kv head) in the few-query kernel); with nsplit > 1 each writes its
   // normalised fp32 output and lse here (contiguous (nsplit, B, Hq, Sq, Dv) and
   // (nsplit, B, Hq, Sq)) instead of out and lse, for the caller to merge.
   int64_t nsplit = 1;
@@ -78,7 +79,8 @@ struct SoftmaxBwdParams {
 // balanced across threads).
 struct KernelTable {
   const char* name;
-  int64_t fwd_block_q;  // queries per forward work item
+  int64_t fwd_block_q;  // most queries per forward work item
+  int64_t fwd_block_k;  // keys per forward block
   int64_t rows_block_k;  // keys per tile of the few-query forward
   int64_t bwd_block_k;  // keys per backward block
   void (*attn_fwd)(const AttnFwdParams&, int64_t begin, int64_t end, int64_t stride);
