@@ -409,9 +409,7 @@ static void dot_rows(const float* q, int64_t Dp, const void* k, int64_t ldk, int
       }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) s[r * ld + j + c] = Vec::hsum(acc[r][c]);
+    for (int r = 0; r < RB; ++r) Vec::hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s + r * ld + j);
   }
   for (; j < nk; ++j) {
     for (int r = 0; r < RB; ++r) {

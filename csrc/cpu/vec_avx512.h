@@ -17,6 +17,15 @@ struct Vec {
   static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
   static inline float hsum(R x) { return _mm512_reduce_add_ps(x); }
   static inline float hmax(R x) { return _mm512_reduce_max_ps(x); }
+  // out[0..3] = hsum(a), hsum(b), hsum(c), hsum(d): the four reductions share their shuffles.
+  static inline void hsum4(R a, R b, R c, R d, float* out) {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], likewise c/d, then [a, b, c, d] partials.
+    const R ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const R cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const R x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1)));
+  }
 
   // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 for x <= -125,
   // including -inf. Those lanes are zeroed by mask rather than by underflow: results that

@@ -47,6 +47,9 @@ struct Vec {
     for (int i = 0; i < W; ++i) s += x.v[i];
     return s;
   }
+  static inline void hsum4(R a, R b, R c, R d, float* out) {
+    out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+  }
   static inline float hmax(R x) {
     float m = x.v[0];
     for (int i = 1; i < W; ++i) m = x.v[i] > m ? x.v[i] : m;
