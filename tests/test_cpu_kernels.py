@@ -97,13 +97,13 @@ ATTENTION_CASES = [
     (1, 1, 1, 1023, 1024, 64, 64, F32, TOP_LEFT, "key_padding", False),
     # Query blocks narrower than 64 lanes (fwd_block_q): one short block, and several blocks
     # whose last one is partial.
-    (1, 4, 2, 17, 300, 64, 64, F32, BOTTOM_RIGHT, "add_full", False),
+    (1, 4, 2, 40, 300, 64, 64, F32, BOTTOM_RIGHT, "add_full", False),
     (2, 2, 1, 70, 150, 48, 48, BF16, TOP_LEFT, "bool_full", True),
     (1, 2, 2, 150, 97, 64, 64, F32, BOTTOM_RIGHT, "key_padding", False),
     # One or two work items: keys split over the threads, partial outputs merged.
     (1, 1, 1, 100, 700, 64, 64, F32, NONE, "add_full", False),
     (1, 1, 1, 40, 600, 32, 32, BF16, TOP_LEFT, None, True),  # later splits see nothing
-    (2, 1, 1, 20, 400, 64, 64, F16, BOTTOM_RIGHT, "key_padding", False),  # batch 0 sees nothing
+    (2, 1, 1, 36, 400, 64, 64, F16, BOTTOM_RIGHT, "key_padding", False),  # batch 0 sees nothing
 ]
 
 
@@ -185,7 +185,7 @@ def test_attention_forward_backward(case, isa):
         assert dmask.shape == (0,)
 
 
-# Few queries (Sq <= 16: decode, speculative decoding): the row-wise forward, all query heads of a kv group per item.
+# Few queries (Sq <= 32: decode, speculative decoding, short prompts): the row-wise forward, all query heads of a kv group per item.
 # (B, Hq, Hkv, Sq, Sk, D, Dv, dtype, causal, mask kind, transposed inputs)
 DECODE_CASES = [
     (4, 12, 12, 1, 200, 64, 64, F32, NONE, None, False),
@@ -195,7 +195,9 @@ DECODE_CASES = [
     (1, 4, 2, 5, 300, 80, 64, F16, TOP_LEFT, "bool_full", False),  # rows that see nothing
     (2, 4, 4, 2, 513, 96, 96, BF16, NONE, "add_heads", True),
     (1, 6, 3, 8, 129, 32, 32, F32, NONE, "bool_query_col", False),
-    (1, 4, 2, 16, 700, 64, 64, F32, BOTTOM_RIGHT, "bool_full", False),  # the largest Sq of the path
+    (1, 4, 2, 16, 700, 64, 64, F32, BOTTOM_RIGHT, "bool_full", False),
+    (2, 4, 1, 25, 300, 128, 128, BF16, TOP_LEFT, "add_full", True),
+    (1, 4, 2, 32, 700, 64, 64, F32, BOTTOM_RIGHT, "add_heads", False),  # the largest Sq of the path
     (1, 2, 1, 3, 2, 64, 64, F32, BOTTOM_RIGHT, "add_rows_f32", False),  # Sk < Sq: early rows see nothing
     # One (batch, kv head) pair: keys split over the threads, partial outputs merged.
     (1, 4, 1, 1, 1500, 64, 64, F32, NONE, "key_padding", False),  # all -inf in every split
