@@ -241,7 +241,7 @@ static constexpr int64_t kFwdBQ = 64;  // most queries per work item (multiple o
 
 // Queries per block for Sq queries: as many blocks as kFwdBQ gives (the caller counts items
 // that way), each as small as whole vectors allow, so that a short query range does not pay
-// for kFwdBQ lanes (17 queries take 32 lanes with W = 16, not 64).
+// for kFwdBQ lanes (40 queries take 48 lanes with W = 16, not 64).
 static inline int64_t fwd_block_q(int64_t Sq) {
   return round_up(ceil_div(Sq, ceil_div(Sq, kFwdBQ)), W);
 }
