@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from . import ops
+from . import cuda_support, ops
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Order for CUDA tensors: Triton first until GPU measurements say otherwise (see README).
@@ -88,36 +88,36 @@ def _device_reason(backend, device):
     return None
 
 
+def _common_reason(backend, t):
+    """Why `backend` cannot take tensors like `t` at all (build, device, dtype), or None."""
+    reason = build_status()[backend] or _device_reason(backend, t.device)
+    if reason is None and backend != "reference" and t.dtype not in _NATIVE_DTYPES:
+        reason = f"the {backend} backend takes float16, bfloat16 or float32, got {t.dtype}"
+    return reason
+
+
 def attention_reason(backend, q, k, v, mask, scale):
     """None if `backend` can run this attention call, else why not."""
-    reason = build_status()[backend] or _device_reason(backend, q.device)
-    if reason or backend == "reference":
+    reason = _common_reason(backend, q)
+    if reason is not None:
         return reason
-    if q.dtype not in _NATIVE_DTYPES:
-        return f"the {backend} backend takes float16, bfloat16 or float32, got {q.dtype}"
     if backend == "cpu" and max(q.shape[-1], v.shape[-1]) > 256:
         return f"the cpu backend supports head dims up to 256, got {q.shape[-1]} and {v.shape[-1]}"
     if backend == "triton":
         return ops.triton_backend.supports(q, k, v, mask)
     if backend == "cuda":
-        from . import cuda_support
-
         return cuda_support.supports(q, k, v, mask, scale=scale)
     return None
 
 
 def softmax_reason(backend, x, mask):
     """None if `backend` can run this fused softmax call, else why not."""
-    reason = build_status()[backend] or _device_reason(backend, x.device)
-    if reason or backend == "reference":
+    reason = _common_reason(backend, x)
+    if reason is not None:
         return reason
-    if x.dtype not in _NATIVE_DTYPES:
-        return f"the {backend} backend takes float16, bfloat16 or float32, got {x.dtype}"
     if backend == "triton":
         return ops.triton_backend.supports_softmax(x, mask)
     if backend == "cuda":
-        from . import cuda_support
-
         return cuda_support.supports_softmax(x, mask)
     return None
 
