@@ -137,6 +137,21 @@ AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, cons
   return s;
 }
 
+// The fields the forward and backward parameter structs share: inputs, shapes, mask, rule.
+template <class Params>
+void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const AttnShapes& s, const std::optional<at::Tensor>& mask, double scale,
+                          int64_t causal) {
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  p.dtype = dtype_code(q, "q");
+  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Sq = s.Sq, p.Sk = s.Sk, p.D = s.D, p.Dv = s.Dv;
+  p.mask = mask_view(mask, {s.B, s.Hq, s.Sq, s.Sk}, q.scalar_type());
+  p.scale = float(scale);
+  p.causal = int(causal);
+}
+
 std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                 double scale, int64_t causal) {
@@ -150,14 +165,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::T
     return {out, lse};
   }
   AttnFwdParams p;
-  p.q = view4(q);
-  p.k = view4(k);
-  p.v = view4(v);
-  p.dtype = dtype_code(q, "q");
-  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Sq = s.Sq, p.Sk = s.Sk, p.D = s.D, p.Dv = s.Dv;
-  p.mask = mask_view(mask, {s.B, s.Hq, s.Sq, s.Sk}, q.scalar_type());
-  p.scale = float(scale);
-  p.causal = int(causal);
+  set_attention_inputs(p, q, k, v, s, mask, scale, causal);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const KernelTable& kt = kernels();
@@ -219,18 +227,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   }
   const KernelTable& kt = kernels();
   AttnBwdParams p;
-  p.q = view4(q);
-  p.k = view4(k);
-  p.v = view4(v);
+  set_attention_inputs(p, q, k, v, s, mask, scale, causal);
   p.out = view4(out);
   p.dout = view4(grad_out);
   p.lse = lse.data_ptr<float>();
   p.lse_sb = lse.stride(0), p.lse_sh = lse.stride(1), p.lse_ss = lse.stride(2);
-  p.dtype = dtype_code(q, "q");
-  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Sq = s.Sq, p.Sk = s.Sk, p.D = s.D, p.Dv = s.Dv;
-  p.mask = mask_view(mask, {s.B, s.Hq, s.Sq, s.Sk}, q.scalar_type());
-  p.scale = float(scale);
-  p.causal = int(causal);
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
