@@ -57,17 +57,6 @@ def _mask(kind, B, Hq, Sq, Sk, dtype):
     return bias[:, None, None, :].expand(B, Hq, Sq, Sk)
 
 
-def _attention_in_dtype(q, k, v, mask, scale, causal):
-    """DESIGN.md's low-precision baseline: plain PyTorch attention whose matmuls, softmax and
-    autograd run in the inputs' dtype (reference.attention upcasts to fp32, which would make
-    a bf16 baseline as exact as fp32 and say nothing about bf16 rounding)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    probs, lse = reference._safe_softmax(reference._masked_scores(scores, mask, causal))
-    return torch.matmul(probs, v), lse.float()
-
-
 # (B, Hq, Hkv, Sq, Sk, D, Dv, causal, mask kind, dtype, strided inputs)
 ATTENTION_CASES = [
     (2, 4, 2, 113, 203, 40, 40, CAUSAL_NONE, None, torch.float32, True),
@@ -99,13 +88,13 @@ def test_attention_forward_backward(case):
     dq, dk, dv, dmask = OPS.triton_attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad)
 
     def run_reference(to_dtype):
-        attention = reference.attention if to_dtype == torch.float64 else _attention_in_dtype
         leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
         m = mask
         if mask_grad:  # gradient per element of the expanded mask, as the op returns it
             m = mask.detach().to(to_dtype).contiguous().requires_grad_()
             leaves.append(m)
-        o, l = attention(*leaves[:3], m, scale, causal)
+        # upcast=False: DESIGN.md's baseline computes in the inputs' dtype (float64: the truth)
+        o, l = reference.attention(*leaves[:3], m, scale, causal, upcast=False)
         o.backward(grad_out.to(to_dtype))
         return o, l, [t.grad for t in leaves]
 
