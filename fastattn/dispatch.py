@@ -11,7 +11,9 @@ for the process (environment variable FASTATTN_BACKEND). A forced backend that c
 call raises a ValueError saying why, instead of silently running another.
 """
 import contextlib
+import contextvars
 import os
+import threading
 
 import torch
 
@@ -22,20 +24,33 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 _NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# The backend forced by use_backend(); a plain module global so torch.compile can read it.
-_forced_backend = None
+# The backend forced by use_backend(), local to each thread and asyncio task.
+_forced_backend = contextvars.ContextVar("fastattn_forced_backend", default=None)
+# The same value per thread, for torch.compile: dynamo cannot read a ContextVar but reads (and
+# guards on) thread-local attributes, so a compiled function recompiles when it changes.
+_forced_in_thread = threading.local()
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Forces `name` for every fastattn call in this block (process-wide, not per thread)."""
-    global _forced_backend
+    """Forces `name` for every fastattn call in this block, in this thread or asyncio task
+    only (other threads and tasks keep their own choice)."""
     check_backend_name(name, "use_backend")
-    previous, _forced_backend = _forced_backend, name
+    token = _forced_backend.set(name)
+    previous_in_thread = getattr(_forced_in_thread, "name", None)
+    _forced_in_thread.name = name
     try:
         yield
     finally:
-        _forced_backend = previous
+        _forced_backend.reset(token)
+        _forced_in_thread.name = previous_in_thread
+
+
+def forced_backend():
+    """The backend use_backend() forces here, or None."""
+    if torch.compiler.is_compiling():
+        return getattr(_forced_in_thread, "name", None)
+    return _forced_backend.get()
 
 
 def check_backend_name(name, argument="backend"):
@@ -88,11 +103,21 @@ def _device_reason(backend, device):
     return None
 
 
+def _under_functorch(t):
+    # torch.func transforms wrap their inputs; dynamo cannot trace the check (and compiled
+    # code is not run under a transform), so it is skipped while compiling.
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _common_reason(backend, t):
     """Why `backend` cannot take tensors like `t` at all (build, device, dtype), or None."""
+    if backend == "reference":
+        return None
     reason = build_status()[backend] or _device_reason(backend, t.device)
-    if reason is None and backend != "reference" and t.dtype not in _NATIVE_DTYPES:
+    if reason is None and t.dtype not in _NATIVE_DTYPES:
         reason = f"the {backend} backend takes float16, bfloat16 or float32, got {t.dtype}"
+    if reason is None and _under_functorch(t):
+        reason = "torch.func transforms (grad, vmap, jacrev, ...) run on the reference backend: the fused ops have no functorch rules"
     return reason
 
 
@@ -125,7 +150,7 @@ def softmax_reason(backend, x, mask):
 def requested_backend(backend):
     """The backend the caller forced, if any: argument, then use_backend(), then FASTATTN_BACKEND."""
     check_backend_name(backend)
-    name = backend or _forced_backend or os.environ.get("FASTATTN_BACKEND") or None
+    name = backend or forced_backend() or os.environ.get("FASTATTN_BACKEND") or None
     check_backend_name(name, "FASTATTN_BACKEND")
     return name
 

@@ -1,4 +1,6 @@
 """The public functions: argument checks, backend choice, then one op call."""
+import math
+
 import torch
 
 from . import dispatch, ops, reference
@@ -12,16 +14,22 @@ def _ops_for(backend):
 def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if dropout_p > 0.0:
+        scale = reference.default_scale(q.shape[-1])
+    if dropout_p > 0.0 or _is_empty(q, k, v):
         # No fused dropout yet: the reference path applies it, also where a backend was forced
         # for a block or the process (use_backend, FASTATTN_BACKEND), so training still runs.
+        # Empty inputs have nothing to compute: the reference gives their (empty or zero)
+        # results and gradients in every shape.
         return reference.attention(q, k, v, mask, scale, causal, dropout_p)
     chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, mask, scale), q.device, backend)
     if chosen == "reference":
         return reference.attention(q, k, v, mask, scale, causal)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
     return _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+
+
+def _is_empty(*tensors):
+    return any(t.numel() == 0 for t in tensors)
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None):
@@ -54,8 +62,8 @@ def scaled_dot_product_attention(
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
     mask = ops.check_attention_inputs(query, key, value, attn_mask, enable_gqa=enable_gqa)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
     out, _ = _attention(query, key, value, mask, scale, causal, None, dropout_p)
     return out.squeeze(1) if squeeze else out
@@ -74,6 +82,8 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
         raise TypeError(f"x must be floating point, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim")
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d x, got {dim}")
     dim = dim % x.dim()
     if causal and (x.dim() < 2 or dim != x.dim() - 1):
         raise ValueError("causal=True needs x with (..., queries, keys) dims and dim=-1")
@@ -86,7 +96,7 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
     x4 = ops.last_dim_contiguous(_as_4d(x))
     mask4 = None if mask is None else _as_4d(mask)
     chosen = dispatch.choose(lambda name: dispatch.softmax_reason(name, x4, mask4), x.device, backend)
-    if chosen == "reference":
+    if chosen == "reference" or _is_empty(x4):
         y = reference.softmax(x4, mask4, scale, causal_code)
     else:
         y = _ops_for(chosen).softmax_fwd(x4, mask4, float(scale), causal_code)
@@ -98,4 +108,4 @@ def _as_4d(t):
     """(..., R, C) -> (B, H, R, C): pads leading dims with 1s or folds the extra ones."""
     if t.dim() <= 4:
         return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-    return t.reshape(-1, t.shape[-3], t.shape[-2], t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # not -1: ambiguous when empty

@@ -56,7 +56,7 @@ def check_attention_inputs(q, k, v, attn_mask, enable_gqa=True):
         raise ValueError(
             f"key and value must agree in heads and sequence length: key {tuple(k.shape)}, value {tuple(v.shape)}"
         )
-    if Hq % Hkv != 0:
+    if (Hq % Hkv != 0) if Hkv else Hq != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     if Hq != Hkv and not enable_gqa:
         raise ValueError(
@@ -83,7 +83,11 @@ def prepare_mask(mask, shape, like, name):
             raise RuntimeError
     except RuntimeError:
         raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}") from None
-    if mask.is_floating_point() and mask.dtype not in (torch.float32, like.dtype):
+    if mask.is_floating_point() and mask.requires_grad and mask.dtype in (torch.float16, torch.bfloat16):
+        # Its gradient is summed over the broadcast dims by the expand below: in float32, then
+        # rounded once, as a low-precision sum of many terms would lose digits.
+        mask = mask.float()
+    elif mask.is_floating_point() and mask.dtype not in (torch.float32, like.dtype):
         mask = mask.to(like.dtype)
     if mask.stride(-1) != 1 and mask.shape[-1] != 1:
         mask = mask.contiguous()
@@ -134,6 +138,24 @@ def _lse_gradient_terms(g_lse, q, k, mask, lse, scale, causal):
     return dq, dk, dscores
 
 
+def _differentiable_attention_backward(ctx, inputs, grad_out, grad_lse):
+    """The attention backward as plain differentiable ops (the reference recomputed under
+    autograd), for double backward: the fused backward kernels have no derivative of their own."""
+    q, k, v, mask = inputs
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:4]) if needed]
+    with torch.enable_grad():
+        out, lse = reference.attention(q, k, v, mask, ctx.scale, ctx.causal)
+        pairs = [(t, g) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
+        grads = torch.autograd.grad(
+            [t for t, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+    result = [None] * 6
+    for i, grad in zip(wanted, grads):
+        result[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return tuple(result)
+
+
 class OpFamily:
     """The four ops of one kernel family with autograd attached."""
 
@@ -159,6 +181,8 @@ class OpFamily:
 
     def _attention_backward(self, ctx, grad_out, grad_lse):
         q, k, v, mask, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
+            return _differentiable_attention_backward(ctx, (q, k, v, mask), grad_out, grad_lse)
         mask_grad = ctx.needs_input_grad[3]
         if grad_out is None:  # only the lse was used
             grad_out = torch.zeros_like(out)
@@ -179,7 +203,12 @@ class OpFamily:
 
     def _softmax_backward(self, ctx, grad_y):
         (y,) = ctx.saved_tensors
-        grad_scores = self.softmax_bwd(last_dim_contiguous(grad_y), y)  # d loss / d (scale*x + mask)
+        if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable ops
+            y32 = y.float()
+            grad_y32 = grad_y.float()
+            grad_scores = (y32 * (grad_y32 - (grad_y32 * y32).sum(-1, keepdim=True))).to(y.dtype)
+        else:
+            grad_scores = self.softmax_bwd(last_dim_contiguous(grad_y), y)  # d loss / d (scale*x + mask)
         grad_x = grad_scores * ctx.scale if ctx.needs_input_grad[0] else None
         grad_mask = grad_scores if ctx.needs_input_grad[1] else None
         return grad_x, grad_mask, None, None

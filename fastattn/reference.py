@@ -20,6 +20,11 @@ def causal_visibility(sq: int, sk: int, causal: int, device) -> torch.Tensor:
     return cols <= rows + offset
 
 
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(head_dim), SDPA's default; 1.0 for an empty head dim (the scores are all zero)."""
+    return head_dim**-0.5 if head_dim > 0 else 1.0
+
+
 def _masked_scores(scores, mask, causal):
     """Adds/applies `mask` and the causal rule to float scores (..., Sq, Sk)."""
     if mask is not None:
@@ -36,7 +41,10 @@ def _masked_scores(scores, mask, causal):
 def _safe_softmax(scores):
     """Softmax over the last dim that gives zeros (and zero gradients) for rows with no
     finite score, plus the natural-log sum-exp of each row (-inf for such rows)."""
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1] == 0:  # no keys at all: amax has nothing to reduce
+        row_max = scores.new_full(scores.shape[:-1] + (1,), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(row_max)
     row_max = torch.where(empty, torch.zeros_like(row_max), row_max).detach()
     exp = torch.exp(scores - row_max)
@@ -58,8 +66,8 @@ def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0,
     upcast=False computes in the input dtype: the low-precision baseline of the tests.
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
