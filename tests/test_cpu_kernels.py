@@ -1,5 +1,5 @@
 """The C++ CPU kernels (torch.ops.fastattn.* on CPU tensors) against the float64 reference,
-with DESIGN.md's rule: error <= 2 * error of the reference run in the kernel's dtype + eps.
+with the rule of docs/design.md: error <= 2 * error of the reference run in the kernel's dtype + eps.
 Every instruction-set variant this CPU can run is tested (FASTATTN_CPU_ISA)."""
 import math
 

@@ -1,4 +1,4 @@
-"""CUDA C++ kernels (csrc/cuda/) against the float64 reference, DESIGN.md's tolerance rule.
+"""CUDA C++ kernels (csrc/cuda/) against the float64 reference, the tolerance rule of docs/design.md.
 
 Skipped unless a CUDA device is present and fastattn._C was built with CUDA. The ops are
 called directly (torch.ops.fastattn.*) so that these tests exercise the CUDA kernels only.

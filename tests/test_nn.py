@@ -1,6 +1,6 @@
 """fastattn.nn against torch.nn: outputs, weights and gradients for every option of
 MultiheadAttention and the transformer layers, state-dict compatibility, convert(), and
-torch.compile. Errors are judged with DESIGN.md's rule: fastattn's float32 result may be at
+torch.compile. Errors are judged with the rule of docs/design.md: fastattn's float32 result may be at
 most twice as far from torch's float64 result as torch's own float32 result is."""
 import copy
 

@@ -1,4 +1,4 @@
-"""Triton backend: kernels against the float64 reference (DESIGN.md's tolerance rule), op
+"""Triton backend: kernels against the float64 reference (the tolerance rule of docs/design.md), op
 registration, and compilation for real GPUs. Without a CUDA device the kernels run on CPU
 tensors through the Triton interpreter (small shapes keep that quick)."""
 import os
@@ -93,7 +93,7 @@ def test_attention_forward_backward(case):
         if mask_grad:  # gradient per element of the expanded mask, as the op returns it
             m = mask.detach().to(to_dtype).contiguous().requires_grad_()
             leaves.append(m)
-        # upcast=False: DESIGN.md's baseline computes in the inputs' dtype (float64: the truth)
+        # upcast=False: the baseline of docs/design.md computes in the inputs' dtype (float64: the truth)
         o, l = reference.attention(*leaves[:3], m, scale, causal, upcast=False)
         o.backward(grad_out.to(to_dtype))
         return o, l, [t.grad for t in leaves]

@@ -1,4 +1,4 @@
-"""DESIGN.md's test rule: a kernel's error against a float64 reference may be at most twice
+"""The test rule of docs/design.md: a kernel's error against a float64 reference may be at most twice
 the error of plain PyTorch computing in the kernel's own dtype, plus a small noise floor."""
 import torch
 
