@@ -116,8 +116,9 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
                     k.sizes(), ", v ", v.sizes());
   TORCH_CHECK_VALUE(v.size(3) == D, "fastattn CUDA: v head dim must equal q's (", D, "), got ",
                     v.size(3));
-  TORCH_CHECK_VALUE(D % 8 == 0 && D <= max_head_dim, "fastattn CUDA: head dim must be a multiple ",
-                    "of 8 and at most ", max_head_dim, ", got ", D);
+  TORCH_CHECK_VALUE(D % fc::kHeadDimMultiple == 0 && D <= max_head_dim,
+                    "fastattn CUDA: head dim must be a multiple of ", fc::kHeadDimMultiple,
+                    " and at most ", max_head_dim, ", got ", D);
   TORCH_CHECK_VALUE(scale > 0, "fastattn CUDA: scale must be positive, got ", scale);
 
   fc::AttnFwdParams p;

@@ -12,6 +12,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/params.h"
+#include "cuda/limits.h"
+
 TORCH_LIBRARY(fastattn, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int causal)"
         " -> (Tensor out, Tensor lse)");
@@ -34,4 +37,26 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_archs") = FASTATTN_CUDA_ARCHS;
+
+  // What each compiled backend's kernels accept, from the constants the kernels use; read by
+  // fastattn/capabilities.py. The CUDA entry is there in CPU-only builds too (for info()).
+  namespace py = pybind11;
+  py::dict cpu, cuda;
+  cpu["attention_dtypes"] = py::make_tuple("float32", "bfloat16", "float16");
+  cpu["softmax_dtypes"] = py::make_tuple("float32", "bfloat16", "float16");
+  cpu["max_head_dim_fwd"] = fastattn::cpu::kMaxHeadDim;
+  cpu["max_head_dim_bwd"] = fastattn::cpu::kMaxHeadDim;
+  cpu["head_dim_multiple"] = 1;
+  cpu["v_head_dim_may_differ"] = true;
+  cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
+  cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
+  cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;
+  cuda["max_head_dim_bwd"] = fastattn::cuda::kMaxHeadDimBwd;
+  cuda["head_dim_multiple"] = fastattn::cuda::kHeadDimMultiple;
+  cuda["v_head_dim_may_differ"] = false;
+  cuda["min_compute_capability"] = fastattn::cuda::kMinComputeCapability;
+  py::dict capabilities;
+  capabilities["cpu"] = cpu;
+  capabilities["cuda"] = cuda;
+  m.attr("capabilities") = capabilities;
 }

@@ -2,18 +2,15 @@
 
 `supports(q, k, v, mask)` and `supports_softmax(x, mask)` return None when the CUDA backend
 can run the call, else a reason string. They look only at shapes, strides, dtypes and
-devices, so they also work on fake tensors under torch.compile. The checks mirror
-csrc/cuda_bindings.cpp, which raises for anything else.
+devices, so they also work on fake tensors under torch.compile. csrc/cuda_bindings.cpp raises
+for anything else.
 """
 import functools
 
 import torch
 
-# Keep in sync with kMaxHeadDimFwd / kMaxHeadDimBwd in csrc/cuda/fastattn_cuda.h.
-MAX_HEAD_DIM_FWD = 256
-MAX_HEAD_DIM_BWD = 128
-ATTN_DTYPES = (torch.float16, torch.bfloat16)
-SOFTMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .capabilities import CAPABILITIES
+
 MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -41,8 +38,9 @@ def _compiled_archs():
 def device_reason(index):
     """None if the kernels run on CUDA device `index`, else why not."""
     major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:
-        return f"the cuda backend needs compute capability >= 8.0 (mma.sync bf16, cp.async), got {major}.{minor}"
+    least = CAPABILITIES["cuda"].min_compute_capability
+    if major * 10 + minor < least:
+        return f"the cuda backend needs compute capability >= {least // 10}.{least % 10} (mma.sync bf16, cp.async), got {major}.{minor}"
     archs = _compiled_archs()
     if not archs:
         return None  # unknown build list: trust the build
@@ -68,32 +66,18 @@ def _operand_reason(name, t):
     return None
 
 
-def supports(q, k, v, mask=None, need_grad=None, scale=None):
-    """None if the CUDA flash kernels can run attention on these inputs (and their backward,
-    when `need_grad` or, by default, when grad mode is on and an input requires grad)."""
+def supports(q, k, v, mask=None, scale=None):
+    """None if the CUDA flash kernels can run attention on these inputs, else why not. Dtypes
+    and head dims are checked beforehand against CAPABILITIES["cuda"]; this checks what the
+    kernels need of strides, alignment, scale and device."""
     if scale is not None and not scale > 0:
         return f"the cuda attention kernels need a positive scale, got {scale}"
     if q.device.type != "cuda":
         return f"the cuda backend takes CUDA tensors, got {q.device.type}"
-    if q.dtype not in ATTN_DTYPES:
-        return f"the cuda attention kernels take float16 or bfloat16, got {q.dtype}"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     for name, t in (("q", q), ("k", k), ("v", v)):
         reason = _operand_reason(name, t)
         if reason:
             return reason
-    d, dv = q.shape[-1], v.shape[-1]
-    if dv != d:
-        return f"the cuda attention kernels need v's head dim == q's, got {dv} and {d}"
-    if d % 8 != 0 or d > MAX_HEAD_DIM_FWD:
-        return f"the cuda attention kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM_FWD}, got {d}"
-    if need_grad is None:
-        need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if need_grad and d > MAX_HEAD_DIM_BWD:
-        return f"the cuda attention backward takes head dims up to {MAX_HEAD_DIM_BWD}, got {d}"
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        return f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})"
     if mask is not None and mask.dtype not in MASK_DTYPES:
         return f"the cuda kernels take bool or float16/bfloat16/float32 masks, got {mask.dtype}"
     if mask is not None and mask.device != q.device:
@@ -105,8 +89,6 @@ def supports_softmax(x, mask=None):
     """None if the CUDA fused softmax kernels can run on x (B, H, R, C) with `mask`."""
     if x.device.type != "cuda":
         return f"the cuda backend takes CUDA tensors, got {x.device.type}"
-    if x.dtype not in SOFTMAX_DTYPES:
-        return f"the cuda softmax kernels take float16, bfloat16 or float32, got {x.dtype}"
     if x.dim() != 4:
         return f"x must be 4-d (B, H, R, C), got shape {tuple(x.shape)}"
     if mask is not None and mask.dtype not in MASK_DTYPES:

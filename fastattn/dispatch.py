@@ -18,11 +18,11 @@ import threading
 import torch
 
 from . import cuda_support, ops
+from .capabilities import CAPABILITIES
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Order for CUDA tensors: Triton first until GPU measurements say otherwise (see README).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-_NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The backend forced by use_backend(), local to each thread and asyncio task.
 _forced_backend = contextvars.ContextVar("fastattn_forced_backend", default=None)
@@ -114,8 +114,6 @@ def _common_reason(backend, t):
     if backend == "reference":
         return None
     reason = build_status()[backend] or _device_reason(backend, t.device)
-    if reason is None and t.dtype not in _NATIVE_DTYPES:
-        reason = f"the {backend} backend takes float16, bfloat16 or float32, got {t.dtype}"
     if reason is None and _under_functorch(t):
         reason = "torch.func transforms (grad, vmap, jacrev, ...) run on the reference backend: the fused ops have no functorch rules"
     return reason
@@ -126,8 +124,10 @@ def attention_reason(backend, q, k, v, mask, scale):
     reason = _common_reason(backend, q)
     if reason is not None:
         return reason
-    if backend == "cpu" and max(q.shape[-1], v.shape[-1]) > 256:
-        return f"the cpu backend supports head dims up to 256, got {q.shape[-1]} and {v.shape[-1]}"
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))
+    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad)
+    if reason is not None:
+        return reason
     if backend == "triton":
         return ops.triton_backend.supports(q, k, v, mask)
     if backend == "cuda":
@@ -137,7 +137,7 @@ def attention_reason(backend, q, k, v, mask, scale):
 
 def softmax_reason(backend, x, mask):
     """None if `backend` can run this fused softmax call, else why not."""
-    reason = _common_reason(backend, x)
+    reason = _common_reason(backend, x) or CAPABILITIES[backend].softmax_reason(backend, x)
     if reason is not None:
         return reason
     if backend == "triton":

@@ -4,6 +4,7 @@ import platform
 import torch
 
 from . import dispatch, ops
+from .capabilities import CAPABILITIES
 from ._version import __version__
 
 
@@ -24,4 +25,5 @@ def info():
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "compiled_cuda_archs": (ops._C.cuda_archs or None) if ops._C is not None else None,
         "backends": dispatch.backends(),
+        "capabilities": {name: caps.as_dict() for name, caps in CAPABILITIES.items()},
     }

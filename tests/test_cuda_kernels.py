@@ -236,17 +236,21 @@ def test_unsupported_inputs_raise_clear_errors():
         OPS.attn_fwd(q, q, q, torch.ones(1, 2, 16, 15, device=DEVICE, dtype=torch.bool), 0.1, 0)
 
 
-def test_supports_agrees_with_the_kernels():
-    from fastattn import cuda_support
+def test_dispatch_reasons_follow_the_capability_table():
+    from fastattn import dispatch
+
+    def reason(t):
+        return dispatch.attention_reason("cuda", t, t, t, None, None)
 
     q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.float16)
-    assert cuda_support.supports(q, q, q, None) is None
-    assert "float16 or bfloat16" in cuda_support.supports(q.float(), q.float(), q.float(), None)
+    assert reason(q) is None
+    assert "float16, bfloat16" in reason(q.float())
     odd = torch.randn(1, 2, 16, 36, device=DEVICE, dtype=torch.float16)
-    assert "multiples of 8" in cuda_support.supports(odd, odd, odd, None)
+    assert "multiples of 8" in reason(odd)
     wide = torch.randn(1, 2, 16, 256, device=DEVICE, dtype=torch.float16, requires_grad=True)
-    assert "backward" in cuda_support.supports(wide, wide, wide, None)
-    assert cuda_support.supports(wide, wide, wide, None, need_grad=False) is None
+    assert "backward takes head dims up to 128" in reason(wide)
+    with torch.no_grad():
+        assert reason(wide) is None
 
 
 # ------------------------------------------------------------------------------- softmax

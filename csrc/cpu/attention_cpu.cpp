@@ -133,6 +133,8 @@ AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(v.size(2) == s.Sk, "k and v must have the same sequence length");
   TORCH_CHECK(k.size(3) == s.D && s.D > 0, "k must have q's head dim ", s.D, ", got ", k.size(3));
   TORCH_CHECK(s.Dv > 0, "v must have a non-empty head dim");
+  TORCH_CHECK(s.D <= kMaxHeadDim && s.Dv <= kMaxHeadDim, "the cpu kernels take head dims up to ",
+              kMaxHeadDim, ", got ", s.D, " (q, k) and ", s.Dv, " (v)");
   check_causal(causal);
   return s;
 }

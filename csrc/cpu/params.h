@@ -9,6 +9,10 @@ namespace cpu {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBool = 3 };
 
+// Largest head dim (of q/k and of v) the kernels take. Tiles are sized per call, so this is
+// the range the tests cover (32 to 256), not a buffer size.
+constexpr int64_t kMaxHeadDim = 256;
+
 // A (B, H, R, C) mask view; ptr == nullptr means "no mask". Strides are in elements.
 struct MaskView {
   const void* ptr = nullptr;

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "limits.h"
+
 namespace fastattn {
 namespace cuda {
 
@@ -76,10 +78,6 @@ struct AttnBwdParams {
   float* dsum = nullptr;   // scratch, contiguous (B, Hq, Sq): rowsum(dout * out)
   float* dmask = nullptr;  // optional contiguous (B, Hq, Sq, Sk), zero-filled by the caller
 };
-
-// Largest head dim of each kernel; smaller multiples of 8 are zero-padded up to the next one.
-constexpr int kMaxHeadDimFwd = 256;
-constexpr int kMaxHeadDimBwd = 128;
 
 cudaError_t attn_fwd(const AttnFwdParams& p, cudaStream_t stream);
 cudaError_t attn_bwd(const AttnBwdParams& p, cudaStream_t stream);

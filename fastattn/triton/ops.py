@@ -17,10 +17,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import reference
 from . import configs, kernels
+from .capabilities import DTYPES, MAX_HEAD_DIM
 
 INTERPRET = not isinstance(kernels._attn_fwd_kernel, triton.runtime.jit.JITFunction)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _RAW = {
     "fwd": kernels._attn_fwd_kernel,
@@ -92,18 +91,13 @@ def _mask_reason(mask, dtype):
 
 
 def supports(q, k, v, mask):
-    """None if the attention kernels can run this call, else a short reason why not."""
-    if q.dtype not in DTYPES:
-        return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]} and {v.shape[-1]}"
+    """None if the attention kernels can run this call, else a short reason why not. Dtypes
+    and head dims are checked beforehand against fastattn.capabilities.CAPABILITIES."""
     return _device_reason(q) or _mask_reason(mask, q.dtype)
 
 
 def supports_softmax(x, mask):
     """None if the softmax kernels can run this call, else a short reason why not."""
-    if x.dtype not in DTYPES:
-        return f"the Triton kernels take float16, bfloat16 or float32, got {x.dtype}"
     return _device_reason(x) or _mask_reason(mask, x.dtype)
 
 

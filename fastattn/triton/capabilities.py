@@ -1,0 +1,8 @@
+"""What the Triton kernels accept. Plain data (imports no triton), so dispatch and info() can
+read it wherever triton is missing or not yet imported."""
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The largest head-dim bucket with launch configurations (configs.ATTN_FWD and the backward
+# tables); D and Dv are padded up to a power of two within it.
+MAX_HEAD_DIM = 256
