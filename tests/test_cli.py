@@ -4,6 +4,7 @@ the targets block)."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 import fastattn
 from fastattn.benchmark import FWD, FWD_BWD, Case, Impl, Result, Timing, attention_flops, measure, report, suites
 from fastattn.benchmark.cli import run_and_report
-from fastattn.benchmark.engine import measure_group
+from fastattn.benchmark.engine import measure_group, run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -150,6 +151,46 @@ def test_bench_csv_and_table(bench_run):
     assert all(len(row) == len(header) for row in rows)
     assert "== encoder (cpu, float32) ==" in proc.stdout and "== softmax (cpu, float32) ==" in proc.stdout
     assert "GFLOP/s" in proc.stdout and "vs sdpa" in proc.stdout and "peak MiB" in proc.stdout
+
+
+def test_bench_prints_rows_as_measured_then_the_summary(bench_run):
+    proc, _, doc = bench_run
+    live, summary = proc.stdout.split("== encoder (cpu, float32) ==", 1)
+    assert live.index("-- encoder (cpu, float32), as measured --") < live.index("-- softmax (cpu, float32), as measured --")
+    assert "== softmax (cpu, float32) ==" in summary
+    live_rows = [line for line in live.splitlines() if line.startswith("B")]  # case labels: "B4 H2 ..."
+    assert len(live_rows) == len(doc["results"])
+    for line, r in zip(live_rows, doc["results"]):  # in the order they were measured
+        assert re.match(rf"{re.escape(r['case'])} +{re.escape(r['pass'])} +{re.escape(r['impl'])} ", line), line
+
+
+def test_run_cases_prints_each_group_before_measuring_the_next():
+    events = []
+
+    def impl(name):
+        def fn(inputs):
+            events.append(("ran", name))
+            return inputs["x"].exp()
+
+        return Impl(name, fn)
+
+    def format_group(group):
+        events.append(("printed", group[0].pass_))
+        return [f"{r.impl} {r.pass_}" for r in group]
+
+    timing = Timing(min_reps=1, budget_s=0.0, max_reps=1)
+    run_cases([_toy_case([impl("base"), impl("other")])], "cpu", timing, progress=False, format_group=format_group)
+    printed = [i for i, event in enumerate(events) if event[0] == "printed"]
+    assert [events[i][1] for i in printed] == [FWD, FWD_BWD]
+    # the fwd rows are printed before any fwd+bwd step runs
+    first_backward = next(i for i, event in enumerate(events) if i > printed[0] and event[0] == "ran")
+    assert printed[0] < first_backward < printed[1]
+
+
+def test_plot_titles_name_batch_heads_dtype_and_device():
+    rows = [Result("encoder", f"B{b}", FWD, "sdpa", "cpu", "ok", x, "D=16", {"batch": b, "heads_q": 2, "dtype": "float32"})
+            for b, x in ((4, 32), (2, 64))]
+    assert report._plot_title("encoder", FWD, "D=16", rows) == "encoder fwd D=16\nbatch 4 to 2, heads 2, float32, cpu"
 
 
 def test_bench_writes_a_plot_per_suite_and_pass(bench_run):
