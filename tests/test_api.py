@@ -319,6 +319,40 @@ def test_sdpa_gqa_needs_enable_gqa_and_dropout_range():
         fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
 
 
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda q: fastattn.attention(q, q, q, scale="a"), TypeError, r"scale must be a float or None .*got str 'a'"),
+        (lambda q: fastattn.attention(q, q, q, scale=float("nan")), ValueError, "scale must be finite, got nan"),
+        (lambda q: fastattn.attention(q, q, q, causal="yes"), TypeError, "causal must be True or False, got str"),
+        (lambda q: fastattn.attention(q, q, q, return_lse=1), TypeError, "return_lse must be True or False, got int 1"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, scale=torch.tensor(0.1)), TypeError,
+         "scale must be a float or None .*got Tensor"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p="0.1"), TypeError,
+         r"dropout_p must be a float in \[0, 1\), got str '0.1'"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p=True), TypeError, "dropout_p must be a float"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, is_causal=None), TypeError,
+         "is_causal must be True or False, got NoneType"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, enable_gqa="no"), TypeError, "enable_gqa must be True or False"),
+        (lambda q: fastattn.softmax(q, scale=None), TypeError, "scale must be a float, got NoneType None"),
+        (lambda q: fastattn.softmax(q, scale=float("inf")), ValueError, "scale must be finite, got inf"),
+        (lambda q: fastattn.softmax(q, causal=1), TypeError, "causal must be True or False, got int 1"),
+        (lambda q: fastattn.softmax(q, dim=1.0), TypeError, "dim must be an int, got float 1.0"),
+        (lambda q: fastattn.softmax(q, dim=4), ValueError, r"dim must be in \[-4, 3\] .* got 4"),
+    ],
+)
+def test_bad_scalar_arguments_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(rand(1, 2, 8, 4))
+
+
+def test_scalar_arguments_take_any_real_number():
+    q = rand(1, 2, 8, 4)
+    expected = fastattn.attention(q, q, q, scale=2.0)
+    torch.testing.assert_close(fastattn.attention(q, q, q, scale=2), expected)  # an int scale
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, q, q, scale=2, dropout_p=0), expected)
+
+
 def test_softmax_errors():
     with pytest.raises(TypeError, match="x must be floating point"):
         fastattn.softmax(torch.ones(3, dtype=torch.int64))
