@@ -20,7 +20,8 @@ except ImportError as error:  # pure-Python install: the reference backend still
 else:
     C_IMPORT_ERROR = None
 
-# Registers the Triton ops when triton imports; otherwise says why not.
+# Registers the Triton ops where they can run (a CUDA device, or TRITON_INTERPRET set);
+# elsewhere triton stays unimported and TRITON_IMPORT_ERROR says why the backend is unusable.
 from . import triton as triton_backend
 
 TRITON_IMPORT_ERROR = triton_backend.UNAVAILABLE_REASON

@@ -1,6 +1,12 @@
 """The public functions on every backend usable on CPU tensors: SDPA parity, semantics,
 masks, gradients, dispatch and errors."""
 import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,6 +265,27 @@ def test_backends_report_reasons():
         assert entry["usable"] == (entry["reason"] is None), name
     if not torch.cuda.is_available():
         assert not status["cuda"]["usable"] and status["cuda"]["reason"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_cpu_only_import_leaves_triton_unimported_and_says_so():
+    """Where the Triton kernels cannot run (no CUDA device, no TRITON_INTERPRET), importing
+    fastattn does not load triton or inductor, and info() still reports both truthfully."""
+    code = (
+        "import json, sys, fastattn\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'triton' or m.startswith('torch._inductor')]\n"
+        "print(json.dumps({'loaded': loaded, 'info': fastattn.info()}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["loaded"] == []
+    assert report["info"]["triton"] == importlib.metadata.version("triton")
+    triton_status = report["info"]["backends"]["triton"]
+    assert not triton_status["usable"] and "TRITON_INTERPRET=1" in triton_status["reason"]
 
 
 def test_forced_backend_that_cannot_run_raises():
