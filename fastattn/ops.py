@@ -76,7 +76,9 @@ def check_dim(name, dim, t):
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(dim).__name__} {dim!r}")
     if not -t.dim() <= dim < t.dim():
-        raise ValueError(f"{name} must be in [{-t.dim()}, {t.dim() - 1}] for a tensor of shape {tuple(t.shape)}, got {dim}")
+        raise ValueError(
+            f"{name} must be in [{-t.dim()}, {t.dim() - 1}] for a tensor of shape {tuple(t.shape)}, got {dim}"
+        )
 
 
 def check_attention_inputs(q, k, v, attn_mask, enable_gqa=True):

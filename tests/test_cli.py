@@ -159,7 +159,8 @@ def test_bench_csv_and_table(bench_run):
 def test_bench_prints_rows_as_measured_then_the_summary(bench_run):
     proc, _, doc = bench_run
     live, summary = proc.stdout.split("== encoder (cpu, float32) ==", 1)
-    assert live.index("-- encoder (cpu, float32), as measured --") < live.index("-- softmax (cpu, float32), as measured --")
+    encoder_rows, softmax_rows = "-- encoder (cpu, float32), as measured --", "-- softmax (cpu, float32), as measured --"
+    assert live.index(encoder_rows) < live.index(softmax_rows)
     assert "== softmax (cpu, float32) ==" in summary
     live_rows = [line for line in live.splitlines() if line.startswith("B")]  # case labels: "B4 H2 ..."
     assert len(live_rows) == len(doc["results"])

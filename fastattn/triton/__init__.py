@@ -1,7 +1,7 @@
 """Triton backend: fused flash attention and masked softmax, forward and backward.
 
 The kernels can run only on a CUDA device, or on CPU tensors through the Triton interpreter
-(TRITON_INTERPRET set before triton is imported). Importing triton and the parts of torch its
+(TRITON_INTERPRET set before fastattn, and so triton, is imported). Importing triton and the parts of torch its
 launchers need (inductor, dynamo) adds seconds, so this package loads them only in those two
 cases; elsewhere it answers from whether triton is installed and leaves it unimported.
 
@@ -15,7 +15,9 @@ import os
 import torch
 
 INTERPRET = False
-NO_DEVICE_REASON = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels interpreted on CPU)"
+NO_DEVICE_REASON = (
+    "no CUDA device (set TRITON_INTERPRET=1 before importing fastattn to run the kernels interpreted on CPU)"
+)
 
 
 def _unavailable(reason):
@@ -39,4 +41,4 @@ else:
     else:
         AVAILABLE, UNAVAILABLE_REASON = True, None
 
-__all__ = ["AVAILABLE", "INTERPRET", "UNAVAILABLE_REASON", "supports", "supports_softmax"]
+__all__ = ["AVAILABLE", "INTERPRET", "NO_DEVICE_REASON", "UNAVAILABLE_REASON", "supports", "supports_softmax"]
