@@ -81,7 +81,7 @@ def _probe_build_status():
     else:
         status["cuda"] = None
     if status["triton"] is None and not torch.cuda.is_available() and not _triton_interpreted():
-        status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels interpreted on CPU)"
+        status["triton"] = ops.triton_backend.NO_DEVICE_REASON
     return status
 
 

@@ -45,6 +45,9 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
     """
     mask = ops.check_attention_inputs(q, k, v, attn_mask, enable_gqa=True)
+    ops.check_flag("causal", causal)
+    ops.check_scale("scale", scale, optional=True)
+    ops.check_flag("return_lse", return_lse)
     out, lse = _attention(q, k, v, mask, scale, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, backend)
     return (out, lse) if return_lse else out
 
@@ -61,9 +64,11 @@ def scaled_dot_product_attention(
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
+    ops.check_flag("enable_gqa", enable_gqa)
     mask = ops.check_attention_inputs(query, key, value, attn_mask, enable_gqa=enable_gqa)
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    ops.check_probability("dropout_p", dropout_p)
+    ops.check_flag("is_causal", is_causal)
+    ops.check_scale("scale", scale, optional=True)
     causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
     out, _ = _attention(query, key, value, mask, scale, causal, None, dropout_p)
     return out.squeeze(1) if squeeze else out
@@ -82,8 +87,9 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
         raise TypeError(f"x must be floating point, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim")
-    if not -x.dim() <= dim < x.dim():
-        raise IndexError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d x, got {dim}")
+    ops.check_scale("scale", scale, optional=False)
+    ops.check_flag("causal", causal)
+    ops.check_dim("dim", dim, x)
     dim = dim % x.dim()
     if causal and (x.dim() < 2 or dim != x.dim() - 1):
         raise ValueError("causal=True needs x with (..., queries, keys) dims and dim=-1")

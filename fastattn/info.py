@@ -1,4 +1,5 @@
 """A description of this installation: versions and which backends work here."""
+import importlib.metadata
 import platform
 
 import torch
@@ -10,11 +11,9 @@ from ._version import __version__
 
 def info():
     """Versions, compiled CUDA architectures and each backend's status, as a dict."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
+    try:  # from the package metadata: importing triton only to read its version takes seconds
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = None
     return {
         "fastattn": __version__,

@@ -5,6 +5,9 @@ Two op families share one set of schemas (csrc/fastattn.cpp):
   fastattn::attn_fwd / attn_bwd / softmax_fwd / softmax_bwd          (C++: CPU, CUDA kernels)
   fastattn::triton_attn_fwd / ... / triton_softmax_bwd                 (Triton kernels)
 """
+import math
+import numbers
+
 import torch
 
 from . import reference
@@ -17,7 +20,8 @@ except ImportError as error:  # pure-Python install: the reference backend still
 else:
     C_IMPORT_ERROR = None
 
-# Registers the Triton ops when triton imports; otherwise says why not.
+# Registers the Triton ops where they can run (a CUDA device, or TRITON_INTERPRET set);
+# elsewhere triton stays unimported and TRITON_IMPORT_ERROR says why the backend is unusable.
 from . import triton as triton_backend
 
 TRITON_IMPORT_ERROR = triton_backend.UNAVAILABLE_REASON
@@ -35,6 +39,45 @@ def _check_tensor(name, t, ndim):
         raise ValueError(f"{name} must be {ndim}-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _is_real_number(value):
+    # bool is an int to Python, but True as a scale or probability is a mistake, not 1.0.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_scale(name, scale, optional):
+    """`scale` multiplies the scores: a real number (or None where `optional`). Like torch,
+    inf and NaN are accepted and propagate into the scores."""
+    if scale is None and optional:
+        return
+    if not _is_real_number(scale):
+        expected = "a float or None (None: 1/sqrt(head_dim))" if optional else "a float"
+        raise TypeError(f"{name} must be {expected}, got {type(scale).__name__} {scale!r}")
+
+
+def check_probability(name, p):
+    """A dropout probability: a real number in [0, 1] (1 drops everything, as in torch)."""
+    if not _is_real_number(p):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(p).__name__} {p!r}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def check_flag(name, value):
+    """A switch such as causal: True or False, so that a string or tensor is not read as truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_dim(name, dim, t):
+    """A dimension index of `t`: an int in [-t.dim(), t.dim()) (IndexError otherwise, like torch)."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__} {dim!r}")
+    if not -t.dim() <= dim < t.dim():
+        raise IndexError(
+            f"{name} must be in [{-t.dim()}, {t.dim() - 1}] for a tensor of shape {tuple(t.shape)}, got {dim}"
+        )
 
 
 def check_attention_inputs(q, k, v, attn_mask, enable_gqa=True):

@@ -1,6 +1,12 @@
 """The public functions on every backend usable on CPU tensors: SDPA parity, semantics,
 masks, gradients, dispatch and errors."""
 import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -261,6 +267,27 @@ def test_backends_report_reasons():
         assert not status["cuda"]["usable"] and status["cuda"]["reason"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_cpu_only_import_leaves_triton_unimported_and_says_so():
+    """Where the Triton kernels cannot run (no CUDA device, no TRITON_INTERPRET), importing
+    fastattn does not load triton or inductor, and info() still reports both truthfully."""
+    code = (
+        "import json, sys, fastattn\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'triton' or m.startswith('torch._inductor')]\n"
+        "print(json.dumps({'loaded': loaded, 'info': fastattn.info()}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["loaded"] == []
+    assert report["info"]["triton"] == importlib.metadata.version("triton")
+    triton_status = report["info"]["backends"]["triton"]
+    assert not triton_status["usable"] and "TRITON_INTERPRET=1" in triton_status["reason"]
+
+
 def test_forced_backend_that_cannot_run_raises():
     q = rand(1, 1, 4, 8)
     with pytest.raises(ValueError, match="backend 'cuda' cannot run this call"):
@@ -317,6 +344,40 @@ def test_sdpa_gqa_needs_enable_gqa_and_dropout_range():
         fastattn.scaled_dot_product_attention(q, kv, kv)
     with pytest.raises(ValueError, match="dropout_p must be in"):
         fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda q: fastattn.attention(q, q, q, scale="a"), TypeError, r"scale must be a float or None .*got str 'a'"),
+        (lambda q: fastattn.attention(q, q, q, causal="yes"), TypeError, "causal must be True or False, got str"),
+        (lambda q: fastattn.attention(q, q, q, return_lse=1), TypeError, "return_lse must be True or False, got int 1"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, scale=torch.tensor(0.1)), TypeError,
+         "scale must be a float or None .*got Tensor"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p="0.1"), TypeError,
+         r"dropout_p must be a float in \[0, 1\], got str '0.1'"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p=True), TypeError,
+         "dropout_p must be a float"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, is_causal=None), TypeError,
+         "is_causal must be True or False, got NoneType"),
+        (lambda q: fastattn.scaled_dot_product_attention(q, q, q, enable_gqa="no"), TypeError,
+         "enable_gqa must be True or False"),
+        (lambda q: fastattn.softmax(q, scale=None), TypeError, "scale must be a float, got NoneType None"),
+        (lambda q: fastattn.softmax(q, causal=1), TypeError, "causal must be True or False, got int 1"),
+        (lambda q: fastattn.softmax(q, dim=1.0), TypeError, "dim must be an int, got float 1.0"),
+        (lambda q: fastattn.softmax(q, dim=4), IndexError, r"dim must be in \[-4, 3\] .* got 4"),
+    ],
+)
+def test_bad_scalar_arguments_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(rand(1, 2, 8, 4))
+
+
+def test_scalar_arguments_take_any_real_number():
+    q = rand(1, 2, 8, 4)
+    expected = fastattn.attention(q, q, q, scale=2.0)
+    torch.testing.assert_close(fastattn.attention(q, q, q, scale=2), expected)  # an int scale
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, q, q, scale=2, dropout_p=0), expected)
 
 
 def test_softmax_errors():

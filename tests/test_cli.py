@@ -4,6 +4,7 @@ the targets block)."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,16 +14,21 @@ import torch
 import fastattn
 from fastattn.benchmark import FWD, FWD_BWD, Case, Impl, Result, Timing, attention_flops, measure, report, suites
 from fastattn.benchmark.cli import run_and_report
-from fastattn.benchmark.engine import measure_group
+from fastattn.benchmark.engine import measure_group, run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run(*args, env=None):
+# The commands run as a user runs them: without the TRITON_INTERPRET the tests set, so that
+# Triton stays unloaded (and check does not self-test it through its slow interpreter).
+CLI_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run(*args):
     """Runs a command with this interpreter from the repository root; returns the process."""
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, *args], cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=600
     )
 
 
@@ -39,9 +45,7 @@ def test_info_prints_json_with_every_backend():
 
 
 def test_check_prints_one_verdict_per_backend():
-    # Without a GPU, Triton would self-test through its slow interpreter: leave it skipped.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = run("-m", "fastattn", "check", env=env)
+    proc = run("-m", "fastattn", "check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     verdicts = {line.split()[0]: line.split()[1] for line in lines}
@@ -150,6 +154,47 @@ def test_bench_csv_and_table(bench_run):
     assert all(len(row) == len(header) for row in rows)
     assert "== encoder (cpu, float32) ==" in proc.stdout and "== softmax (cpu, float32) ==" in proc.stdout
     assert "GFLOP/s" in proc.stdout and "vs sdpa" in proc.stdout and "peak MiB" in proc.stdout
+
+
+def test_bench_prints_rows_as_measured_then_the_summary(bench_run):
+    proc, _, doc = bench_run
+    live, summary = proc.stdout.split("== encoder (cpu, float32) ==", 1)
+    encoder_rows, softmax_rows = "-- encoder (cpu, float32), as measured --", "-- softmax (cpu, float32), as measured --"
+    assert live.index(encoder_rows) < live.index(softmax_rows)
+    assert "== softmax (cpu, float32) ==" in summary
+    live_rows = [line for line in live.splitlines() if line.startswith("B")]  # case labels: "B4 H2 ..."
+    assert len(live_rows) == len(doc["results"])
+    for line, r in zip(live_rows, doc["results"]):  # in the order they were measured
+        assert re.match(rf"{re.escape(r['case'])} +{re.escape(r['pass'])} +{re.escape(r['impl'])} ", line), line
+
+
+def test_run_cases_prints_each_group_before_measuring_the_next():
+    events = []
+
+    def impl(name):
+        def fn(inputs):
+            events.append(("ran", name))
+            return inputs["x"].exp()
+
+        return Impl(name, fn)
+
+    def format_group(group):
+        events.append(("printed", group[0].pass_))
+        return [f"{r.impl} {r.pass_}" for r in group]
+
+    timing = Timing(min_reps=1, budget_s=0.0, max_reps=1)
+    run_cases([_toy_case([impl("base"), impl("other")])], "cpu", timing, progress=False, format_group=format_group)
+    printed = [i for i, event in enumerate(events) if event[0] == "printed"]
+    assert [events[i][1] for i in printed] == [FWD, FWD_BWD]
+    # the fwd rows are printed before any fwd+bwd step runs
+    first_backward = next(i for i, event in enumerate(events) if i > printed[0] and event[0] == "ran")
+    assert printed[0] < first_backward < printed[1]
+
+
+def test_plot_titles_name_batch_heads_dtype_and_device():
+    rows = [Result("encoder", f"B{b}", FWD, "sdpa", "cpu", "ok", x, "D=16", {"batch": b, "heads_q": 2, "dtype": "float32"})
+            for b, x in ((4, 32), (2, 64))]
+    assert report._plot_title("encoder", FWD, "D=16", rows) == "encoder fwd D=16\nbatch 4 to 2, heads 2, float32, cpu"
 
 
 def test_bench_writes_a_plot_per_suite_and_pass(bench_run):

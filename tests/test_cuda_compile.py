@@ -23,6 +23,7 @@ ptxas info    : Used 40 registers, used 0 barriers, 1024 bytes smem, 360 bytes c
     assert (k["stack"], k["spill_stores"], k["spill_loads"]) == (16, 8, 12)
 
 
+@pytest.mark.slow  # nvcc compiles every unit for two architectures: minutes on 2 cores
 @pytest.mark.skipif(check_cuda_compile.find_nvcc() is None, reason="nvcc not found")
 def test_cuda_kernels_compile_without_spills(tmp_path):
     report = tmp_path / "ptxas.json"

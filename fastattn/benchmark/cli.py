@@ -53,7 +53,9 @@ def run_and_report(cases, device, out_dir, timing, scale, suite_names, progress=
     unavailable = suites.unavailable(device)
     for impl, reason in unavailable.items():
         print(f"not benchmarked: {impl}: {reason}")
-    results = run_cases(cases, device, timing, progress=progress)
+    live = report.LiveRows(cases, device)
+    results = run_cases(cases, device, timing, progress=progress, format_group=live.format_group)
+    print()
     print(report.format_table(results))
     meta = report.run_metadata(device, scale, suite_names, unavailable)
     if targets:

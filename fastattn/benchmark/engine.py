@@ -240,14 +240,23 @@ class _Progress:
         elif self.enabled:
             print(f"[{self.done}/{self.total}] {description}", file=sys.stderr, flush=True)
 
+    def write(self, lines):
+        """Prints lines to stdout without breaking the bar (tqdm redraws it below them)."""
+        for line in lines:
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
 
 
-def run_cases(cases, device, timing=Timing(), progress=True):
+def run_cases(cases, device, timing=Timing(), progress=True, format_group=None):
     """Measures every implementation of every case, each pass; returns the Results in order.
-    All timing comes first, then one more run of each step measures its peak memory."""
+    All timing comes first, then one more run of each step measures its peak memory.
+    format_group(results of one case and pass) -> lines printed as soon as they are measured."""
     bar = _Progress(sum(len(case.impls) * len(case.passes) for case in cases), progress)
     results, ran = [], []
     try:
@@ -256,6 +265,8 @@ def run_cases(cases, device, timing=Timing(), progress=True):
                 group, group_ran = measure_group(case, pass_, device, timing)
                 results += group
                 ran += group_ran
+                if format_group is not None:
+                    bar.write(format_group(group))
                 bar.update(f"{case.suite} {case.label} {pass_}", len(group))
     finally:
         bar.close()

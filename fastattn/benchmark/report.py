@@ -52,6 +52,30 @@ def _fmt(value, digits=3):
     return f"{value:.{digits}g}"
 
 
+def _header(unit, baseline):
+    return ("case", "pass", "impl", "ms", unit, f"vs {baseline.split('-')[0]}", "peak MiB", "note")
+
+
+def _cells(r):
+    """A result's cells under _header."""
+    mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
+    speedup = "-" if r.speedup is None else f"x{r.speedup:.2f}"
+    note = r.note or ""
+    if r.status != "ok":  # the full message is in the JSON
+        note = f"{r.status}: {note[:100]}"
+    return (r.case, r.pass_, r.impl, _fmt(r.ms), _fmt(r.throughput), speedup, _fmt(mem), note)
+
+
+def _line(cells, widths):
+    """Cells padded to widths (numbers right-aligned); the last cell (the note) is not padded."""
+    padded = [str(c).rjust(w) if 3 <= i <= 6 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+    return "  ".join(padded + [str(cells[-1])]).rstrip()
+
+
+def _suite_title(suite, device, dtypes):
+    return f"== {suite} ({device}, {'/'.join(dict.fromkeys(dtypes))}) =="
+
+
 def format_table(results):
     """A table per suite: one row per implementation, case and pass."""
     lines = []
@@ -59,18 +83,10 @@ def format_table(results):
         rows = [r for r in results if r.suite == suite]
         unit = next((r.unit for r in rows if r.unit), "throughput")
         baseline = next((r.baseline for r in rows if r.baseline), "baseline")
-        header = ("case", "pass", "impl", "ms", unit, f"vs {baseline.split('-')[0]}", "peak MiB", "note")
-        table = []
-        for r in rows:
-            mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
-            speedup = "-" if r.speedup is None else f"x{r.speedup:.2f}"
-            note = r.note or ""
-            if r.status != "ok":  # the full message is in the JSON
-                note = f"{r.status}: {note[:100]}"
-            table.append((r.case, r.pass_, r.impl, _fmt(r.ms), _fmt(r.throughput), speedup, _fmt(mem), note))
+        header = _header(unit, baseline)
+        table = [_cells(r) for r in rows]
         widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header) - 1)]
-        dtype = "/".join(dict.fromkeys(r.params.get("dtype", "") for r in rows))
-        lines.append(f"== {suite} ({rows[0].device}, {dtype}) ==")
+        lines.append(_suite_title(suite, rows[0].device, (r.params.get("dtype", "") for r in rows)))
         previous = None
         for row in [header] + table:
             key = row[:2]
@@ -78,10 +94,47 @@ def format_table(results):
             if key == previous:  # print case and pass once per group
                 shown[0] = shown[1] = ""
             previous = key
-            cells = [str(c).rjust(w) if 3 <= i <= 6 else str(c).ljust(w) for i, (c, w) in enumerate(zip(shown, widths))]
-            lines.append("  ".join(cells + [str(shown[-1])]).rstrip())
+            lines.append(_line(shown, widths))
         lines.append("")
     return "\n".join(lines)
+
+
+class LiveRows:
+    """The rows of a run printed as each group (a case and pass) is measured, before the
+    summary table. Columns are sized from every case and implementation up front. Peak
+    memory is measured after all timing, so its column is left to the summary."""
+
+    NUMBER_WIDTH = 9
+
+    def __init__(self, cases, device):
+        self.device = device
+        self.dtypes = {}
+        for case in cases:
+            self.dtypes.setdefault(case.suite, []).append(case.params.get("dtype", ""))
+        self.widths = (
+            max([len("case")] + [len(case.label) for case in cases]),
+            len("fwd+bwd"),
+            max([len("impl")] + [len(impl.name) for case in cases for impl in case.impls]),
+            *(self.NUMBER_WIDTH,) * 3,
+        )
+        self.suite = None
+
+    def format_group(self, group):
+        """Lines for one measured group (a list of Results): a title and header when a new
+        suite starts, then a row per implementation."""
+        lines = []
+        suite = group[0].suite
+        if suite != self.suite:
+            self.suite = suite
+            unit = next((r.unit for r in group if r.unit), "throughput")
+            baseline = next((r.baseline for r in group if r.baseline), "baseline")
+            title = _suite_title(suite, self.device, self.dtypes[suite]).strip("= ")
+            lines += [f"-- {title}, as measured --", self._line(_header(unit, baseline))]
+        lines += [self._line(_cells(r)) for r in group]
+        return lines
+
+    def _line(self, cells):
+        return _line(cells[:6] + cells[7:], self.widths)  # without the peak memory column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +224,19 @@ def write_csv(path, results):
             writer.writerow(["" if value is None else value for value in row])
 
 
+def _plot_title(suite, pass_, series, rows):
+    """suite, pass and series, then batch, heads, dtype and device; a parameter that changes
+    along the x axis (batch, where the token count is fixed) shows its first and last value."""
+    details = []
+    for key, name in (("batch", "batch"), ("heads_q", "heads"), ("dtype", "")):
+        values = list(dict.fromkeys(r.params[key] for r in sorted(rows, key=lambda r: r.x) if key in r.params))
+        if values:
+            shown = str(values[0]) if len(values) == 1 else f"{values[0]} to {values[-1]}"
+            details.append(f"{name} {shown}".strip())
+    details.append(rows[0].device)
+    return " ".join(filter(None, (suite, pass_, series))) + "\n" + ", ".join(details)
+
+
 def plot(results, out_dir):
     """One PNG per (suite, pass): time vs sequence length, a line per implementation, a
     subplot per series (head dim). Returns the paths written (none without matplotlib)."""
@@ -204,9 +270,9 @@ def plot(results, out_dir):
             # Ticks at 2x and 5x each power of ten, labelled unless the times span many decades.
             ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
             ax.yaxis.set_minor_formatter(plain if times and max(times) < 100 * min(times) else ticker.NullFormatter())
-            ax.set_xlabel("sequence length (keys)")
-            ax.set_ylabel("time (ms, median)")
-            ax.set_title(" ".join(filter(None, (suite, pass_, name, f"({group[0].device})"))))
+            ax.set_xlabel("sequence length (keys, log scale)")
+            ax.set_ylabel("time (ms, median, log scale)")
+            ax.set_title(_plot_title(suite, pass_, name, [r for r in group if r.series == name]))
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
         figure.tight_layout()
