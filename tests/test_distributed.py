@@ -1,0 +1,191 @@
+"""Ring attention (fastattn.distributed) against attention over the whole sequence in one
+process: float64 reference as ground truth, the low-precision PyTorch baseline in the ring's
+dtype (tests/tolerance.py). Spawning a process group costs seconds, so one group per world
+size (2 and 4 ranks, gloo) runs every case and each rank reports its checks to a file; the
+tests below read those reports case by case."""
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastattn import reference, use_backend
+from fastattn.distributed import merge_partial, ring_attention, shard, unshard
+from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from tolerance import assert_within_baseline
+
+WORLD_SIZES = (2, 4)
+SPAWN_TIMEOUT_S = 240
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    causal: bool
+    layout: str
+    dtype: torch.dtype
+    heads: tuple  # (Hq, Hkv)
+    shard_len: int  # the whole sequence is world_size * shard_len
+    head_dim: int = 32
+    batch: int = 1
+    scale: float = None
+    backend: str = None
+    seed: int = 0
+
+
+CASES = [
+    Case("zigzag_fp32", False, "zigzag", torch.float32, (2, 2), 16, seed=1),
+    Case("zigzag_causal_fp32_gqa", True, "zigzag", torch.float32, (4, 2), 26, head_dim=40, batch=2, seed=2),
+    Case("contiguous_causal_fp32_mqa", True, "contiguous", torch.float32, (4, 1), 27, head_dim=64, seed=3),
+    Case("contiguous_fp32", False, "contiguous", torch.float32, (2, 2), 9, scale=0.3, seed=4),
+    Case("zigzag_causal_bf16_gqa", True, "zigzag", torch.bfloat16, (4, 2), 32, seed=5),
+    Case("contiguous_causal_bf16", True, "contiguous", torch.bfloat16, (2, 2), 20, head_dim=64, seed=6),
+    Case("zigzag_bf16_gqa", False, "zigzag", torch.bfloat16, (6, 2), 12, seed=7),
+    Case("zigzag_causal_fp64_reference", True, "zigzag", torch.float64, (2, 1), 10, scale=0.2, backend="reference", seed=8),
+]
+ERROR_CHECKS = ["odd_zigzag_shard_raises", "shard_not_divisible_raises", "deterministic"]
+
+
+def _attention_with_grads(q, k, v, grad_out, case, dtype, upcast):
+    """Single-process reference attention on the whole sequence: out, lse, (dq, dk, dv)."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    causal = CAUSAL_BOTTOM_RIGHT if case.causal else CAUSAL_NONE
+    out, lse = reference.attention(*inputs, None, case.scale, causal, upcast=upcast)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    return out, lse, grads
+
+
+def _ring_with_grads(q, k, v, grad_out, case):
+    """Ring attention on this rank's shards; returns the whole out, lse, (dq, dk, dv)."""
+    shards = [shard(t.to(case.dtype), 2, layout=case.layout).detach().requires_grad_() for t in (q, k, v)]
+    out, lse = ring_attention(*shards, causal=case.causal, scale=case.scale, layout=case.layout, return_lse=True)
+    out.backward(shard(grad_out.to(case.dtype), 2, layout=case.layout))
+    whole = [unshard(t, 2, layout=case.layout) for t in [out, lse.unsqueeze(-1)] + [s.grad for s in shards]]
+    return whole[0], whole[1].squeeze(-1), tuple(whole[2:])
+
+
+def _inputs(case, world_size):
+    generator = torch.Generator().manual_seed(case.seed)
+    hq, hkv = case.heads
+    seq = world_size * case.shard_len
+    shapes = [(case.batch, hq, seq, case.head_dim)] + [(case.batch, hkv, seq, case.head_dim)] * 2
+    shapes.append(shapes[0])  # grad_out
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
+def _check_case(case, world_size):
+    q, k, v, grad_out = _inputs(case, world_size)
+    ref = _attention_with_grads(q, k, v, grad_out, case, torch.float64, upcast=True)
+    base = _attention_with_grads(q, k, v, grad_out, case, case.dtype, upcast=False)
+    with use_backend(case.backend):  # None: automatic dispatch
+        ring = _ring_with_grads(q, k, v, grad_out, case)
+    for name, got, expected, baseline in zip(("out", "lse"), ring[:2], ref[:2], base[:2]):
+        assert_within_baseline(name, got, expected, baseline)
+    for name, got, expected, baseline in zip(("dq", "dk", "dv"), ring[2], ref[2], base[2]):
+        assert_within_baseline(name, got, expected, baseline)
+
+
+def _check_errors(name, world_size):
+    if name == "odd_zigzag_shard_raises":
+        q = torch.randn(1, 2, 7, 16)
+        with pytest.raises(ValueError, match=f"sequence length must be even.*divisible by {2 * world_size}.*got a shard of 7"):
+            ring_attention(q, q, q, causal=True)
+        with pytest.raises(ValueError, match="layout must be one of"):
+            ring_attention(q, q, q, layout="striped")
+    elif name == "shard_not_divisible_raises":
+        x = torch.randn(1, 2, 2 * world_size + 1, 16)
+        with pytest.raises(ValueError, match=rf"x.shape\[2\].*divisible by {2 * world_size} for layout='zigzag'"):
+            shard(x, 2)
+        with pytest.raises(ValueError, match=rf"divisible by {world_size} for layout='contiguous'.*got {2 * world_size + 1}"):
+            shard(x, 2, layout="contiguous")
+    elif name == "deterministic":
+        case = CASES[1]
+        q, k, v, grad_out = _inputs(case, world_size)
+        first, second = (_ring_with_grads(q, k, v, grad_out, case) for _ in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(first[:2] + first[2], second[:2] + second[2]))
+
+
+def _worker(rank, world_size, port, report_dir):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    report = {}
+    checks = [(case.name, lambda case=case: _check_case(case, world_size)) for case in CASES]
+    checks += [(name, lambda name=name: _check_errors(name, world_size)) for name in ERROR_CHECKS]
+    for name, check in checks:
+        try:
+            check()
+            report[name] = None
+        except Exception:
+            report[name] = traceback.format_exc()
+    dist.destroy_process_group()
+    with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world_size, report_dir):
+    """Runs every check on `world_size` ranks; returns {rank: {check: None or traceback}}."""
+    context = mp.spawn(_worker, args=(world_size, _free_port(), str(report_dir)), nprocs=world_size, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    reports = {}
+    for rank in range(world_size):
+        with open(os.path.join(report_dir, f"rank{rank}.json")) as f:
+            reports[rank] = json.load(f)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """reports(world_size) spawns that many ranks on first use, then returns their reports."""
+    spawned = {}
+
+    def get(world_size):
+        if world_size not in spawned:
+            spawned[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"ring{world_size}"))
+        return spawned[world_size]
+
+    return get
+
+
+@pytest.mark.parametrize("check", [case.name for case in CASES] + ERROR_CHECKS)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_ring_attention_matches_whole_sequence(reports, world_size, check):
+    failures = {rank: report[check] for rank, report in reports(world_size).items() if report[check]}
+    assert not failures, "\n".join(f"rank {rank}:\n{trace}" for rank, trace in failures.items())
+
+
+def test_merge_of_blocks_equals_whole_rows_and_empty_rows_stay_zero():
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=generator) for _ in range(3))
+    visible = torch.ones(6, 6, dtype=torch.bool)
+    visible[0] = False  # row 0 sees no key in either block
+    visible[1, :3] = False  # row 1 sees keys of the second block only
+    whole, whole_lse = reference.attention(q, k, v, visible)
+    out = torch.zeros(1, 2, 6, 8)
+    lse = torch.full((1, 2, 6), float("-inf"))
+    for keys in (slice(0, 3), slice(3, 6)):
+        block_out, block_lse = reference.attention(q, k[:, :, keys], v[:, :, keys], visible[:, keys])
+        merge_partial(out, lse, block_out, block_lse)
+    assert not out.isnan().any()
+    assert torch.equal(out[:, :, 0], torch.zeros(1, 2, 8)) and torch.isneginf(lse[:, :, 0]).all()
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(lse, whole_lse)
