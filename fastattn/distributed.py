@@ -159,8 +159,9 @@ def _ring_forward(q, k, v, ring, causal, scale, layout):
         part = _visible_part(layout, causal, ring.rank, ring.source(step), q.shape[2])
         if part is not None:
             rows, keys, block_causal = part
-            block_out, block_lse = block.forward(_rows(q, rows), _rows(kv[0], keys), _rows(kv[1], keys), block_causal)
-            merge_partial(_rows(out, rows), _rows(lse, rows), block_out, block_lse)
+            partial = block.forward(_rows(q, rows), _rows(kv[0], keys), _rows(kv[1], keys), block_causal)
+            merge_partial(_rows(out, rows), _rows(lse, rows), *partial)
+            del partial  # freed before the next block's is made
         if transfer is not None:
             kv = transfer.wait()
     return out.to(q.dtype), lse
@@ -192,6 +193,7 @@ def _ring_backward(grad_out, q, k, v, out, lse, ring, causal, scale, layout):
         if part is not None:
             _rows(dk, keys).add_(block_dk)
             _rows(dv, keys).add_(block_dv)
+            del block_dq, block_dk, block_dv  # freed before the next block's are made
         grads_in_transit = ring.pass_on((dk, dv), _GRAD_TAG)  # after the last step: to the owner
         if transfer is not None:
             kv = transfer.wait()
