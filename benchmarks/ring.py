@@ -136,13 +136,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
-    for name in ("memory_seq_len", "time_seq_len"):
-        ranks = getattr(args, name.split("_")[0] + "_ranks")
-        if getattr(args, name) % (2 * ranks) != 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be divisible by 2 * ranks = {2 * ranks} (zigzag), got {getattr(args, name)}")
+    measurements = (("memory", args.memory_seq_len, args.memory_ranks), ("time", args.time_seq_len, args.time_ranks))
+    for kind, seq_len, ranks in measurements:
+        if seq_len % (2 * ranks) != 0:
+            parser.error(f"--{kind}-seq-len must be divisible by 2 * --{kind}-ranks = {2 * ranks} (zigzag), got {seq_len}")
 
     rows = []
-    for kind, seq_len, ranks in (("memory", args.memory_seq_len, args.memory_ranks), ("time", args.time_seq_len, args.time_ranks)):
+    for kind, seq_len, ranks in measurements:
         whole, ring = run(kind, 1, args), run(kind, ranks, args)
         for figure in whole:
             rows.append({
@@ -158,8 +158,9 @@ def main():
         unit, divisor = ("ms", 1) if row["figure"] == "time" else ("MiB", MIB)
         target = row["target_ratio"]
         verdict = "-" if target is None else f"<= {target}: {'met' if row['ratio'] <= target else 'NOT met'}"
-        print(f"{row['figure']:<12} {row['seq_len']:>6} {row['ranks']:>5} {row['one_process'] / divisor:>8.0f} {unit:<3}"
-              f" {row['ring_per_rank'] / divisor:>14.0f} {unit:<3} {row['ratio']:>6.2f}  {verdict}")
+        one_process, ring = row["one_process"] / divisor, row["ring_per_rank"] / divisor
+        print(f"{row['figure']:<12} {row['seq_len']:>6} {row['ranks']:>5} {one_process:>8.0f} {unit:<3}"
+              f" {ring:>14.0f} {unit:<3} {row['ratio']:>6.2f}  {verdict}")
 
     record = {"command": report.command_line(), "settings": vars(args), "rows": rows}
     record.update(report.environment("cpu"))

@@ -130,8 +130,9 @@ def _visible_part(layout, causal, rank, source, shard_len):
 
 def merge_partial(out, lse, block_out, block_lse):
     """Merges the attention of some rows over one more block of keys (block_out, block_lse)
-    into their running result (out and lse, float32 or float64), in place. A row's weight is exp(its lse -
-    the merged lse); rows whose merged lse is -inf (no key seen yet) keep out = 0, never NaN."""
+    into their running result (out and lse, float32 or float64), in place. Each part weighs
+    exp(its lse - the merged lse); rows whose merged lse is -inf (no key seen in any part)
+    keep out = 0, never NaN."""
     merged = torch.logaddexp(lse, block_lse)
     finite_merged = torch.where(torch.isneginf(merged), torch.zeros_like(merged), merged)
     out.mul_(torch.exp(lse - finite_merged).unsqueeze(-1))
@@ -225,14 +226,17 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, layout="zig
     Returns this rank's shard of attention over the whole sequence, (B, Hq, S/P, Dv), and with
     return_lse=True also its log-sum-exp (B, Hq, S/P), float32 (float64 for float64 inputs);
     the lse carries no gradient.
-    causal: query i sees keys j <= i of the whole sequence. Every rank must call this with
+    causal: query i sees keys j <= i of the whole sequence. scale: default 1/sqrt(D).
+    Every rank must call this with
     shards of the same length; for layout="zigzag" that length must be even (the sequence
     divisible by 2P). Deterministic: partial results are merged in a fixed order.
     """
     ops.check_attention_inputs(q, k, v, None)
     _check_layout(layout)
     if k.shape[2] != q.shape[2]:
-        raise ValueError(f"key and query must be shards of one sequence: equal lengths, got {k.shape[2]} and {q.shape[2]}")
+        raise ValueError(
+            f"key and query must be shards of one sequence: equal lengths, got {k.shape[2]} and {q.shape[2]}"
+        )
     ring = _Ring(group)
     if layout == "zigzag" and q.shape[2] % 2 != 0:
         raise ValueError(

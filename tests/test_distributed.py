@@ -49,9 +49,11 @@ CASES = [
     Case("zigzag_causal_bf16_gqa", True, "zigzag", torch.bfloat16, (4, 2), 32, seed=5),
     Case("contiguous_causal_bf16", True, "contiguous", torch.bfloat16, (2, 2), 20, head_dim=64, seed=6),
     Case("zigzag_bf16_gqa", False, "zigzag", torch.bfloat16, (6, 2), 12, seed=7),
-    Case("zigzag_causal_fp64_reference", True, "zigzag", torch.float64, (2, 1), 10, scale=0.2, backend="reference", seed=8),
+    Case(
+        "zigzag_causal_fp64_reference", True, "zigzag", torch.float64, (2, 1), 10,
+        scale=0.2, backend="reference", seed=8,
+    ),
 ]
-ERROR_CHECKS = ["odd_zigzag_shard_raises", "shard_not_divisible_raises", "deterministic"]
 
 
 def _attention_with_grads(q, k, v, grad_out, case, dtype, upcast):
@@ -93,24 +95,36 @@ def _check_case(case, world_size):
         assert_within_baseline(name, got, expected, baseline)
 
 
-def _check_errors(name, world_size):
-    if name == "odd_zigzag_shard_raises":
-        q = torch.randn(1, 2, 7, 16)
-        with pytest.raises(ValueError, match=f"sequence length must be even.*divisible by {2 * world_size}.*got a shard of 7"):
-            ring_attention(q, q, q, causal=True)
-        with pytest.raises(ValueError, match="layout must be one of"):
-            ring_attention(q, q, q, layout="striped")
-    elif name == "shard_not_divisible_raises":
-        x = torch.randn(1, 2, 2 * world_size + 1, 16)
-        with pytest.raises(ValueError, match=rf"x.shape\[2\].*divisible by {2 * world_size} for layout='zigzag'"):
-            shard(x, 2)
-        with pytest.raises(ValueError, match=rf"divisible by {world_size} for layout='contiguous'.*got {2 * world_size + 1}"):
-            shard(x, 2, layout="contiguous")
-    elif name == "deterministic":
-        case = CASES[1]
-        q, k, v, grad_out = _inputs(case, world_size)
-        first, second = (_ring_with_grads(q, k, v, grad_out, case) for _ in range(2))
-        assert all(torch.equal(a, b) for a, b in zip(first[:2] + first[2], second[:2] + second[2]))
+def _check_odd_zigzag_shard_raises(world_size):
+    q = torch.randn(1, 2, 7, 16)
+    message = f"sequence length must be even.*divisible by {2 * world_size}.*got a shard of 7"
+    with pytest.raises(ValueError, match=message):
+        ring_attention(q, q, q, causal=True)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_attention(q, q, q, layout="striped")
+
+
+def _check_shard_not_divisible_raises(world_size):
+    x = torch.randn(1, 2, 2 * world_size + 1, 16)
+    with pytest.raises(ValueError, match=rf"x.shape\[2\].*divisible by {2 * world_size} for layout='zigzag'"):
+        shard(x, 2)
+    message = rf"divisible by {world_size} for layout='contiguous'.*got {2 * world_size + 1}"
+    with pytest.raises(ValueError, match=message):
+        shard(x, 2, layout="contiguous")
+
+
+def _check_deterministic(world_size):
+    case = CASES[1]
+    q, k, v, grad_out = _inputs(case, world_size)
+    first, second = (_ring_with_grads(q, k, v, grad_out, case) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first[:2] + first[2], second[:2] + second[2]))
+
+
+OTHER_CHECKS = {
+    "odd_zigzag_shard_raises": _check_odd_zigzag_shard_raises,
+    "shard_not_divisible_raises": _check_shard_not_divisible_raises,
+    "deterministic": _check_deterministic,
+}
 
 
 def _worker(rank, world_size, port, report_dir):
@@ -119,7 +133,7 @@ def _worker(rank, world_size, port, report_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     report = {}
     checks = [(case.name, lambda case=case: _check_case(case, world_size)) for case in CASES]
-    checks += [(name, lambda name=name: _check_errors(name, world_size)) for name in ERROR_CHECKS]
+    checks += [(name, lambda check=check: check(world_size)) for name, check in OTHER_CHECKS.items()]
     for name, check in checks:
         try:
             check()
@@ -166,7 +180,7 @@ def reports(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("check", [case.name for case in CASES] + ERROR_CHECKS)
+@pytest.mark.parametrize("check", [case.name for case in CASES] + list(OTHER_CHECKS))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_ring_attention_matches_whole_sequence(reports, world_size, check):
     failures = {rank: report[check] for rank, report in reports(world_size).items() if report[check]}
