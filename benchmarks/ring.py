@@ -162,7 +162,8 @@ def main():
         print(f"{row['figure']:<12} {row['seq_len']:>6} {row['ranks']:>5} {one_process:>8.0f} {unit:<3}"
               f" {ring:>14.0f} {unit:<3} {row['ratio']:>6.2f}  {verdict}")
 
-    record = {"command": report.command_line(), "settings": vars(args), "rows": rows}
+    settings = {name: value for name, value in vars(args).items() if name != "out"}  # no machine paths
+    record = {"command": report.command_line(), "settings": settings, "rows": rows}
     record.update(report.environment("cpu"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

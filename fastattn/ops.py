@@ -126,8 +126,7 @@ def _lse_gradient_terms(g_lse, q, k, mask, lse, scale, causal):
     probs, k32 = reference.probabilities_from_lse(q, k, lse, mask, scale, causal, torch.float32)
     dscores = probs * g_lse.unsqueeze(-1)
     dq = torch.matmul(dscores, k32) * scale
-    group = q.shape[1] // k.shape[1]
-    dk = (torch.matmul(dscores.transpose(-2, -1), q.float()) * scale).unflatten(1, (k.shape[1], group)).sum(2)
+    dk = reference.sum_query_groups(torch.matmul(dscores.transpose(-2, -1), q.float()) * scale, k.shape[1])
     return dq, dk, dscores
 
 

@@ -100,8 +100,13 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, scale=None, causa
     dq = torch.matmul(dscores, k_wide)
     dk = torch.matmul(dscores.transpose(-2, -1), q.to(compute_dtype))
     dv = torch.matmul(probs.transpose(-2, -1), grad_out)
-    fold = lambda t: t.unflatten(1, (k.shape[1], group)).sum(2)  # query heads -> their kv head
-    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    kv_heads = k.shape[1]
+    return dq.to(q.dtype), sum_query_groups(dk, kv_heads).to(k.dtype), sum_query_groups(dv, kv_heads).to(v.dtype)
+
+
+def sum_query_groups(t, kv_heads):
+    """(B, Hq, ...) -> (B, kv_heads, ...): sums the query heads that share a key/value head (GQA)."""
+    return t.unflatten(1, (kv_heads, t.shape[1] // kv_heads)).sum(2)
 
 
 def softmax(x, mask=None, scale=1.0, causal=CAUSAL_NONE, upcast=True):

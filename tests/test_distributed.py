@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastattn import reference, use_backend
+import fastattn
+from fastattn import functional, reference, use_backend
 from fastattn.distributed import merge_partial, ring_attention, shard, unshard
 from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from tolerance import assert_within_baseline
@@ -203,3 +204,29 @@ def test_merge_of_blocks_equals_whole_rows_and_empty_rows_stay_zero():
     assert torch.equal(out[:, :, 0], torch.zeros(1, 2, 8)) and torch.isneginf(lse[:, :, 0]).all()
     torch.testing.assert_close(out, whole)
     torch.testing.assert_close(lse, whole_lse)
+
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_block_ops_over_two_key_blocks_equal_attention_over_all_keys(backend):
+    """What each ring step relies on: merged block forwards give the whole rows' out and lse;
+    block backwards given those give dq (summed over the blocks) and each block's dk, dv."""
+    generator = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 20, 16, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, 30, 16, generator=generator, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, 4, 20, 16, generator=generator)
+    scale = 0.3
+    whole, whole_lse = fastattn.attention(q, k, v, scale=scale, return_lse=True, backend=backend)
+    dq, dk, dv = torch.autograd.grad(whole, (q, k, v), grad_out)
+    q, k, v, whole = q.detach(), k.detach(), v.detach(), whole.detach()
+    block = functional.block_ops(q, k, v, scale, backend)
+    blocks = (slice(0, 13), slice(13, 30))
+    out, lse = torch.zeros(2, 4, 20, 16), torch.full((2, 4, 20), float("-inf"))
+    for keys in blocks:
+        merge_partial(out, lse, *block.forward(q, k[:, :, keys], v[:, :, keys], False))
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(lse, whole_lse)
+    grads = [block.backward(grad_out, q, k[:, :, keys], v[:, :, keys], whole, whole_lse, False) for keys in blocks]
+    torch.testing.assert_close(grads[0][0] + grads[1][0], dq)
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], 2), dk)
+    torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]], 2), dv)
