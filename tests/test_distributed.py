@@ -1,10 +1,12 @@
 """Ring attention (fastattn.distributed) against attention over the whole sequence in one
 process: float64 reference as ground truth, the low-precision PyTorch baseline in the ring's
-dtype (tests/tolerance.py). Spawning a process group costs seconds, so one group per world
-size (2 and 4 ranks, gloo) runs every case and each rank reports its checks to a file; the
-tests below read those reports case by case."""
+dtype (tests/tolerance.py). Spawning processes costs seconds, so one spawn of 4 ranks (gloo)
+runs every check twice: on all 4 ranks, then on 2 ranks, in two process groups {0, 1} and
+{2, 3} at once (so ranks are also mapped from a group to the world). Each rank reports its
+checks to a file; the tests below read those reports check by check."""
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import socket
@@ -22,7 +24,8 @@ from fastattn.distributed import merge_partial, ring_attention, shard, unshard
 from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from tolerance import assert_within_baseline
 
-WORLD_SIZES = (2, 4)
+WORLD_SIZE = 4
+RING_SIZES = (4, 2)
 SPAWN_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 
@@ -66,12 +69,14 @@ def _attention_with_grads(q, k, v, grad_out, case, dtype, upcast):
     return out, lse, grads
 
 
-def _ring_with_grads(q, k, v, grad_out, case):
+def _ring_with_grads(q, k, v, grad_out, case, group):
     """Ring attention on this rank's shards; returns the whole out, lse, (dq, dk, dv)."""
-    shards = [shard(t.to(case.dtype), 2, layout=case.layout).detach().requires_grad_() for t in (q, k, v)]
-    out, lse = ring_attention(*shards, causal=case.causal, scale=case.scale, layout=case.layout, return_lse=True)
-    out.backward(shard(grad_out.to(case.dtype), 2, layout=case.layout))
-    whole = [unshard(t, 2, layout=case.layout) for t in [out, lse.unsqueeze(-1)] + [s.grad for s in shards]]
+    layout = case.layout
+    shards = [shard(t.to(case.dtype), 2, group, layout).detach().requires_grad_() for t in (q, k, v)]
+    options = dict(group=group, causal=case.causal, scale=case.scale, layout=layout)
+    out, lse = ring_attention(*shards, **options, return_lse=True)
+    out.backward(shard(grad_out.to(case.dtype), 2, group, layout))
+    whole = [unshard(t, 2, group, layout) for t in [out, lse.unsqueeze(-1)] + [s.grad for s in shards]]
     return whole[0], whole[1].squeeze(-1), tuple(whole[2:])
 
 
@@ -84,40 +89,40 @@ def _inputs(case, world_size):
     return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
 
 
-def _check_case(case, world_size):
-    q, k, v, grad_out = _inputs(case, world_size)
+def _check_case(case, group):
+    q, k, v, grad_out = _inputs(case, dist.get_world_size(group))
     ref = _attention_with_grads(q, k, v, grad_out, case, torch.float64, upcast=True)
     base = _attention_with_grads(q, k, v, grad_out, case, case.dtype, upcast=False)
     with use_backend(case.backend):  # None: automatic dispatch
-        ring = _ring_with_grads(q, k, v, grad_out, case)
+        ring = _ring_with_grads(q, k, v, grad_out, case, group)
     for name, got, expected, baseline in zip(("out", "lse"), ring[:2], ref[:2], base[:2]):
         assert_within_baseline(name, got, expected, baseline)
     for name, got, expected, baseline in zip(("dq", "dk", "dv"), ring[2], ref[2], base[2]):
         assert_within_baseline(name, got, expected, baseline)
 
 
-def _check_odd_zigzag_shard_raises(world_size):
+def _check_odd_zigzag_shard_raises(group):
     q = torch.randn(1, 2, 7, 16)
-    message = f"sequence length must be even.*divisible by {2 * world_size}.*got a shard of 7"
+    message = f"sequence length must be even.*divisible by {2 * dist.get_world_size(group)}.*got a shard of 7"
     with pytest.raises(ValueError, match=message):
-        ring_attention(q, q, q, causal=True)
+        ring_attention(q, q, q, group=group, causal=True)
     with pytest.raises(ValueError, match="layout must be one of"):
-        ring_attention(q, q, q, layout="striped")
+        ring_attention(q, q, q, group=group, layout="striped")
 
 
-def _check_shard_not_divisible_raises(world_size):
-    x = torch.randn(1, 2, 2 * world_size + 1, 16)
-    with pytest.raises(ValueError, match=rf"x.shape\[2\].*divisible by {2 * world_size} for layout='zigzag'"):
-        shard(x, 2)
-    message = rf"divisible by {world_size} for layout='contiguous'.*got {2 * world_size + 1}"
-    with pytest.raises(ValueError, match=message):
-        shard(x, 2, layout="contiguous")
+def _check_shard_not_divisible_raises(group):
+    ranks = dist.get_world_size(group)
+    x = torch.randn(1, 2, 2 * ranks + 1, 16)
+    with pytest.raises(ValueError, match=rf"x.shape\[2\].*divisible by {2 * ranks} for layout='zigzag'"):
+        shard(x, 2, group)
+    with pytest.raises(ValueError, match=rf"divisible by {ranks} for layout='contiguous'.*got {2 * ranks + 1}"):
+        shard(x, 2, group, layout="contiguous")
 
 
-def _check_deterministic(world_size):
+def _check_deterministic(group):
     case = CASES[1]
-    q, k, v, grad_out = _inputs(case, world_size)
-    first, second = (_ring_with_grads(q, k, v, grad_out, case) for _ in range(2))
+    q, k, v, grad_out = _inputs(case, dist.get_world_size(group))
+    first, second = (_ring_with_grads(q, k, v, grad_out, case, group) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first[:2] + first[2], second[:2] + second[2]))
 
 
@@ -128,19 +133,21 @@ OTHER_CHECKS = {
 }
 
 
-def _worker(rank, world_size, port, report_dir):
+def _worker(rank, port, report_dir):
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank takes part in creating both
+    checks = {case.name: functools.partial(_check_case, case) for case in CASES} | OTHER_CHECKS
     report = {}
-    checks = [(case.name, lambda case=case: _check_case(case, world_size)) for case in CASES]
-    checks += [(name, lambda check=check: check(world_size)) for name, check in OTHER_CHECKS.items()]
-    for name, check in checks:
-        try:
-            check()
-            report[name] = None
-        except Exception:
-            report[name] = traceback.format_exc()
+    for group in (None, pairs[rank // 2]):
+        ring_size = dist.get_world_size(group)
+        for name, check in checks.items():
+            try:
+                check(group)
+                report[f"{ring_size}/{name}"] = None
+            except Exception:
+                report[f"{ring_size}/{name}"] = traceback.format_exc()
     dist.destroy_process_group()
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -152,39 +159,29 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(world_size, report_dir):
-    """Runs every check on `world_size` ranks; returns {rank: {check: None or traceback}}."""
-    context = mp.spawn(_worker, args=(world_size, _free_port(), str(report_dir)), nprocs=world_size, join=False)
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Runs every check on the spawned ranks; {rank: {"ring size/check": None or traceback}}."""
+    report_dir = tmp_path_factory.mktemp("ring")
+    context = mp.spawn(_worker, args=(_free_port(), str(report_dir)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+            pytest.fail(f"{WORLD_SIZE} ranks did not finish within {SPAWN_TIMEOUT_S} s")
     reports = {}
-    for rank in range(world_size):
+    for rank in range(WORLD_SIZE):
         with open(os.path.join(report_dir, f"rank{rank}.json")) as f:
             reports[rank] = json.load(f)
     return reports
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """reports(world_size) spawns that many ranks on first use, then returns their reports."""
-    spawned = {}
-
-    def get(world_size):
-        if world_size not in spawned:
-            spawned[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"ring{world_size}"))
-        return spawned[world_size]
-
-    return get
-
-
 @pytest.mark.parametrize("check", [case.name for case in CASES] + list(OTHER_CHECKS))
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_ring_attention_matches_whole_sequence(reports, world_size, check):
-    failures = {rank: report[check] for rank, report in reports(world_size).items() if report[check]}
+@pytest.mark.parametrize("ring_size", RING_SIZES)
+def test_ring_attention_matches_whole_sequence(reports, ring_size, check):
+    key = f"{ring_size}/{check}"
+    failures = {rank: report[key] for rank, report in reports.items() if report[key]}
     assert not failures, "\n".join(f"rank {rank}:\n{trace}" for rank, trace in failures.items())
 
 
@@ -207,7 +204,10 @@ def test_merge_of_blocks_equals_whole_rows_and_empty_rows_stay_zero():
 
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+USABLE_CPU_BACKENDS = [name for name in ("cpu", "triton", "reference") if fastattn.backends()[name]["usable"]]
+
+
+@pytest.mark.parametrize("backend", USABLE_CPU_BACKENDS)
 def test_block_ops_over_two_key_blocks_equal_attention_over_all_keys(backend):
     """What each ring step relies on: merged block forwards give the whole rows' out and lse;
     block backwards given those give dq (summed over the blocks) and each block's dk, dv."""
