@@ -4,6 +4,7 @@
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # drop-in for SDPA
     out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)  # bottom-right causal, GQA
     probs = fastattn.softmax(scores, mask=mask, scale=0.125)               # fused masked softmax
+    out = fastattn.distributed.ring_attention(q, k, v, causal=True)        # sequence sharded over ranks
 """
 from . import nn
 from ._version import __version__
@@ -19,11 +20,21 @@ def register_transformers(name="fastattn"):
     return register(name)
 
 
+def __getattr__(name):
+    """`fastattn.distributed` (context parallelism) is imported on first use."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "BACKENDS",
     "attention",
     "backends",
+    "distributed",
     "info",
     "nn",
     "register_transformers",

@@ -1,5 +1,6 @@
 """The public functions: argument checks, backend choice, then one op call."""
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -30,6 +31,41 @@ def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
 
 def _is_empty(*tensors):
     return any(t.numel() == 0 for t in tensors)
+
+
+class BlockOps(NamedTuple):
+    """Attention over one block of keys, without autograd, for callers that split rows' keys
+    into blocks and merge the partial results by their lse (ring attention). `causal` is
+    attention()'s bottom-right rule.
+      forward(q, k, v, causal) -> (out, lse float32)
+      backward(grad_out, q, k, v, out, lse, causal) -> (dq, dk, dv): given the out and lse of
+        whole rows (all blocks merged), the block's share of dq and the block's dk, dv."""
+
+    forward: Callable
+    backward: Callable
+
+
+def block_ops(q, k, v, scale, backend=None):
+    """BlockOps on the backend dispatch picks for inputs like q, k, v (no mask) and `scale`."""
+    chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, None, scale), q.device, backend)
+    family = None if chosen == "reference" else _ops_for(chosen)
+
+    def forward(q, k, v, causal):
+        causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+        if family is None:
+            return reference.attention(q, k, v, None, scale, causal)
+        q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
+        return family.attn_fwd(q, k, v, None, float(scale), causal)
+
+    def backward(grad_out, q, k, v, out, lse, causal):
+        causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+        if family is None:
+            return reference.attention_backward(grad_out, q, k, v, out, lse, None, scale, causal)
+        grad_out, q, k, v, out = (ops.last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+        dq, dk, dv, _ = family.attn_bwd(grad_out, q, k, v, out, lse, None, float(scale), causal, False)
+        return dq, dk, dv
+
+    return BlockOps(forward, backward)
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None):

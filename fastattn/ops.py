@@ -170,14 +170,10 @@ def _fake_softmax_bwd(grad_y, y):
 def _lse_gradient_terms(g_lse, q, k, mask, lse, scale, causal):
     """Extra dq, dk, dmask when the caller differentiates the returned log-sum-exp
     (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss."""
-    group = q.shape[1] // k.shape[1]
-    k32 = k.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k32.transpose(-2, -1)) * scale
-    scores = reference._masked_scores(scores, mask, causal)
-    finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    dscores = torch.exp(scores - finite_lse.unsqueeze(-1)) * g_lse.unsqueeze(-1)
+    probs, k32 = reference.probabilities_from_lse(q, k, lse, mask, scale, causal, torch.float32)
+    dscores = probs * g_lse.unsqueeze(-1)
     dq = torch.matmul(dscores, k32) * scale
-    dk = (torch.matmul(dscores.transpose(-2, -1), q.float()) * scale).unflatten(1, (k.shape[1], group)).sum(2)
+    dk = reference.sum_query_groups(torch.matmul(dscores.transpose(-2, -1), q.float()) * scale, k.shape[1])
     return dq, dk, dscores
 
 

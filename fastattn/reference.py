@@ -80,6 +80,43 @@ def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0,
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
 
 
+def probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype):
+    """exp(scores - lse): the attention probabilities of q against k given each row's log-sum-exp
+    (zero for rows whose lse is -inf). With the lse of whole rows and k one block of their keys,
+    these are the block's share of the row's probabilities. Returns (probs (B, Hq, Sq, Sk),
+    k repeated to Hq heads), both in compute_dtype."""
+    group = q.shape[1] // k.shape[1]
+    k_wide = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(compute_dtype), k_wide.transpose(-2, -1)) * scale
+    scores = _masked_scores(scores, mask, causal)
+    finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(compute_dtype)
+    return torch.exp(scores - finite_lse.unsqueeze(-1)), k_wide
+
+
+def attention_backward(grad_out, q, k, v, out, lse, mask=None, scale=None, causal=CAUSAL_NONE):
+    """dq, dk, dv of attention from its output and lse, as the fused backward kernels compute
+    them (float32, float64 for float64 inputs). Given the out and lse of whole rows while k, v
+    are one block of their keys, returns that block's share of dq and the block's dk, dv."""
+    compute_dtype = _compute_dtype(q.dtype, upcast=True)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    probs, k_wide = probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype)
+    v_wide = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    grad_out = grad_out.to(compute_dtype)
+    delta = (grad_out * out.to(compute_dtype)).sum(dim=-1, keepdim=True)
+    dscores = probs * (torch.matmul(grad_out, v_wide.transpose(-2, -1)) - delta) * scale
+    dq = torch.matmul(dscores, k_wide)
+    dk = torch.matmul(dscores.transpose(-2, -1), q.to(compute_dtype))
+    dv = torch.matmul(probs.transpose(-2, -1), grad_out)
+    kv_heads = k.shape[1]
+    return dq.to(q.dtype), sum_query_groups(dk, kv_heads).to(k.dtype), sum_query_groups(dv, kv_heads).to(v.dtype)
+
+
+def sum_query_groups(t, kv_heads):
+    """(B, Hq, ...) -> (B, kv_heads, ...): sums the query heads that share a key/value head (GQA)."""
+    return t.unflatten(1, (kv_heads, t.shape[1] // kv_heads)).sum(2)
+
+
 def softmax(x, mask=None, scale=1.0, causal=CAUSAL_NONE, upcast=True):
     """Reference fused softmax over the last dim of `scale * x (+ mask)`; rows with no
     visible entry give zeros. upcast=False computes in x's dtype."""

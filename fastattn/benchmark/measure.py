@@ -113,9 +113,15 @@ def _proc_status_bytes(key):
 
 
 def _peak_rss_delta(step):
-    """Linux: peak resident memory during the step minus resident memory before it. Freed heap
-    memory is first returned to the OS (malloc_trim) so the step cannot reuse it unseen, and
-    the kernel's peak-RSS mark is reset (clear_refs 5) so earlier peaks do not hide this one."""
+    deltas = cpu_memory_deltas(step)
+    return None if deltas is None else deltas[1]
+
+
+def cpu_memory_deltas(step):
+    """Linux: (resident memory after the step, peak resident memory during it), both minus
+    resident memory before it, in bytes; None where /proc cannot be read. Freed heap memory is
+    first returned to the OS (malloc_trim) so the step cannot reuse it unseen, and the
+    kernel's peak-RSS mark is reset (clear_refs 5) so earlier peaks do not hide this one."""
     try:
         if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
             _LIBC.malloc_trim(0)
@@ -125,4 +131,4 @@ def _peak_rss_delta(step):
     except OSError:
         return None
     step()
-    return max(0, _proc_status_bytes("VmHWM:") - before)
+    return _proc_status_bytes("VmRSS:") - before, max(0, _proc_status_bytes("VmHWM:") - before)

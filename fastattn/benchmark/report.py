@@ -292,13 +292,18 @@ def write_outputs(out_dir, results, meta):
     return [json_path, csv_path] + plot(results, out_dir)
 
 
+def command_line():
+    """This process's command line, the interpreter by name only: the record describes the
+    run, not this machine's paths."""
+    return shlex.join([os.path.basename(sys.orig_argv[0])] + sys.orig_argv[1:])
+
+
 def run_metadata(device, scale, suites, unavailable):
     """The JSON header of a run: environment, command line, settings."""
     meta = {
         "schema": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # the interpreter by name only: the record describes the run, not this machine's paths
-        "command": shlex.join([os.path.basename(sys.orig_argv[0])] + sys.orig_argv[1:]),
+        "command": command_line(),
         "scale": scale,
         "suites": list(suites),
         "unavailable": unavailable,
