@@ -35,6 +35,8 @@ def ring_attention_forward(module, query, key, value, attention_mask, scaling=No
     no mask function is registered and attention_mask arrives as None."""
     if attention_mask is not None:
         raise ValueError(f"attn_implementation='{RING_IMPLEMENTATION}' takes no attention_mask (no padding), got one")
+    if dropout:
+        raise ValueError(f"attn_implementation='{RING_IMPLEMENTATION}' has no attention dropout, got dropout={dropout}")
     out = cp.ring_attention(query, key, value, causal=True, scale=scaling, layout=layout)
     return out.transpose(1, 2).contiguous(), None
 

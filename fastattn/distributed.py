@@ -36,6 +36,15 @@ def _chunks_per_rank(layout):
     return 2 if layout == "zigzag" else 1
 
 
+def _check_shard_length(length, size, layout, name):
+    """A zigzag shard is 2 equal chunks: its length must be even."""
+    if layout == "zigzag" and length % 2 != 0:
+        raise ValueError(
+            f"{name} must be even for layout='zigzag' (a shard is 2 of 2P equal chunks, so the whole "
+            f"sequence must be divisible by {2 * size}), got a shard of {length}"
+        )
+
+
 def shard(x, dim, group=None, layout="zigzag"):
     """This rank's part of `x` along `dim` (the sequence dimension) under `layout`.
     x.shape[dim] must be divisible by 2P for "zigzag", by P for "contiguous" (P: the group's
@@ -58,7 +67,9 @@ def unshard(x, dim, group=None, layout="zigzag"):
     """The whole sequence from every rank's shard `x` (all_gather; every rank gets it).
     Not differentiable: for results and checks."""
     _check_layout(layout)
-    gathered = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
+    size = dist.get_world_size(group)
+    _check_shard_length(x.shape[dim], size, layout, f"x.shape[{dim}]")
+    gathered = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(size)]
     dist.all_gather(gathered, x.contiguous(), group=group)
     if layout == "zigzag":
         halves = [part.chunk(2, dim) for part in gathered]
@@ -238,11 +249,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, layout="zig
             f"key and query must be shards of one sequence: equal lengths, got {k.shape[2]} and {q.shape[2]}"
         )
     ring = _Ring(group)
-    if layout == "zigzag" and q.shape[2] % 2 != 0:
-        raise ValueError(
-            f"query's sequence length must be even for layout='zigzag' (a shard is 2 of 2P equal chunks, "
-            f"so the whole sequence must be divisible by {2 * ring.size}), got a shard of {q.shape[2]}"
-        )
+    _check_shard_length(q.shape[2], ring.size, layout, "query's sequence length")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     k, v = k.contiguous(), v.contiguous()  # sent and received as dense buffers
     out, lse = _RingAttention.apply(q, k, v, ring, causal, scale, layout)

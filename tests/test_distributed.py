@@ -108,6 +108,8 @@ def _check_odd_zigzag_shard_raises(group):
         ring_attention(q, q, q, group=group, causal=True)
     with pytest.raises(ValueError, match="layout must be one of"):
         ring_attention(q, q, q, group=group, layout="striped")
+    with pytest.raises(ValueError, match=r"x.shape\[2\] must be even for layout='zigzag'"):
+        unshard(q, 2, group)
 
 
 def _check_shard_not_divisible_raises(group):
