@@ -23,6 +23,9 @@ TORCH_LIBRARY(fastattn, m) {
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int causal) -> Tensor");
   m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
+  // The dropout decisions (csrc/philox.h) of a (batch, heads, rows, cols) score tensor under
+  // rng_state (int64 (seed, offset)); true = kept.
+  m.def("dropout_keep_mask(Tensor rng_state, int batch, int heads, int rows, int cols, float p) -> Tensor");
 }
 
 #ifndef FASTATTN_CUDA_ARCHS

@@ -164,6 +164,10 @@ def _fake_softmax_bwd(grad_y, y):
     return y.new_empty(y.shape)
 
 
+def _fake_dropout_keep_mask(rng_state, batch, heads, rows, cols, p):
+    return rng_state.new_empty((batch, heads, rows, cols), dtype=torch.bool)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -254,4 +258,6 @@ class OpFamily:
 
 
 NATIVE_OPS = OpFamily("", register_fakes=True) if _C is not None else None
+if _C is not None:
+    torch.library.register_fake("fastattn::dropout_keep_mask")(_fake_dropout_keep_mask)
 TRITON_OPS = OpFamily("triton_", register_fakes=False) if TRITON_IMPORT_ERROR is None else None

@@ -6,6 +6,8 @@ cast back, like the fused kernels do.
 """
 import torch
 
+from . import philox
+
 # Causal alignment codes shared by every backend (and passed to the compiled ops).
 CAUSAL_NONE = 0
 CAUSAL_TOP_LEFT = 1  # SDPA's rule: query i sees keys <= i
@@ -60,10 +62,19 @@ def _compute_dtype(dtype, upcast):
     return torch.float32
 
 
-def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0, upcast=True):
+def dropout(probs, p, rng_state):
+    """Dropout of attention probabilities (B, H, Sq, Sk) with the fused kernels' decisions:
+    kept entries scaled by 1 / (1 - p), under rng_state (fastattn/philox.py)."""
+    keep = philox.keep_mask(rng_state, probs.shape, p)
+    return torch.where(keep, probs * (1.0 / (1.0 - p) if p < 1.0 else 0.0), torch.zeros_like(probs))
+
+
+def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0, upcast=True, rng_state=None):
     """Reference attention. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv) with
     Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive.
     upcast=False computes in the input dtype: the low-precision baseline of the tests.
+    dropout_p > 0 drops probabilities as the fused kernels do under rng_state (int64 (seed,
+    offset); drawn from torch's generator when None).
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
     scale = default_scale(q.shape[-1]) if scale is None else scale
@@ -74,7 +85,8 @@ def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0,
     scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale
     probs, lse = _safe_softmax(_masked_scores(scores, mask, causal))
     if dropout_p > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+        rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
+        probs = dropout(probs, dropout_p, rng_state)
     out = torch.matmul(probs, v.to(compute_dtype))
     # lse is float32 like the kernels', except in float64 runs (the ground truth keeps its precision)
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
