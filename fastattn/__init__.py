@@ -4,6 +4,8 @@
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # drop-in for SDPA
     out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)  # bottom-right causal, GQA
     probs = fastattn.softmax(scores, mask=mask, scale=0.125)               # fused masked softmax
+    out = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                         k_new=k, v_new=v)                 # decoding with a KV cache
     out = fastattn.distributed.ring_attention(q, k, v, causal=True)        # sequence sharded over ranks
 """
 from . import nn
@@ -11,6 +13,7 @@ from ._version import __version__
 from .dispatch import BACKENDS, backends, use_backend
 from .functional import attention, scaled_dot_product_attention, softmax
 from .info import info
+from .kvcache import attention_with_kvcache
 
 
 def register_transformers(name="fastattn"):
@@ -33,6 +36,7 @@ __all__ = [
     "__version__",
     "BACKENDS",
     "attention",
+    "attention_with_kvcache",
     "backends",
     "distributed",
     "info",

@@ -1,0 +1,130 @@
+"""Attention against a key/value cache, for generation: `attention_with_kvcache` appends the
+new keys and values of each row in place, then lets the new queries attend to everything the
+row holds (flash-attention's `flash_attn_with_kvcache` semantics).
+
+The cache is contiguous `(B, Hkv, S_max, D)`, or paged: `(num_blocks, Hkv, block_size, D)`
+blocks that an int32 `block_table (B, max_blocks)` assigns to rows, in any order. Row b holds
+`cache_seqlens[b]` entries; rows of different lengths share one batch.
+
+How it runs today: the cache (gathered from its blocks when paged) goes to `attention` with a
+boolean mask of each row's valid keys (and the causal rule), which the fused kernels use to
+skip the key blocks past a row's end. Everything stays on the device (no host
+synchronisation, no data-dependent shapes), so it traces under torch.compile and CUDA graphs.
+Until the kernels read paged caches and row lengths themselves, two costs remain: a paged
+cache is gathered (copied) once per call, and the slots past a row's end are masked rather
+than never read, so they must hold finite values (allocate caches with torch.zeros, not
+torch.empty: a NaN there would reach the output as 0 * NaN).
+"""
+import torch
+
+from . import functional, ops
+
+
+def _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-d tensor, got {shape}")
+    B, Hq, Sq, D = q.shape
+    if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != D:
+        raise ValueError(
+            f"k_cache must be (.., Hkv, S, {D}) and v_cache agree with it in the first three dims, "
+            f"got k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
+        got = f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got {got}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"a contiguous k_cache must have batch size {B} like q, got {tuple(k_cache.shape)}")
+    elif not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+        got = f"{block_table.dtype} {tuple(block_table.shape)}" if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks), got {got}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    if k_new is not None:
+        Hkv = k_cache.shape[1]
+        for name, new, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+            expected = (B, Hkv, Sq, cache.shape[3])
+            if not isinstance(new, torch.Tensor) or tuple(new.shape) != expected:
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"{name} must have shape {expected} (batch, kv heads, new tokens, head dim), got {got}")
+            if new.dtype != cache.dtype:
+                raise TypeError(f"{name} must have the cache's dtype {cache.dtype}, got {new.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens), ("block_table", block_table)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
+
+
+def _capacity(k_cache, block_table):
+    """Entries one row can hold."""
+    return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
+
+
+def _append(cache, new, positions, block_table):
+    """Writes new (B, Hkv, Sq, D) at positions (B, Sq) of each row, in place."""
+    rows = new.transpose(1, 2)  # (B, Sq, Hkv, D), indexed below by (row, position)
+    if block_table is None:
+        batch = torch.arange(new.shape[0], device=new.device).unsqueeze(1)
+        cache.transpose(1, 2)[batch, positions] = rows
+    else:
+        block_size = cache.shape[2]
+        blocks = torch.gather(block_table, 1, (positions // block_size).to(torch.int64)).to(torch.int64)
+        cache.transpose(1, 2)[blocks, positions % block_size] = rows
+
+
+def _row_view(cache, block_table):
+    """The cache as (B, Hkv, capacity, D): the cache itself when contiguous, its blocks
+    gathered in table order when paged."""
+    if block_table is None:
+        return cache
+    blocks = cache[block_table.to(torch.int64)]  # (B, max_blocks, Hkv, block_size, D)
+    B, nblocks, H, block_size, D = blocks.shape
+    return blocks.transpose(1, 2).reshape(B, H, nblocks * block_size, D)
+
+
+def attention_with_kvcache(
+    q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None, block_table=None, causal=True,
+    scale=None, return_lse=False, backend=None,
+):
+    """Attention of new queries against a key/value cache, appending new keys and values first.
+
+    q: (B, Hq, Sq, D), Hq a multiple of the cache's kv heads (GQA).
+    k_cache, v_cache: (B, Hkv, S_max, D) contiguous, or (num_blocks, Hkv, block_size, D) paged
+      with block_table.
+    cache_seqlens: int32 (B,), the entries each row holds before this call (not updated here).
+    k_new, v_new: optional (B, Hkv, Sq, D), written in place at positions
+      [cache_seqlens[b], cache_seqlens[b] + Sq) of row b; the queries then see
+      L_b = cache_seqlens[b] + Sq keys (L_b = cache_seqlens[b] without them).
+    block_table: int32 (B, max_blocks): row b's position t lives in block
+      block_table[b, t // block_size] at offset t % block_size.
+    causal: query i sees keys j <= i + L_b - Sq (bottom-right, per row); else every j < L_b.
+    A row must have room: L_b <= S_max (contiguous) or max_blocks * block_size (paged); checked
+    for CPU tensors (on a GPU the check would need a host synchronisation).
+    Returns out (B, Hq, Sq, Dv) (and lse (B, Hq, Sq) float32 with return_lse).
+    """
+    _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
+    ops.check_flag("causal", causal)
+    ops.check_flag("return_lse", return_lse)
+    Sq = q.shape[2]
+    capacity = _capacity(k_cache, block_table)
+    lengths = cache_seqlens.to(torch.int64) + (Sq if k_new is not None else 0)  # keys each row sees
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
+        longest = int(lengths.max())
+        if longest > capacity or int(cache_seqlens.min()) < 0:
+            raise ValueError(
+                f"cache_seqlens (+ {Sq} new tokens) must stay within [0, {capacity}] (the cache's room per row), "
+                f"got lengths up to {longest} and down to {int(cache_seqlens.min())}"
+            )
+    if k_new is not None:
+        positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
+        _append(k_cache, k_new, positions, block_table)
+        _append(v_cache, v_new, positions, block_table)
+    keys = torch.arange(capacity, device=q.device)
+    visible = keys < lengths.view(-1, 1, 1)  # (B, 1, capacity)
+    if causal:
+        last_visible = lengths.view(-1, 1) - Sq + torch.arange(Sq, device=q.device)  # (B, Sq)
+        visible = visible & (keys <= last_visible.unsqueeze(-1))
+    mask = visible.unsqueeze(1)  # (B, 1, Sq or 1, capacity)
+    k_rows, v_rows = _row_view(k_cache, block_table), _row_view(v_cache, block_table)
+    return functional.attention(q, k_rows, v_rows, attn_mask=mask, scale=scale, return_lse=return_lse, backend=backend)
