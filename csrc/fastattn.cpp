@@ -21,6 +21,11 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? mask, float scale, int causal, bool mask_grad)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  // Forward against a KV cache: k_cache/v_cache contiguous (B, Hkv, S_max, D) or, with an
+  // int32 block_table (B, max_blocks), pages (num_blocks, Hkv, block_size, D); batch b sees its
+  // first cache_seqlens[b] keys (causal bottom-right per batch).
+  m.def("attn_fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
+        " Tensor? block_table, float scale, int causal) -> (Tensor out, Tensor lse)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int causal) -> Tensor");
   m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
   // The dropout decisions (csrc/philox.h) of a (batch, heads, rows, cols) score tensor under

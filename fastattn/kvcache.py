@@ -6,18 +6,19 @@ The cache is contiguous `(B, Hkv, S_max, D)`, or paged: `(num_blocks, Hkv, block
 blocks that an int32 `block_table (B, max_blocks)` assigns to rows, in any order. Row b holds
 `cache_seqlens[b]` entries; rows of different lengths share one batch.
 
-How it runs today: the cache (gathered from its blocks when paged) goes to `attention` with a
-boolean mask of each row's valid keys (and the causal rule), which the fused kernels use to
-skip the key blocks past a row's end. Everything stays on the device (no host
-synchronisation, no data-dependent shapes), so it traces under torch.compile and CUDA graphs.
-Until the kernels read paged caches and row lengths themselves, two costs remain: a paged
-cache is gathered (copied) once per call, and the slots past a row's end are masked rather
-than never read, so they must hold finite values (allocate caches with torch.zeros, not
-torch.empty: a NaN there would reach the output as 0 * NaN).
+The CPU kernels read the cache in place (pages through the block table) and stop at each
+row's end: fastattn::attn_fwd_kvcache. Other backends get the cache (gathered from its pages
+when paged) through `attention` with a boolean mask of each row's valid keys and the causal
+rule, which their kernels use to skip the key blocks past a row's end; there a paged cache
+is copied once per call, and slots past a row's end are masked rather than never read, so
+they must hold finite values (allocate caches with torch.zeros: a NaN there would reach the
+output as 0 * NaN). Everything stays on the device (no host synchronisation, no
+data-dependent shapes), so it traces under torch.compile and CUDA graphs. Forward only: with
+inputs that require grad it runs the differentiable masked path.
 """
 import torch
 
-from . import functional, ops
+from . import dispatch, functional, ops, reference
 
 
 def _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table):
@@ -120,6 +121,23 @@ def attention_with_kvcache(
         positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
         _append(k_cache, k_new, positions, block_table)
         _append(v_cache, v_new, positions, block_table)
+    chosen = dispatch.choose(
+        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale), q.device, backend
+    )
+    if chosen == "cpu" and not (torch.is_grad_enabled() and q.requires_grad):
+        out, lse = torch.ops.fastattn.attn_fwd_kvcache(
+            ops.last_dim_contiguous(q), k_cache, v_cache, lengths.to(torch.int32), block_table,
+            float(reference.default_scale(q.shape[-1]) if scale is None else scale),
+            reference.CAUSAL_BOTTOM_RIGHT if causal else reference.CAUSAL_NONE,
+        )
+        return (out, lse) if return_lse else out
+    return _masked_attention(q, k_cache, v_cache, lengths, block_table, causal, scale, return_lse, chosen)
+
+
+def _masked_attention(q, k_cache, v_cache, lengths, block_table, causal, scale, return_lse, backend):
+    """The cache through `attention`, with a mask of each row's first `lengths` keys."""
+    Sq = q.shape[2]
+    capacity = _capacity(k_cache, block_table)
     keys = torch.arange(capacity, device=q.device)
     visible = keys < lengths.view(-1, 1, 1)  # (B, 1, capacity)
     if causal:

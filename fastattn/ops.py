@@ -168,6 +168,11 @@ def _fake_dropout_keep_mask(rng_state, batch, heads, rows, cols, p):
     return rng_state.new_empty((batch, heads, rows, cols), dtype=torch.bool)
 
 
+def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty(B, Hq, Sq, v_cache.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -260,4 +265,5 @@ class OpFamily:
 NATIVE_OPS = OpFamily("", register_fakes=True) if _C is not None else None
 if _C is not None:
     torch.library.register_fake("fastattn::dropout_keep_mask")(_fake_dropout_keep_mask)
+    torch.library.register_fake("fastattn::attn_fwd_kvcache")(_fake_attn_fwd_kvcache)
 TRITON_OPS = OpFamily("triton_", register_fakes=False) if TRITON_IMPORT_ERROR is None else None

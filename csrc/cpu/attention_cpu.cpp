@@ -154,38 +154,35 @@ void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.causal = int(causal);
 }
 
-std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                                                double scale, int64_t causal) {
-  const AttnShapes s = check_attention_inputs(q, k, v, causal);
-  at::Tensor out = at::empty({s.B, s.Hq, s.Sq, s.Dv}, q.options());
-  at::Tensor lse = at::empty({s.B, s.Hq, s.Sq}, q.options().dtype(at::kFloat));
+// Runs the forward kernels on filled-in inputs `p` (shapes, views, mask, rule, KV-cache
+// fields); allocates and returns out (B, Hq, Sq, Dv) and lse (B, Hq, Sq).
+std::tuple<at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, options);
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (s.Sk == 0) {  // no keys: every row sees nothing
+  if (p.Sk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  AttnFwdParams p;
-  set_attention_inputs(p, q, k, v, s, mask, scale, causal);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const KernelTable& kt = kernels();
   // Few queries (decode): vectorise along keys, items (batch, kv head, key split); else
   // queries in vector lanes, items (batch, query head, query block, key split).
-  const bool few = s.Sq <= kFewQueries;
-  const int64_t items = few ? s.B * s.Hkv : s.B * s.Hq * ((s.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
+  const bool few = p.Sq <= kFewQueries;
+  const int64_t items = few ? p.B * p.Hkv : p.B * p.Hq * ((p.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
   const int64_t block_k = few ? kt.rows_block_k : kt.fwd_block_k;
   // With fewer items than twice the threads, keys are split too (at least two blocks per
   // split); the partial outputs are merged by their lse in a fixed order.
-  const int64_t blocks = (s.Sk + block_k - 1) / block_k;
+  const int64_t blocks = (p.Sk + block_k - 1) / block_k;
   const int64_t threads = at::get_num_threads();
   p.nsplit = items >= 2 * threads ? 1
                                   : std::max<int64_t>(1, std::min<int64_t>(blocks / 2, (2 * threads + items - 1) / items));
   at::Tensor out_partial, lse_partial;
   if (p.nsplit > 1) {
-    out_partial = at::empty({p.nsplit, s.B, s.Hq, s.Sq, s.Dv}, q.options().dtype(at::kFloat));
-    lse_partial = at::empty({p.nsplit, s.B, s.Hq, s.Sq}, q.options().dtype(at::kFloat));
+    out_partial = at::empty({p.nsplit, p.B, p.Hq, p.Sq, p.Dv}, options.dtype(at::kFloat));
+    lse_partial = at::empty({p.nsplit, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
     p.out_partial = out_partial.data_ptr<float>();
     p.lse_partial = lse_partial.data_ptr<float>();
   }
@@ -198,6 +195,66 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::T
     out.copy_((out_partial * w.unsqueeze(-1)).sum(0));
   }
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                double scale, int64_t causal) {
+  const AttnShapes s = check_attention_inputs(q, k, v, causal);
+  AttnFwdParams p;
+  set_attention_inputs(p, q, k, v, s, mask, scale, causal);
+  return run_forward(p, q.options());
+}
+
+// Attention of q (B, Hq, Sq, D) against a KV cache: contiguous (B, Hkv, S_max, D) or, with
+// block_table (B, max_blocks) int32, pages (num_blocks, Hkv, block_size, D); batch b sees its
+// first cache_seqlens[b] keys (int32 (B,), each <= the room of a row; bottom-right causal
+// per batch). Forward only.
+std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                        const std::optional<at::Tensor>& block_table,
+                                                        double scale, int64_t causal) {
+  check_input(q, "q", 4);
+  check_input(k_cache, "k_cache", 4);
+  check_input(v_cache, "v_cache", 4);
+  check_causal(causal);
+  const int64_t B = q.size(0), Hkv = k_cache.size(1);
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(v_cache.sizes().slice(0, 3) == k_cache.sizes().slice(0, 3) && k_cache.size(3) == q.size(3),
+              "k_cache must be (.., Hkv, S, D) with q's head dim and v_cache must match it in its first three dims");
+  TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0, "the cache's kv heads must divide q's heads");
+  TORCH_CHECK(cache_seqlens.device().is_cpu() && cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
+                  cache_seqlens.size(0) == B && cache_seqlens.is_contiguous(),
+              "cache_seqlens must be a contiguous int32 CPU tensor of shape (", B, ")");
+  AttnFwdParams p;
+  int64_t room = k_cache.size(2);
+  if (block_table.has_value()) {
+    const at::Tensor& table = *block_table;
+    TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B &&
+                    table.is_contiguous(),
+                "block_table must be a contiguous int32 CPU tensor of shape (", B, ", max_blocks)");
+    p.block_table = table.data_ptr<int32_t>();
+    p.block_size = k_cache.size(2);
+    p.max_blocks = table.size(1);
+    room = p.block_size * p.max_blocks;
+    if (table.numel()) {
+      const auto [lowest, highest] = at::aminmax(table);
+      TORCH_CHECK(lowest.item<int32_t>() >= 0 && highest.item<int32_t>() < k_cache.size(0),
+                  "block_table entries must index the cache's ", k_cache.size(0), " pages");
+    }
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "a contiguous k_cache must have q's batch size ", B);
+  }
+  if (B) {
+    const auto [shortest, longest] = at::aminmax(cache_seqlens);
+    TORCH_CHECK(shortest.item<int32_t>() >= 0 && longest.item<int32_t>() <= room,
+                "cache_seqlens must lie in [0, ", room, "] (the room of a row)");
+  }
+  const AttnShapes s{B, q.size(1), Hkv, q.size(2), room, q.size(3), v_cache.size(3)};
+  set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, causal);
+  p.seqlens_k = cache_seqlens.data_ptr<int32_t>();
+  return run_forward(p, q.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
@@ -298,6 +355,7 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attn_fwd", &attn_fwd_cpu);
+  m.impl("attn_fwd_kvcache", &attn_fwd_kvcache_cpu);
   m.impl("attn_bwd", &attn_bwd_cpu);
   m.impl("softmax_fwd", &softmax_fwd_cpu);
   m.impl("softmax_bwd", &softmax_bwd_cpu);

@@ -232,6 +232,37 @@ static inline int64_t causal_offset(int causal, int64_t sq, int64_t sk) {
   return causal == 2 ? sk - sq : 0;  // query i sees keys <= i + offset
 }
 
+// ---------------------------------------------------------------- sequence info
+// The keys and values of one (batch, kv head) of a forward call: how many there are, the
+// causal offset of the batch, and where key j lives (contiguous rows, or the pages of a paged
+// KV cache). The forward kernels compute no key or value address any other way.
+struct KeySeq {
+  const AttnFwdParams& p;
+  int64_t b, hkv;
+  int64_t len;  // keys of this batch
+  int64_t off;  // query i sees keys <= i + off under the causal rule
+
+  KeySeq(const AttnFwdParams& params, int64_t batch, int64_t kv_head)
+      : p(params), b(batch), hkv(kv_head), len(params.seqlens_k ? params.seqlens_k[batch] : params.Sk),
+        off(causal_offset(params.causal, params.Sq, len)) {}
+
+  const char* row(const View4& t, int64_t j) const {
+    if (p.block_table == nullptr) return at_elem(t.ptr, b * t.sb + hkv * t.sh + j * t.ss, p.dtype);
+    const int64_t page = p.block_table[b * p.max_blocks + j / p.block_size];
+    return at_elem(t.ptr, page * t.sb + hkv * t.sh + (j % p.block_size) * t.ss, p.dtype);
+  }
+  const char* key(int64_t j) const { return row(p.k, j); }
+  const char* value(int64_t j) const { return row(p.v, j); }
+  // Whether keys [j, j + n) are equally spaced (k.ss / v.ss apart) in memory.
+  bool contiguous(int64_t j, int64_t n) const {
+    return p.block_table == nullptr || j / p.block_size == (j + n - 1) / p.block_size;
+  }
+  // One past the last key a query in [q0, q0 + mq) sees.
+  int64_t end_for(int64_t q0, int64_t mq) const {
+    return p.causal ? max64(0, min64(len, q0 + mq + off)) : len;
+  }
+};
+
 // ---------------------------------------------------------------- attention forward
 // Per work item (batch, query head, block of BQ queries), over key tiles of BK keys:
 //   S^T = K Q^T (keys x queries), so that the online softmax (running max m, running sum l,
@@ -292,7 +323,6 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t Dvp = round_up(p.Dv, W);
   const int64_t G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
-  const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
   const int64_t esz = elem_size(p.dtype);
   // K and V of the current (batch, kv head) in fp32, packed lazily block by block so that
   // blocks the mask or the causal rule hides are never touched.
@@ -312,6 +342,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       current = b * p.Hkv + hkv;
       fill(packed.p, nkb, 0.f);
     }
+    const KeySeq seq(p, b, hkv);
     const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
     const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + q0 * p.q.ss, p.dtype);
     for (int64_t i = 0; i < mq; ++i) {  // Q^T, with the softmax scale and log2(e) folded in
@@ -322,26 +353,24 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     fill(mvec.p, BQ, kLowest);  // finite, so that m_old - m_new is never inf - inf
     fill(lvec.p, BQ, 0.f);
     fill(o.p, mq * Dvp, 0.f);
-    const int64_t kend = min64(kb1 * BK, p.causal ? min64(p.Sk, q0 + mq + off) : p.Sk);
+    const int64_t kend = min64(kb1 * BK, seq.end_for(q0, mq));
     for (int64_t k0 = kb0 * BK; k0 < kend; k0 += BK) {
-      const int64_t kb = k0 / BK, nk = min64(BK, p.Sk - k0);
+      const int64_t kb = k0 / BK, nk = min64(BK, seq.len - k0);
       bool per_query = false;
       if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
       float* kpb = kp.p + kb * BK * p.D;
       float* vpb = vp.p + kb * BK * Dvp;
       if (packed.p[kb] == 0.f) {
         packed.p[kb] = 1.f;
-        const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
-        const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
         for (int64_t j = 0; j < nk; ++j) {
-          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, kpb + j * p.D, 1.f);
-          load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vpb + j * Dvp, 1.f);
+          load_row(seq.key(k0 + j), p.dtype, p.D, kpb + j * p.D, 1.f);
+          load_row(seq.value(k0 + j), p.dtype, p.Dv, vpb + j * Dvp, 1.f);
           fill(vpb + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
         }
       }
       gemm(kpb, p.D, qt.p, BQ, st.p, BQ, nk, BQ / W, p.D, false);
       mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
-                    k0 - off - q0);
+                    k0 - seq.off - q0);
       for (int64_t i = 0; i < BQ; i += W) {
         const R m_old = Vec::load(mvec.p + i);
         R m_new = m_old;
@@ -436,8 +465,6 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
   const int64_t BK = kDecBK;
   const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
   const int64_t G = p.Hq / p.Hkv, rows = G * p.Sq;
-  const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
-  const int64_t esz = elem_size(p.dtype);
   // K is read in place (converted on the fly) when its rows are whole vectors, else packed
   // per tile; V likewise when fp32 (the GEMM's B operand is fp32).
   const bool k_direct = p.D % W == 0;
@@ -446,12 +473,12 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
   const bool shared_mask = p.mask.ptr && p.mask.sh == 0 && p.mask.sq == 0;
   Scratch qs(rows * Dp), o(rows * Dvp), mvec(rows), lvec(rows), s(rows * BK), bias(rows * BK),
       visible(rows), kp(BK * Dp), vp(BK * Dvp);
-  // Last key each query sees (+1) under the causal rule.
-  const int64_t kend_all = p.causal ? max64(0, min64(p.Sk, p.Sq + off)) : p.Sk;
-  const int64_t nkb = ceil_div(kend_all, BK);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nsplit, pair = it / p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t hkv = pair % p.Hkv, b = pair / p.Hkv;
+    const KeySeq seq(p, b, hkv);
+    const int64_t kend_all = seq.end_for(0, p.Sq);  // one past the last key any query sees
+    const int64_t nkb = ceil_div(kend_all, BK);
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale and log2(e) folded in
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
@@ -474,8 +501,10 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
         }
       }
       if (!any) continue;
-      const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
-      if (k_direct) {
+      // Tiles that cross a page of a paged cache are packed (their rows are not equally spaced).
+      const bool tile_contiguous = seq.contiguous(k0, nk);
+      if (k_direct && tile_contiguous) {
+        const char* kbase = seq.key(k0);
         switch (p.dtype) {
           case kF32: dot_all_rows<kF32>(qs.p, rows, Dp, kbase, p.k.ss, nk, s.p, BK); break;
           case kBF16: dot_all_rows<kBF16>(qs.p, rows, Dp, kbase, p.k.ss, nk, s.p, BK); break;
@@ -483,7 +512,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
         }
       } else {
         for (int64_t j = 0; j < nk; ++j) {
-          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, kp.p + j * Dp, 1.f);
+          load_row(seq.key(k0 + j), p.dtype, p.D, kp.p + j * Dp, 1.f);
           fill(kp.p + j * Dp + p.D, Dp - p.D, 0.f);
         }
         dot_all_rows<kF32>(qs.p, rows, Dp, kp.p, Dp, nk, s.p, BK);
@@ -500,7 +529,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
           }
         }
         // Causal: query i sees keys < i + off + 1; the padding past nk is hidden too.
-        const int64_t lim = p.causal ? max64(0, min64(nk, r % p.Sq + off + 1 - k0)) : nk;
+        const int64_t lim = p.causal ? max64(0, min64(nk, r % p.Sq + seq.off + 1 - k0)) : nk;
         fill(srow + lim, BK - lim, -kInf);
         const float m_old = mvec.p[r];
         const float mx = row_max(srow, BK);
@@ -513,12 +542,11 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
       }
       const float* vt;
       int64_t ldv;
-      const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
-      if (v_direct) {
-        vt = reinterpret_cast<const float*>(vbase), ldv = p.v.ss;
+      if (v_direct && tile_contiguous) {
+        vt = reinterpret_cast<const float*>(seq.value(k0)), ldv = p.v.ss;
       } else {
         for (int64_t j = 0; j < nk; ++j) {
-          load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vp.p + j * Dvp, 1.f);
+          load_row(seq.value(k0 + j), p.dtype, p.Dv, vp.p + j * Dvp, 1.f);
           fill(vp.p + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
         }
         vt = vp.p, ldv = Dvp;

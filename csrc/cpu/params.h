@@ -33,6 +33,13 @@ struct AttnFwdParams {
   MaskView mask;
   float scale = 1.f;
   int causal = 0;
+  // KV cache: with seqlens_k, batch b has seqlens_k[b] <= Sk keys (bottom-right causal per
+  // batch); with block_table, k and v are pages (num_blocks, Hkv, block_size, D) and key j of
+  // batch b is row j % block_size of page block_table[b * max_blocks + j / block_size]
+  // (k.sb / v.sb: the page stride; Sk = max_blocks * block_size).
+  const int32_t* seqlens_k = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_size = 0, max_blocks = 0;
   void* out = nullptr;  // contiguous (B, Hq, Sq, Dv), dtype
   float* lse = nullptr;  // contiguous (B, Hq, Sq)
   // Keys split into nsplit ranges of key blocks (work items per query block, or per (batch,
