@@ -64,14 +64,16 @@ def _capacity(k_cache, block_table):
 
 def _append(cache, new, positions, block_table):
     """Writes new (B, Hkv, Sq, D) at positions (B, Sq) of each row, in place."""
-    rows = new.transpose(1, 2)  # (B, Sq, Hkv, D), indexed below by (row, position)
+    # Indexing the cache itself (not a transposed view, which index_put_ would copy whole):
+    # the indexed dims come first, so the values are (B, Sq, Hkv, D).
+    rows = new.transpose(1, 2)
     if block_table is None:
         batch = torch.arange(new.shape[0], device=new.device).unsqueeze(1)
-        cache.transpose(1, 2)[batch, positions] = rows
+        cache[batch, :, positions] = rows
     else:
         block_size = cache.shape[2]
         blocks = torch.gather(block_table, 1, (positions // block_size).to(torch.int64)).to(torch.int64)
-        cache.transpose(1, 2)[blocks, positions % block_size] = rows
+        cache[blocks, :, positions % block_size] = rows
 
 
 def _row_view(cache, block_table):
