@@ -132,3 +132,15 @@ def test_decoding_step_compiles_without_graph_breaks():
                                                block_table=table)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(k_cache, eager_cache[0], equal_nan=True)
+
+
+def test_continuous_batching_example_matches_eager():
+    pytest.importorskip("transformers")
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "generate_paged.py")
+    spec = importlib.util.spec_from_file_location("generate_paged", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(), "paged continuous batching generated other tokens than eager"
