@@ -1,6 +1,9 @@
-"""Every ```python block of README.md runs as pasted, each in a fresh namespace."""
+"""Every ```python block of README.md runs as pasted, each in a fresh namespace; a block that
+starts with `# torchrun --nproc-per-node N ...` runs as a script under torchrun with N processes."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -24,8 +27,19 @@ def test_readme_has_python_blocks():
     assert len(BLOCKS) >= 3
 
 
+TORCHRUN = re.compile(r"# torchrun --nproc-per-node (\d+)")
+
+
 @pytest.mark.parametrize("code, line", BLOCKS)
-def test_readme_block_runs(code, line):
+def test_readme_block_runs(code, line, tmp_path):
+    launch = TORCHRUN.match(code)
+    if launch:
+        script = tmp_path / "block.py"
+        script.write_text(code)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", launch.group(1), str(script)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, f"README.md:{line} under torchrun:\n{result.stdout}\n{result.stderr}"
+        return
     try:
         exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})
     except ModuleNotFoundError as error:
