@@ -21,7 +21,8 @@ def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
     if chosen == "reference":
         return reference.attention(q, k, v, mask, scale, causal)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-    return _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+    return out, lse
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None):
