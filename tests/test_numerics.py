@@ -211,3 +211,23 @@ def test_large_logits_fp32(family, logit_scale, lse_in_loss):
     for name, g, r, b, exact in zip(("dq", "dk", "dv"), got[2:], ref[2:], base[2:], given):
         worse = b if max_error(b, r) >= max_error(exact, r) else exact
         assert_within_baseline(name, g, r, worse)
+
+
+# ----------------------------------------------------------------------------- nearly one-hot rows
+# Scores exact in bf16 (small integer q and k) and one key per row lifted far above the rest:
+# PyTorch's bf16 result is then nearly exact (the output rounds to the hot value of v), so any
+# bias in how a kernel rounds P or the output to bf16 shows.
+@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize("lift", [16.0, 24.0])
+def test_bf16_nearly_one_hot_rows(family, seed, lift):
+    gen = torch.Generator().manual_seed(seed)
+    Sq, Sk, D = 16, 48, 64
+    q, k = (torch.randint(-1, 2, (1, 2, s, D), generator=gen).to(BF16) for s in (Sq, Sk))
+    hot = torch.randint(0, Sk, (Sq,), generator=gen)
+    mask = torch.zeros(1, 2, Sq, Sk, dtype=BF16)
+    mask[:, :, torch.arange(Sq), hot] = lift
+    v = torch.randn(1, 2, Sk, D, generator=gen).to(BF16)
+    out, _ = attention(family, q, k, v, mask, 0.25)
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), mask.double(), 0.25)
+    base, _ = reference.attention(q, k, v, mask, 0.25, upcast=False)
+    assert_within_baseline("out", out, ref, base)

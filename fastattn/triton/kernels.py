@@ -44,6 +44,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """x in dtype, rounded to nearest even. Interpreted ("upcast", see _dot), fp32 -> bf16 is
+    rounded by hand: the interpreter truncates, which biases every P and output element
+    towards zero (on a GPU the conversion rounds to nearest)."""
+    if PRECISION == "upcast" and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _tile_index(offs_m, offs_n, TRANSPOSED: tl.constexpr):
     """2-d query / key index grids of a (BLOCK_M, BLOCK_N) tile, or of its transpose."""
     if TRANSPOSED:
@@ -112,11 +124,13 @@ def _load_rows(base, offs_rows, n_rows, stride_row, stride_col, N_COLS: tl.const
 
 
 @triton.jit
-def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
+def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Stores the valid part of a padded tile into rows with a unit column stride."""
     cols = tl.arange(0, COLS_PAD)
     ptrs = base + offs_rows[:, None] * stride_row + cols[None, :]
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+    tl.store(ptrs, _cast(tile, base.dtype.element_ty, PRECISION),
+             mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
 
 
 @triton.jit
@@ -172,12 +186,15 @@ def _attn_fwd_kernel(
             alpha = _exp_shifted(m_i, m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
+            # P is rounded to V's dtype for the tensor cores, as PyTorch rounds its P: relative to
+            # the running max it is at most 1, so the rounding error is relative to each entry
+            # and no larger than torch's. (A hi + lo split of P would double the P @ V work.)
+            acc = _dot(_cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
             m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD)
+    _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD, PRECISION)
     row_max = tl.where(empty, NEG_INF, m_i)
     in_range = offs_m < Sq
     tl.store(Lse + bh * Sq + offs_m, row_max + tl.log(l_i), mask=in_range)
@@ -272,15 +289,15 @@ def _attn_bwd_dkdv_kernel(
                               PRECISION, True)
                 row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
                 p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
-                dv = _dot(p_t.to(do.dtype), do, dv, PRECISION)
+                dv = _dot(_cast(p_t, do.dtype, PRECISION), do, dv, PRECISION)
                 dp_t = _dot(v, tl.trans(do), None, PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])  # d loss / d (scale * q k^T + mask), transposed
                 if MASK_GRAD:
                     ptrs = dMask + (row + offs_m[None, :]) * Sk + offs_n[:, None]
                     tl.store(ptrs, ds_t, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk))
-                dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION)
-    _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD)
-    _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD)
+                dk = _dot(_cast(ds_t, q.dtype, PRECISION), q, dk, PRECISION)
+    _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD, PRECISION)
+    _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD, PRECISION)
 
 
 @triton.jit
@@ -325,8 +342,8 @@ def _attn_bwd_dq_kernel(
             p = _exp_shifted(s, row_max[:, None]) * inv_sum[:, None]
             dp = _dot(do, tl.trans(v), None, PRECISION)
             ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(k.dtype), k, dq, PRECISION)
-    _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD)
+            dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
+    _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD, PRECISION)
 
 
 @triton.jit
