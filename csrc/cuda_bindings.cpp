@@ -136,24 +136,30 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
-                                            const at::Tensor& v,
-                                            const std::optional<at::Tensor>& mask, double scale,
-                                            int64_t causal) {
+// The forward's softmax statistics (2, B, Hq, Sq): row max, row sum (see csrc/fastattn.cpp).
+constexpr int64_t kSoftmaxStats = 2;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& mask,
+                                                        double scale, int64_t causal) {
   fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, causal, fc::kMaxHeadDimFwd);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({p.b, p.hq, p.sq, p.d}, q.options());
   at::Tensor lse = at::empty({p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({kSoftmaxStats, p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.row_max = stats[0].data_ptr<float>();
+  p.row_sum = stats[1].data_ptr<float>();
   p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_s = out.stride(2);
   check_launch(fc::attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "attn_fwd");
-  return {out, lse};
+  return {out, lse, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse_in, const std::optional<at::Tensor>& mask,
+    const at::Tensor& out, const at::Tensor& stats_in, const std::optional<at::Tensor>& mask,
     double scale, int64_t causal, bool mask_grad) {
   fc::AttnBwdParams p;
   p.fwd = attn_params(q, k, v, mask, scale, causal, fc::kMaxHeadDimBwd);
@@ -162,12 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   check_attn_operand(out, "out", q);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
                     "fastattn CUDA: grad_out and out must have q's shape ", q.sizes());
-  check_cuda_tensor(lse_in, "lse", q);
-  TORCH_CHECK_VALUE(lse_in.scalar_type() == at::kFloat &&
-                        lse_in.sizes() == at::IntArrayRef({f.b, f.hq, f.sq}),
-                    "fastattn CUDA: lse must be float32 (B, Hq, Sq)");
+  check_cuda_tensor(stats_in, "softmax_stats", q);
+  TORCH_CHECK_VALUE(stats_in.scalar_type() == at::kFloat &&
+                        stats_in.sizes() == at::IntArrayRef({kSoftmaxStats, f.b, f.hq, f.sq}),
+                    "fastattn CUDA: softmax_stats must be float32 (2, B, Hq, Sq), got ",
+                    stats_in.scalar_type(), " ", stats_in.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor stats = stats_in.contiguous();
 
   at::Tensor dq = at::empty({f.b, f.hq, f.sq, f.d}, q.options());
   at::Tensor dk = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
@@ -180,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     return {dq, dk, dv, dmask};
   }
   f.out = const_cast<void*>(out.data_ptr());
-  f.lse = const_cast<float*>(lse.data_ptr<float>());
+  f.row_max = const_cast<float*>(stats[0].data_ptr<float>());
+  f.row_sum = const_cast<float*>(stats[1].data_ptr<float>());
   f.o_stride_b = out.stride(0), f.o_stride_h = out.stride(1), f.o_stride_s = out.stride(2);
   p.dout = grad_out.data_ptr();
   p.do_stride_b = grad_out.stride(0), p.do_stride_h = grad_out.stride(1);

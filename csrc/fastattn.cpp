@@ -7,6 +7,11 @@
 //         (B, Hq, Sq, Sk) (broadcast dims have stride 0).
 //   causal: 0 none, 1 top-left (SDPA), 2 bottom-right (query i sees keys <= i + Sk - Sq).
 //   lse: float32 (B, Hq, Sq), natural log; -inf for rows that see no key (their output is 0).
+//   softmax_stats: float32 (2, B, Hq, Sq): [0] the row max of the scores (scale*q.k + mask),
+//         [1] the row sum of exp(score - row max); lse = [0] + log([1]). The backward
+//         recomputes P from these rather than from lse: an fp32 lse keeps the row sum only to
+//         |lse| * 2^-24, which at large logits costs P many times PyTorch's accuracy.
+//         Rows that see no key: -inf and 0.
 //   softmax ops work over the last dim of a 4-d x (B, H, R, C) with the same mask rules;
 //   softmax_bwd returns the gradient w.r.t. the softmax input (scale*x + mask).
 #include <torch/extension.h>
@@ -17,8 +22,8 @@
 
 TORCH_LIBRARY(fastattn, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int causal)"
-        " -> (Tensor out, Tensor lse)");
-  m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+  m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor? mask, float scale, int causal, bool mask_grad)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Forward against a KV cache: k_cache/v_cache contiguous (B, Hkv, S_max, D) or, with an

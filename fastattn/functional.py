@@ -26,7 +26,8 @@ def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
     if chosen == "reference":
         return reference.attention(q, k, v, mask, scale, causal)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-    return _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+    return out, lse
 
 
 def _is_empty(*tensors):
@@ -55,14 +56,18 @@ def block_ops(q, k, v, scale, backend=None):
         if family is None:
             return reference.attention(q, k, v, None, scale, causal)
         q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-        return family.attn_fwd(q, k, v, None, float(scale), causal)
+        out, lse, _ = family.attn_fwd(q, k, v, None, float(scale), causal)
+        return out, lse
 
     def backward(grad_out, q, k, v, out, lse, causal):
         causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
         if family is None:
             return reference.attention_backward(grad_out, q, k, v, out, lse, None, scale, causal)
         grad_out, q, k, v, out = (ops.last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
-        dq, dk, dv, _ = family.attn_bwd(grad_out, q, k, v, out, lse, None, float(scale), causal, False)
+        # The kernels' softmax statistics of whole rows from their lse: row max lse, row sum 1
+        # (0 for rows that see no key).
+        stats = torch.stack([lse, (~torch.isneginf(lse)).float()])
+        dq, dk, dv, _ = family.attn_bwd(grad_out, q, k, v, out, stats, None, float(scale), causal, False)
         return dq, dk, dv
 
     return BlockOps(forward, backward)

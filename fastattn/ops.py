@@ -147,10 +147,14 @@ def last_dim_contiguous(t):
 
 def _fake_attn_fwd(q, k, v, mask, scale, causal):
     B, Hq, Sq, _ = q.shape
-    return q.new_empty(B, Hq, Sq, v.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
+    return (
+        q.new_empty(B, Hq, Sq, v.shape[-1]),
+        q.new_empty(B, Hq, Sq, dtype=torch.float32),
+        q.new_empty(reference.SOFTMAX_STATS, B, Hq, Sq, dtype=torch.float32),
+    )
 
 
-def _fake_attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad):
+def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, causal, mask_grad):
     B, Hq, Sq, _ = q.shape
     dmask_shape = (B, Hq, Sq, k.shape[2]) if mask_grad else (0,)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
@@ -176,10 +180,16 @@ def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scal
 # ----------------------------------------------------------------------------- autograd
 
 
-def _lse_gradient_terms(g_lse, q, k, mask, lse, scale, causal):
+def _lse_gradient_terms(g_lse, q, k, mask, scale, causal):
     """Extra dq, dk, dmask when the caller differentiates the returned log-sum-exp
-    (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss."""
-    probs, k32 = reference.probabilities_from_lse(q, k, lse, mask, scale, causal, torch.float32)
+    (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss.
+    P is the softmax of these very scores, not exp(scores - lse): an fp32 lse keeps the row
+    sum only to |lse| * 2^-24, and the kernel's row max may differ from these scores by an
+    ulp, either of which costs P many times PyTorch's accuracy at large logits."""
+    group = q.shape[1] // k.shape[1]
+    k32 = k.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k32.transpose(-2, -1)) * scale
+    probs, _ = reference._safe_softmax(reference._masked_scores(scores, mask, causal))
     dscores = probs * g_lse.unsqueeze(-1)
     dq = torch.matmul(dscores, k32) * scale
     dk = reference.sum_query_groups(torch.matmul(dscores.transpose(-2, -1), q.float()) * scale, k.shape[1])
@@ -222,23 +232,23 @@ class OpFamily:
     @staticmethod
     def _attention_setup(ctx, inputs, output):
         q, k, v, mask, scale, causal = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+        out, _, softmax_stats = output
+        ctx.save_for_backward(q, k, v, mask, out, softmax_stats)
         ctx.scale, ctx.causal = scale, causal
         ctx.set_materialize_grads(False)
 
-    def _attention_backward(self, ctx, grad_out, grad_lse):
-        q, k, v, mask, out, lse = ctx.saved_tensors
+    def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
+        q, k, v, mask, out, softmax_stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
             return _differentiable_attention_backward(ctx, (q, k, v, mask), grad_out, grad_lse)
         mask_grad = ctx.needs_input_grad[3]
         if grad_out is None:  # only the lse was used
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dmask = self.attn_bwd(
-            last_dim_contiguous(grad_out), q, k, v, out, lse, mask, ctx.scale, ctx.causal, mask_grad
+            last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, mask, ctx.scale, ctx.causal, mask_grad
         )
         if grad_lse is not None:
-            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, lse, ctx.scale, ctx.causal)
+            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.causal)
             dq, dk = dq + dq_lse.to(dq.dtype), dk + dk_lse.to(dk.dtype)
             if mask_grad:
                 dmask = dmask + dmask_lse

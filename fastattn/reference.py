@@ -13,6 +13,13 @@ CAUSAL_NONE = 0
 CAUSAL_TOP_LEFT = 1  # SDPA's rule: query i sees keys <= i
 CAUSAL_BOTTOM_RIGHT = 2  # flash-attention's rule: query i sees keys <= i + Sk - Sq
 
+# The fused forwards' third output, softmax_stats (SOFTMAX_STATS, B, Hq, Sq) float32: [0] the
+# row max of the scores, [1] the row sum of exp(score - row max), so lse = [0] + log([1]); rows
+# that see no key: -inf and 0. The backwards recompute P = exp(score - [0]) / [1] from them:
+# an fp32 lse keeps the row sum only to |lse| * 2^-24, which at large logits costs P many
+# times PyTorch's accuracy.
+SOFTMAX_STATS = 2
+
 
 def causal_visibility(sq: int, sk: int, causal: int, device) -> torch.Tensor:
     """Boolean (sq, sk) matrix, True where a query may see a key under `causal`."""

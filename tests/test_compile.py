@@ -28,10 +28,10 @@ def test_opcheck_attention_ops():
     for args in _attention_samples():
         torch.library.opcheck(ops.NATIVE_OPS.attn_fwd, args)
         q, k, v, mask, scale, causal = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        out, lse = ops.NATIVE_OPS.attn_fwd(q, k, v, mask, scale, causal)
+        out, lse, stats = ops.NATIVE_OPS.attn_fwd(q, k, v, mask, scale, causal)
         mask_grad = mask is not None and mask.is_floating_point()
         torch.library.opcheck(
-            ops.NATIVE_OPS.attn_bwd, (torch.randn_like(out), q, k, v, out, lse, mask, scale, causal, mask_grad)
+            ops.NATIVE_OPS.attn_bwd, (torch.randn_like(out), q, k, v, out, stats, mask, scale, causal, mask_grad)
         )
 
 

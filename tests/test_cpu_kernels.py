@@ -158,10 +158,10 @@ def test_attention_forward_backward(case, isa):
     mask_grad = mask is not None and mask.dtype != torch.bool
 
     poison_allocator()
-    out, lse = ops.attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = ops.attn_fwd(q, k, v, mask, scale, causal)
     grad_out = torch.randn_like(out)
     poison_allocator()
-    dq, dk, dv, dmask = ops.attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad)
+    dq, dk, dv, dmask = ops.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, causal, mask_grad)
 
     ref_out, ref_lse, ref_grads = reference_grads(q, k, v, mask, scale, causal, grad_out, torch.float64)
     base_out, base_lse, base_grads = reference_grads(q, k, v, mask, scale, causal, grad_out, dtype)
@@ -213,7 +213,7 @@ def test_attention_forward_few_queries(case, isa):
     mask = make_mask(mask_kind, B, Hq, Sq, Sk, dtype)
     scale = D ** -0.5 * 1.3
     poison_allocator()
-    out, lse = ops.attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = ops.attn_fwd(q, k, v, mask, scale, causal)
     leaves64 = [t.double() for t in (q, k, v)]
     mask64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
     ref_out, ref_lse = reference.attention(*leaves64, mask64, scale, causal)
@@ -229,8 +229,8 @@ def test_rows_without_keys_are_zero(isa):
     keep = torch.ones(2, 1, 1, 90, dtype=torch.bool)
     keep[0] = False
     mask = keep.expand(2, 2, 70, 90)
-    out, lse = ops.attn_fwd(q, k, v, mask, 0.125, 0)
-    dq, dk, dv, _ = ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, mask, 0.125, 0, False)
+    out, lse, stats = ops.attn_fwd(q, k, v, mask, 0.125, 0)
+    dq, dk, dv, _ = ops.attn_bwd(torch.randn_like(out), q, k, v, out, stats, mask, 0.125, 0, False)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     assert torch.isfinite(lse[1]).all() and not out[1].eq(0).all()
     for g in (dq, dk, dv):
@@ -239,10 +239,10 @@ def test_rows_without_keys_are_zero(isa):
 
 def test_backward_is_deterministic(isa):
     q, k, v = make_qkv(1, 4, 1, 300, 300, 64, 64, F32, False)  # GQA, key chunks split over threads
-    out, lse = ops.attn_fwd(q, k, v, None, 0.125, 1)
+    out, lse, stats = ops.attn_fwd(q, k, v, None, 0.125, 1)
     grad_out = torch.randn_like(out)
-    first = ops.attn_bwd(grad_out, q, k, v, out, lse, None, 0.125, 1, False)
-    second = ops.attn_bwd(grad_out, q, k, v, out, lse, None, 0.125, 1, False)
+    first = ops.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, 1, False)
+    second = ops.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, 1, False)
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a, b)
 
@@ -331,9 +331,9 @@ def test_attention_rejects_bad_inputs():
         ops.attn_fwd(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None, 1.0, 0)
     with pytest.raises(RuntimeError, match="contiguous last dim"):
         ops.attn_fwd(q.transpose(2, 3), k, v, None, 1.0, 0)
-    out, lse = ops.attn_fwd(q, k, v, None, 1.0, 0)
-    with pytest.raises(RuntimeError, match="lse must be"):
-        ops.attn_bwd(out, q, k, v, out, lse.double(), None, 1.0, 0, False)
+    out, lse, stats = ops.attn_fwd(q, k, v, None, 1.0, 0)
+    with pytest.raises(RuntimeError, match="softmax_stats must be"):
+        ops.attn_bwd(out, q, k, v, out, stats.double(), None, 1.0, 0, False)
 
 
 def test_softmax_rejects_bad_inputs():

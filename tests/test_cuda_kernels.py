@@ -129,7 +129,7 @@ def test_attention_matches_reference(case):
     with_backward = D <= 128
 
     _poison_allocator()
-    out, lse = OPS.attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, causal)
     ref = _run_reference(q, k, v, mask, scale, causal, grad_out, torch.float64)
     base = _run_reference(q, k, v, mask, scale, causal, grad_out, dtype)
 
@@ -146,7 +146,7 @@ def test_attention_matches_reference(case):
 
     _poison_allocator()
     mask_grad = kind is not None and mask.dtype != torch.bool
-    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad)
+    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, causal, mask_grad)
     for name, got, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:5], base[2:5]):
         assert got.is_contiguous() and got.dtype == dtype, name
         assert_within_baseline(name, got, r, b)
@@ -165,8 +165,8 @@ def test_dmask_without_mask_is_ds():
     B, H, Sq, Sk, D = 1, 2, 70, 90, 64
     q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.float16, False)
     grad_out = torch.randn(B, H, Sq, D, device=DEVICE, dtype=torch.float16)
-    out, lse = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_TOP_LEFT)
-    dmask = OPS.attn_bwd(grad_out, q, k, v, out, lse, None, 0.125, CAUSAL_TOP_LEFT, True)[3]
+    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_TOP_LEFT)
+    dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, CAUSAL_TOP_LEFT, True)[3]
     ref = _run_reference(q, k, v, None, 0.125, CAUSAL_TOP_LEFT, grad_out, torch.float64)
     base = _run_reference(q, k, v, None, 0.125, CAUSAL_TOP_LEFT, grad_out, torch.float16)
     assert_within_baseline("dmask", dmask, ref[5], base[5].float())
@@ -181,9 +181,9 @@ def test_key_padding_skips_hidden_blocks():
     k[:, :, 128:] = float("nan")
     v[:, :, 128:] = float("nan")
     mask = (torch.arange(Sk, device=DEVICE) < 128)[None, None, None, :].expand(B, H, Sq, Sk)
-    out, lse = OPS.attn_fwd(q, k, v, mask, 0.125, CAUSAL_NONE)
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, 0.125, CAUSAL_NONE)
     grad_out = torch.randn_like(out)
-    dq, dk, dv, _ = OPS.attn_bwd(grad_out, q, k, v, out, lse, mask, 0.125, CAUSAL_NONE, False)
+    dq, dk, dv, _ = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, 0.125, CAUSAL_NONE, False)
     kk, vv = k[:, :, :128], v[:, :, :128]
     ref = _run_reference(q, kk, vv, None, 0.125, CAUSAL_NONE, grad_out, torch.float64)
     base = _run_reference(q, kk, vv, None, 0.125, CAUSAL_NONE, grad_out, torch.bfloat16)
@@ -198,8 +198,8 @@ def test_rows_that_see_nothing_are_zero():
     torch.manual_seed(3)
     B, H, Sq, Sk, D = 1, 2, 150, 40, 64
     q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.float16, False)
-    out, lse = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_BOTTOM_RIGHT)
-    dq, dk, dv, _ = OPS.attn_bwd(torch.ones_like(out), q, k, v, out, lse, None, 0.125,
+    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_BOTTOM_RIGHT)
+    dq, dk, dv, _ = OPS.attn_bwd(torch.ones_like(out), q, k, v, out, stats, None, 0.125,
                                  CAUSAL_BOTTOM_RIGHT, False)
     hidden = Sq - Sk
     assert torch.isneginf(lse[:, :, :hidden]).all() and torch.isfinite(lse[:, :, hidden:]).all()
@@ -211,10 +211,10 @@ def test_rows_that_see_nothing_are_zero():
 def test_backward_is_deterministic():
     torch.manual_seed(4)
     q, k, v = _qkv(2, 8, 2, 300, 300, 128, torch.bfloat16, False)
-    out, lse = OPS.attn_fwd(q, k, v, None, 0.09, CAUSAL_TOP_LEFT)
+    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.09, CAUSAL_TOP_LEFT)
     grad_out = torch.randn_like(out)
-    first = OPS.attn_bwd(grad_out, q, k, v, out, lse, None, 0.09, CAUSAL_TOP_LEFT, False)
-    second = OPS.attn_bwd(grad_out, q, k, v, out, lse, None, 0.09, CAUSAL_TOP_LEFT, False)
+    first = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, CAUSAL_TOP_LEFT, False)
+    second = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, CAUSAL_TOP_LEFT, False)
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a, b)
 
@@ -227,9 +227,9 @@ def test_unsupported_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="head dim"):
         OPS.attn_fwd(big, big, big, None, 0.125, 0)
     wide = torch.randn(1, 2, 16, 256, device=DEVICE, dtype=torch.float16)
-    out, lse = OPS.attn_fwd(wide, wide, wide, None, 0.0625, 0)
+    out, lse, stats = OPS.attn_fwd(wide, wide, wide, None, 0.0625, 0)
     with pytest.raises(ValueError, match="head dim"):
-        OPS.attn_bwd(out, wide, wide, wide, out, lse, None, 0.0625, 0, False)
+        OPS.attn_bwd(out, wide, wide, wide, out, stats, None, 0.0625, 0, False)
     with pytest.raises(ValueError, match="scale"):
         OPS.attn_fwd(q, q, q, None, 0.0, 0)
     with pytest.raises(ValueError, match="mask"):

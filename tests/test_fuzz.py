@@ -85,9 +85,11 @@ def _examples(kind):
 # ----------------------------------------------------------------------------- checks
 
 
-def _check(name, got, ref64, baseline, visible_rows, dtype):
+def _check(name, got, ref64, baseline, visible_rows, dtype, terms):
     """The fuzz properties on (..., row, cols) tensors computed in `dtype`; visible_rows: bool
-    (...,), or None when every row sees a key; rows that see no key must be zero."""
+    (...,), or None when every row sees a key; rows that see no key must be zero. `terms`:
+    how many products the longest sum behind a value adds up (its rounding noise grows with
+    the square root of that)."""
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
     if got.numel() == 0:
         return
@@ -104,7 +106,12 @@ def _check(name, got, ref64, baseline, visible_rows, dtype):
     got, ref64, baseline = got[finite], ref64[finite], baseline[finite]
     assert not got.isnan().any(), f"{name}: NaN where the reference is finite"
     err, base = max_error(got, ref64), max_error(baseline.nan_to_num(), ref64)
-    bound = 2 * base + EPS[dtype]
+    # The noise floor scales with the magnitude of the values (fuzzed logits and gradients
+    # reach 1e2, where one float32 rounding exceeds an absolute 2e-5) and with the length of
+    # the sums: a gradient PyTorch gets exactly (0 for a single key) is, in a fused backward,
+    # a sum of rounding-level differences.
+    magnitude = ref64.abs().max().item() if ref64.numel() else 0.0
+    bound = 2 * base + EPS[dtype] * max(1.0, magnitude) * max(1.0, terms**0.5)
     assert err <= bound, f"{name}: max error {err:.3g} > 2 * baseline error {base:.3g} + eps"
 
 
@@ -230,14 +237,15 @@ def _attention_property(case):
     baseline = run(ref(False), case["dtype"])
     visible = _visible_rows(case, mask, shape)
     dtype = case["dtype"]
-    _check("out", got[0], expected[0], baseline[0], visible, dtype)
+    terms = max(shape[2], shape[3], q.shape[-1])
+    _check("out", got[0], expected[0], baseline[0], visible, dtype, terms)
     if case["api"] == "attention":  # lse rows that see no key are -inf: compared as zeros
         hidden = ~visible.unsqueeze(-1)
         lse_got, lse_ref, lse_base = (t.unsqueeze(-1).masked_fill(hidden, 0) for t in (got[1], expected[1], baseline[1]))
-        _check("lse", lse_got, lse_ref, lse_base, None, torch.float32)
+        _check("lse", lse_got, lse_ref, lse_base, None, torch.float32, terms)
     # Gradients: dq rows follow the queries; dk and dv have no "row sees nothing" rule.
     for name, g, e, b in zip(("dq", "dk", "dv"), got[2], expected[2], baseline[2]):
-        _check(name, g, e, b, visible if name == "dq" else None, dtype)
+        _check(name, g, e, b, visible if name == "dq" else None, dtype, terms)
 
 
 @pytest.mark.skipif(not TARGETS, reason="no fused backend runs here")
@@ -316,8 +324,9 @@ def _softmax_property(case):
     if case["causal"]:
         visible = visible & reference.causal_visibility(shape[-2], shape[-1], rule, "cpu")
     rows = visible.any(-1)
-    _check("softmax", got[0], expected[0], baseline[0], rows, dtype)
-    _check("dsoftmax", got[1], expected[1], baseline[1], rows, dtype)
+    terms = shape[dim] if shape else 1
+    _check("softmax", got[0], expected[0], baseline[0], rows, dtype, terms)
+    _check("dsoftmax", got[1], expected[1], baseline[1], rows, dtype, terms)
 
 
 @pytest.mark.skipif(not TARGETS, reason="no fused backend runs here")

@@ -83,9 +83,9 @@ def test_attention_forward_backward(case):
     mask_grad = mask is not None and mask.is_floating_point()
     scale = D ** -0.5
 
-    out, lse = OPS.triton_attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, scale, causal)
     grad_out = torch.randn_like(out)
-    dq, dk, dv, dmask = OPS.triton_attn_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, mask_grad)
+    dq, dk, dv, dmask = OPS.triton_attn_bwd(grad_out, q, k, v, out, stats, mask, scale, causal, mask_grad)
 
     def run_reference(to_dtype):
         leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
@@ -125,10 +125,10 @@ def test_key_padding_skips_hidden_blocks():
     k[:, :, 128:] = float("nan")
     v[:, :, 128:] = float("nan")
     mask = (torch.arange(300, device=DEVICE) < 128)[None, None, None, :].expand(2, 2, 40, 300)
-    out, lse = OPS.triton_attn_fwd(q, k, v, mask, 0.2, CAUSAL_NONE)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, 0.2, CAUSAL_NONE)
     ref_out, _ = reference.attention(q.double(), k[:, :, :128].double(), v[:, :, :128].double(), None, 0.2)
     assert (out.double() - ref_out).abs().max() < 1e-5
-    dq, dk, dv, _ = OPS.triton_attn_bwd(torch.ones_like(out), q, k, v, out, lse, mask, 0.2, CAUSAL_NONE, False)
+    dq, dk, dv, _ = OPS.triton_attn_bwd(torch.ones_like(out), q, k, v, out, stats, mask, 0.2, CAUSAL_NONE, False)
     assert torch.isfinite(dq).all() and torch.isfinite(dk[:, :, :128]).all()
     assert dk[:, :, 128:].abs().max() == 0 and dv[:, :, 128:].abs().max() == 0
 
@@ -170,10 +170,10 @@ def test_softmax_forward_backward(case):
 
 def test_empty_and_degenerate_shapes():
     q, k, v = _qkv(1, 2, 1, 5, 0, 16, 16, torch.float32, False)
-    out, lse = OPS.triton_attn_fwd(q, k, v, None, 0.25, CAUSAL_NONE)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, None, 0.25, CAUSAL_NONE)
     assert out.abs().max() == 0 and torch.isneginf(lse).all()
     q, k, v = _qkv(1, 2, 1, 0, 7, 16, 16, torch.float32, False)
-    out, lse = OPS.triton_attn_fwd(q, k, v, None, 0.25, CAUSAL_NONE)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, None, 0.25, CAUSAL_NONE)
     assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
 
 
@@ -200,10 +200,10 @@ def test_opcheck_all_ops():
     torch.manual_seed(0)
     q, k, v = _qkv(1, 2, 1, 20, 36, 16, 24, torch.float32, True)
     mask = _mask("additive", 1, 2, 20, 36, torch.float32)
-    out, lse = OPS.triton_attn_fwd(q, k, v, mask, 0.3, CAUSAL_BOTTOM_RIGHT)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, 0.3, CAUSAL_BOTTOM_RIGHT)
     torch.library.opcheck(OPS.triton_attn_fwd.default, (q, k, v, mask, 0.3, CAUSAL_BOTTOM_RIGHT))
     torch.library.opcheck(OPS.triton_attn_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, mask, 0.3, CAUSAL_BOTTOM_RIGHT, True))
+                          (torch.randn_like(out), q, k, v, out, stats, mask, 0.3, CAUSAL_BOTTOM_RIGHT, True))
     x = torch.randn(1, 2, 6, 36, device=DEVICE)
     torch.library.opcheck(OPS.triton_softmax_fwd.default, (x, mask[..., :6, :] > 0, 0.5, CAUSAL_TOP_LEFT))
     torch.library.opcheck(OPS.triton_softmax_bwd.default, (torch.randn_like(x), torch.softmax(x, -1)))

@@ -77,8 +77,8 @@ for dtype, D, causal, masked in ((torch.float16, 64, 1, False), (torch.bfloat16,
     k = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
     v = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
     mask = (torch.rand(1, 1, 150, 130, device="cuda") > 0.2).expand(1, 4, 150, 130) if masked else None
-    out, lse = ops.attn_fwd(q, k, v, mask, D ** -0.5, causal)
-    grads = ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, mask, D ** -0.5, causal, True)
+    out, _, stats = ops.attn_fwd(q, k, v, mask, D ** -0.5, causal)
+    grads = ops.attn_bwd(torch.randn_like(out), q, k, v, out, stats, mask, D ** -0.5, causal, True)
     x = torch.randn(2, 3, 33, 1500 if masked else 100, device="cuda", dtype=dtype)
     y = ops.softmax_fwd(x, None, 0.5, causal)
     ops.softmax_bwd(torch.randn_like(y), y)
@@ -138,9 +138,9 @@ for B, H, S, D, causal, pad in ((4, 16, 2048, 128, 0, False), (4, 16, 2048, 128,
     sdpa_mask = mask
     sms = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=bool(causal)))
     rows.append({"case": f"sdpa fwd {name}", "ms": round(sms, 3), "value": round(flops / sms / 1e9, 1), "unit": "TFLOP/s"})
-    out, lse = ops.attn_fwd(q, k, v, mask, scale, causal)
+    out, _, stats = ops.attn_fwd(q, k, v, mask, scale, causal)
     do = torch.randn_like(out)
-    ms = timed(lambda: ops.attn_bwd(do, q, k, v, out, lse, mask, scale, causal, False))
+    ms = timed(lambda: ops.attn_bwd(do, q, k, v, out, stats, mask, scale, causal, False))
     rows.append({"case": f"attn bwd {name}", "ms": round(ms, 3), "value": round(2.5 * flops / ms / 1e9, 1), "unit": "TFLOP/s"})
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     so = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=sdpa_mask, is_causal=bool(causal))

@@ -107,6 +107,10 @@ void run_items(int64_t n, const F& f) {
   });
 }
 
+// The forward's softmax statistics, stacked in one (2, B, Hq, Sq) float32 output: [0] the
+// row max of the scores, [1] the row sum of exp(score - row max).
+constexpr int64_t kSoftmaxStats = 2;
+
 // Up to this many queries per head the forward takes the row-wise (decode) kernel: the
 // query-lane layout would leave many vector lanes empty (fp32, 2 threads, 2000 keys: 17..32
 // queries run 1.1-1.6x faster row-wise, 48 no longer).
@@ -154,19 +158,42 @@ void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.causal = int(causal);
 }
 
+// Merges the key splits' normalised partial outputs (nsplit, B, Hq, Sq, Dv) and statistics
+// (2, nsplit, B, Hq, Sq) in a fixed order: split c weighs row_sum_c * exp(row_max_c - row_max).
+void merge_splits(const at::Tensor& out_partial, const at::Tensor& stats_partial, at::Tensor& out,
+                  at::Tensor& lse, at::Tensor& stats) {
+  const at::Tensor max_c = stats_partial[0], sum_c = stats_partial[1];
+  at::Tensor row_max = max_c.amax(0);
+  // Rows no split saw (row_max -inf) take weights exp(-inf) = 0 rather than NaN.
+  const at::Tensor shift = row_max.masked_fill(row_max.isneginf(), 0.0);
+  const at::Tensor weight = (max_c - shift).exp_().mul_(sum_c);
+  const at::Tensor row_sum = weight.sum(0);
+  const at::Tensor divisor = row_sum.masked_fill(row_sum == 0, 1.0);
+  out.copy_((out_partial * weight.unsqueeze(-1)).sum(0).div_(divisor.unsqueeze(-1)));
+  stats.select(0, 0).copy_(row_max);
+  stats.select(0, 1).copy_(row_sum);
+  lse.copy_(row_max + row_sum.log());
+}
+
 // Runs the forward kernels on filled-in inputs `p` (shapes, views, mask, rule, KV-cache
-// fields); allocates and returns out (B, Hq, Sq, Dv) and lse (B, Hq, Sq).
-std::tuple<at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, const at::TensorOptions& options) {
+// fields); allocates and returns out (B, Hq, Sq, Dv), lse (B, Hq, Sq) and the softmax
+// statistics (2, B, Hq, Sq).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, const at::TensorOptions& options) {
   at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, options);
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  at::Tensor stats = at::empty({kSoftmaxStats, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, stats};
   if (p.Sk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    stats.select(0, 0).fill_(-std::numeric_limits<float>::infinity());
+    stats.select(0, 1).zero_();
+    return {out, lse, stats};
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.row_max = stats[0].data_ptr<float>();
+  p.row_sum = stats[1].data_ptr<float>();
   const KernelTable& kt = kernels();
   // Few queries (decode): vectorise along keys, items (batch, kv head, key split); else
   // queries in vector lanes, items (batch, query head, query block, key split).
@@ -179,27 +206,24 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, const at::Tenso
   const int64_t threads = at::get_num_threads();
   p.nsplit = items >= 2 * threads ? 1
                                   : std::max<int64_t>(1, std::min<int64_t>(blocks / 2, (2 * threads + items - 1) / items));
-  at::Tensor out_partial, lse_partial;
+  at::Tensor out_partial, stats_partial;
   if (p.nsplit > 1) {
     out_partial = at::empty({p.nsplit, p.B, p.Hq, p.Sq, p.Dv}, options.dtype(at::kFloat));
-    lse_partial = at::empty({p.nsplit, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
+    stats_partial = at::empty({kSoftmaxStats, p.nsplit, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
     p.out_partial = out_partial.data_ptr<float>();
-    p.lse_partial = lse_partial.data_ptr<float>();
+    p.row_max_partial = stats_partial[0].data_ptr<float>();
+    p.row_sum_partial = stats_partial[1].data_ptr<float>();
   }
   const auto kernel = few ? kt.attn_fwd_rows : kt.attn_fwd;
   run_items(items * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kernel(p, t, n, stride); });
-  if (p.nsplit > 1) {
-    lse.copy_(lse_partial.logsumexp(0));
-    // Weight of each split; rows that see no key anywhere (lse -inf) get weight 0, not NaN.
-    at::Tensor w = (lse_partial - lse.unsqueeze(0)).exp_().nan_to_num_(0.0);
-    out.copy_((out_partial * w.unsqueeze(-1)).sum(0));
-  }
-  return {out, lse};
+  if (p.nsplit > 1) merge_splits(out_partial, stats_partial, out, lse, stats);
+  return {out, lse, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                                                double scale, int64_t causal) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const std::optional<at::Tensor>& mask,
+                                                            double scale, int64_t causal) {
   const AttnShapes s = check_attention_inputs(q, k, v, causal);
   AttnFwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, causal);
@@ -254,13 +278,14 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
   const AttnShapes s{B, q.size(1), Hkv, q.size(2), room, q.size(3), v_cache.size(3)};
   set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, causal);
   p.seqlens_k = cache_seqlens.data_ptr<int32_t>();
-  return run_forward(p, q.options());
+  auto [out, lse, stats] = run_forward(p, q.options());  // forward only: no statistics kept
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask, double scale,
-    int64_t causal, bool mask_grad) {
+    const at::Tensor& out, const at::Tensor& softmax_stats, const std::optional<at::Tensor>& mask,
+    double scale, int64_t causal, bool mask_grad) {
   const AttnShapes s = check_attention_inputs(q, k, v, causal);
   check_input(grad_out, "grad_out", 4);
   check_input(out, "out", 4);
@@ -271,10 +296,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
               grad_out.sizes());
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(),
               "out and grad_out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
-                  lse.size(0) == s.B && lse.size(1) == s.Hq && lse.size(2) == s.Sq,
-              "lse must be a float32 CPU tensor of shape (", s.B, ", ", s.Hq, ", ", s.Sq, "), got ",
-              lse.scalar_type(), " ", lse.sizes());
+  const std::vector<int64_t> stats_shape{kSoftmaxStats, s.B, s.Hq, s.Sq};
+  TORCH_CHECK(softmax_stats.device().is_cpu() && softmax_stats.scalar_type() == at::kFloat &&
+                  softmax_stats.sizes() == at::IntArrayRef(stats_shape),
+              "softmax_stats must be a float32 CPU tensor of shape ", at::IntArrayRef(stats_shape), ", got ",
+              softmax_stats.scalar_type(), " ", softmax_stats.sizes());
+  const at::Tensor stats = softmax_stats.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -289,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   set_attention_inputs(p, q, k, v, s, mask, scale, causal);
   p.out = view4(out);
   p.dout = view4(grad_out);
-  p.lse = lse.data_ptr<float>();
-  p.lse_sb = lse.stride(0), p.lse_sh = lse.stride(1), p.lse_ss = lse.stride(2);
+  p.row_max = stats[0].data_ptr<float>();
+  p.row_sum = stats[1].data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();

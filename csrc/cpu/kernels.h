@@ -9,9 +9,10 @@
 
 static constexpr float kInf = std::numeric_limits<float>::infinity();
 static constexpr float kLowest = std::numeric_limits<float>::lowest();
-// Scores are kept in base 2 (scaled by log2(e)) so that exp is a plain exp2.
+// Scores stay in natural units, as torch computes them, and exp(s - max) is evaluated as
+// exp2((s - max) * log2(e)): the max is subtracted first, so large logits lose no precision
+// to a base-2 rescale, and finite mask values (finfo.min padding) cannot overflow to -inf.
 static constexpr float kLog2e = 1.44269504088896341f;
-static constexpr float kLn2 = 0.693147180559945309f;
 static constexpr int W = Vec::W;
 using R = Vec::R;
 
@@ -102,28 +103,38 @@ static void store_row(void* dst, int dtype, int64_t n, const float* src, float m
   }
 }
 
-// Mask row [k0, k0 + n) of (b, h, row) as an fp32 additive bias (times mul) in dst; returns
-// whether any entry is visible (> -inf).
+// Mask row [k0, k0 + n) of (b, h, row) as an fp32 additive bias in dst; returns whether any
+// entry is visible (not -inf; NaN counts as visible, so that it reaches the output).
 static bool mask_row(const MaskView& mk, int64_t b, int64_t h, int64_t row, int64_t k0, int64_t n,
-                     float* dst, float mul) {
+                     float* dst) {
   const char* base = at_elem(mk.ptr, b * mk.sb + h * mk.sh + row * mk.sq + k0 * mk.sk, mk.dtype);
   if (mk.sk == 1) {
-    load_row(base, mk.dtype, n, dst, mul);
+    load_row(base, mk.dtype, n, dst, 1.f);
   } else if (mk.sk == 0) {
-    fill(dst, n, load_scalar(base, mk.dtype) * mul);
+    fill(dst, n, load_scalar(base, mk.dtype));
   } else {
     const int64_t step = mk.sk * elem_size(mk.dtype);
-    for (int64_t j = 0; j < n; ++j) dst[j] = load_scalar(base + j * step, mk.dtype) * mul;
+    for (int64_t j = 0; j < n; ++j) dst[j] = load_scalar(base + j * step, mk.dtype);
   }
+  // The max finds a finite or +inf entry; the sum is NaN when an entry is NaN (vector max
+  // drops NaN operands), and -inf or finite otherwise.
   int64_t j = 0;
-  R mx = Vec::set1(-kInf);
-  for (; j + W <= n; j += W) mx = Vec::max(mx, Vec::load(dst + j));
-  float m = Vec::hmax(mx);
-  for (; j < n; ++j) m = dst[j] > m ? dst[j] : m;
-  return m > -kInf;
+  R mx = Vec::set1(-kInf), total = Vec::zero();
+  for (; j + W <= n; j += W) {
+    const R x = Vec::load(dst + j);
+    mx = Vec::max(mx, x);
+    total = Vec::add(total, x);
+  }
+  float m = Vec::hmax(mx), sum = Vec::hsum(total);
+  for (; j < n; ++j) m = dst[j] > m ? dst[j] : m, sum += dst[j];
+  return m > -kInf || std::isnan(sum);
 }
 
-// Bias (in base 2) for the (queries [q0, q0+mq)) x (keys [k0, k0+nk)) tile into bias (ld
+// A score with its mask bias added; a hidden entry (-inf bias, as a False bool becomes) stays
+// hidden whatever the score, even NaN, as torch's masked_fill and the skipped blocks do.
+static inline float add_bias(float score, float bias) { return bias == -kInf ? -kInf : score + bias; }
+
+// Bias for the (queries [q0, q0+mq)) x (keys [k0, k0+nk)) tile into bias (ld
 // `ld`). If the mask does not vary along queries, only row 0 is filled and *per_query is
 // false. Returns false when the whole tile is hidden (the caller skips it).
 static bool mask_tile(const MaskView& mk, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0,
@@ -131,7 +142,7 @@ static bool mask_tile(const MaskView& mk, int64_t b, int64_t h, int64_t q0, int6
   *per_query = mk.sq != 0;
   const int64_t rows = *per_query ? mq : 1;
   bool any = false;
-  for (int64_t i = 0; i < rows; ++i) any |= mask_row(mk, b, h, q0 + i, k0, nk, bias + i * ld, kLog2e);
+  for (int64_t i = 0; i < rows; ++i) any |= mask_row(mk, b, h, q0 + i, k0, nk, bias + i * ld);
   return any;
 }
 
@@ -207,17 +218,26 @@ static void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
 }
 
 // ---------------------------------------------------------------- row helpers
+static inline bool any_nan(const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(x[j])) return true;
+  return false;
+}
 static inline float row_max(const float* x, int64_t n) {  // n multiple of W
   R m = Vec::set1(-kInf);
   for (int64_t j = 0; j < n; j += W) m = Vec::max(m, Vec::load(x + j));
   return Vec::hmax(m);
 }
-// x = 2^(x - shift) in place over n (multiple of W) elements; returns the sum.
+// exp(s - shift) for a vector of scores s (natural units).
+static inline R exp_shifted(R s, R shift) { return Vec::exp2(Vec::mul(Vec::sub(s, shift), Vec::set1(kLog2e))); }
+static inline float exp_shifted(float s, float shift) { return std::exp2((s - shift) * kLog2e); }
+
+// x = exp(x - shift) in place over n (multiple of W) elements; returns the sum.
 static inline float exp_sum(float* x, int64_t n, float shift) {
   const R s = Vec::set1(shift);
   R acc = Vec::zero();
   for (int64_t j = 0; j < n; j += W) {
-    const R e = Vec::exp2(Vec::sub(Vec::load(x + j), s));
+    const R e = exp_shifted(Vec::load(x + j), s);
     Vec::store(x + j, e);
     acc = Vec::add(acc, e);
   }
@@ -286,7 +306,9 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
     float* srow = st + j * BQ;
     if (masked) {
       if (per_query) {
-        for (int64_t i = 0; i < mq; ++i) srow[i] += bias[i * ldb + j];
+        for (int64_t i = 0; i < mq; ++i) srow[i] = add_bias(srow[i], bias[i * ldb + j]);
+      } else if (bias[j] == -kInf) {
+        fill(srow, BQ, -kInf);
       } else {
         const R bj = Vec::set1(bias[j]);
         for (int64_t i = 0; i < BQ; i += W) Vec::store(srow + i, Vec::add(Vec::load(srow + i), bj));
@@ -300,22 +322,26 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
 }
 
 // Output row `at` (flat (b, hq, i)) of key split c from its unnormalised accumulator o (Dvp
-// long, clobbered), running max m (base 2) and sum l. With one split it goes to out and lse;
-// else as a normalised fp32 partial and its lse, merged by the caller.
+// long, clobbered), running max m and sum l. With one split it goes to out, lse and the
+// statistics; else as a normalised fp32 partial and its statistics, merged by the caller.
 static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t at, float* o, float m, float l) {
   const bool whole = p.nsplit == 1;
   char* orow = whole ? static_cast<char*>(p.out) + at * p.Dv * elem_size(p.dtype)
                      : reinterpret_cast<char*>(p.out_partial + (c * p.B * p.Hq * p.Sq + at) * p.Dv);
   const int odtype = whole ? p.dtype : int(kF32);
-  float* lse = whole ? p.lse + at : p.lse_partial + c * p.B * p.Hq * p.Sq + at;
+  const int64_t stat = whole ? at : c * p.B * p.Hq * p.Sq + at;
+  float* row_max = (whole ? p.row_max : p.row_max_partial) + stat;
+  float* row_sum = (whole ? p.row_sum : p.row_sum_partial) + stat;
   if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
     fill(o, p.Dv, 0.f);
     store_row(orow, odtype, p.Dv, o, 1.f);
-    *lse = -kInf;
+    *row_max = -kInf;
   } else {
     store_row(orow, odtype, p.Dv, o, 1.f / l);
-    *lse = (m + std::log2(l)) * kLn2;
+    *row_max = m;
   }
+  *row_sum = l;
+  if (whole) p.lse[at] = *row_max + std::log(l);
 }
 
 static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
@@ -345,8 +371,8 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     const KeySeq seq(p, b, hkv);
     const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
     const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + q0 * p.q.ss, p.dtype);
-    for (int64_t i = 0; i < mq; ++i) {  // Q^T, with the softmax scale and log2(e) folded in
-      load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, row.p, p.scale * kLog2e);
+    for (int64_t i = 0; i < mq; ++i) {  // Q^T, with the softmax scale folded in
+      load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, row.p, p.scale);
       for (int64_t d = 0; d < p.D; ++d) qt.p[d * BQ + i] = row.p[d];
     }
     for (int64_t d = 0; d < p.D; ++d) fill(qt.p + d * BQ + mq, BQ - mq, 0.f);
@@ -375,10 +401,10 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
         const R m_old = Vec::load(mvec.p + i);
         R m_new = m_old;
         for (int64_t j = 0; j < nk; ++j) m_new = Vec::max(m_new, Vec::load(st.p + j * BQ + i));
-        const R a = Vec::exp2(Vec::sub(m_old, m_new));
+        const R a = exp_shifted(m_old, m_new);
         R sum = Vec::zero();
         for (int64_t j = 0; j < nk; ++j) {
-          const R e = Vec::exp2(Vec::sub(Vec::load(st.p + j * BQ + i), m_new));
+          const R e = exp_shifted(Vec::load(st.p + j * BQ + i), m_new);
           Vec::store(st.p + j * BQ + i, e);
           sum = Vec::add(sum, e);
         }
@@ -480,10 +506,10 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     const int64_t kend_all = seq.end_for(0, p.Sq);  // one past the last key any query sees
     const int64_t nkb = ceil_div(kend_all, BK);
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
-    for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale and log2(e) folded in
+    for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale folded in
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
       load_row(at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + i * p.q.ss, p.dtype), p.dtype, p.D,
-               qs.p + r * Dp, p.scale * kLog2e);
+               qs.p + r * Dp, p.scale);
       fill(qs.p + r * Dp + p.D, Dp - p.D, 0.f);
     }
     fill(mvec.p, rows, kLowest);  // finite, so that m_old - m_new is never inf - inf
@@ -492,11 +518,11 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     for (int64_t k0 = kb0 * BK; k0 < kb1 * BK; k0 += BK) {
       const int64_t nk = min64(BK, kend_all - k0);
       bool any = true;
-      if (p.mask.ptr) {  // bias rows in base 2; a tile no row sees is skipped (key padding)
+      if (p.mask.ptr) {  // bias rows; a tile no row sees is skipped (key padding)
         any = false;
         for (int64_t r = 0; r < (shared_mask ? 1 : rows); ++r) {
           const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
-          visible.p[r] = mask_row(p.mask, b, hq, i, k0, nk, bias.p + r * BK, kLog2e) ? 1.f : 0.f;
+          visible.p[r] = mask_row(p.mask, b, hq, i, k0, nk, bias.p + r * BK) ? 1.f : 0.f;
           any |= visible.p[r] != 0.f;
         }
       }
@@ -525,7 +551,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
             fill(srow, BK, -kInf);
           } else {
             const float* brow = bias.p + mr * BK;
-            for (int64_t j = 0; j < nk; ++j) srow[j] += brow[j];
+            for (int64_t j = 0; j < nk; ++j) srow[j] = add_bias(srow[j], brow[j]);
           }
         }
         // Causal: query i sees keys < i + off + 1; the padding past nk is hidden too.
@@ -535,7 +561,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
         const float mx = row_max(srow, BK);
         const float m_new = mx > m_old ? mx : m_old;
         const float sum = exp_sum(srow, BK, m_new);
-        const float a = std::exp2(m_old - m_new);
+        const float a = exp_shifted(m_old, m_new);
         lvec.p[r] = lvec.p[r] * a + sum;
         mvec.p[r] = m_new;
         if (a != 1.f) scale_row(o.p + r * Dvp, Dvp, a);
@@ -562,7 +588,8 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
 
 // ---------------------------------------------------------------- attention backward
 // Per work item (batch, kv head, chunk of key blocks): for each query head of the group, the
-// transposed tiles S^T = K Q^T and dP^T = V dO^T are recomputed from the saved lse, and
+// transposed tiles S^T = K Q^T and dP^T = V dO^T are recomputed from the saved row max and
+// row sum (P = exp(S - row_max) / row_sum), and
 //   dV += P^T dO,  dK += dS^T Q,  dQ^T += K^T dS^T  (K^T read as a column-major operand).
 // Every output element belongs to exactly one item (dq of chunked items goes to a per-chunk
 // buffer reduced afterwards in a fixed order), so there are no races and results are
@@ -581,8 +608,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   // Leading dim of the transposed (dim x query) buffers: padded past Sqp, as a power-of-two
   // row pitch (Sq = 1024: 4 KiB) maps every row of a tile to the same L1 sets.
   const int64_t ldt = Sqp + 16;
-  Scratch qt(Dp * ldt), qr(Sqp * Dp), dot(Dvp * ldt), dor(Sqp * Dvp), delta(Sqp), lse(Sqp),
-      dqt(Dp * ldt);
+  Scratch qt(Dp * ldt), qr(Sqp * Dp), dot(Dvp * ldt), dor(Sqp * Dvp), delta(Sqp), row_max(Sqp),
+      inv_sum(Sqp), dqt(Dp * ldt);
   Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
@@ -594,30 +621,33 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
     fill(dvacc.p, (kb1 - kb0) * BK * Dvp, 0.f);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hkv * G + g;
-      // Pack this query head: Q (row-major) and Q^T (times scale*log2(e), base-2 scores), dO and
-      // dO^T, delta, lse (base 2).
+      // Pack this query head: Q (row-major) and Q^T (times scale), dO and dO^T, delta, the row
+      // statistics.
       const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh, p.dtype);
       const char* dobase = at_elem(p.dout.ptr, b * p.dout.sb + hq * p.dout.sh, p.dtype);
       const char* obase = at_elem(p.out.ptr, b * p.out.sb + hq * p.out.sh, p.dtype);
-      const float* lsebase = p.lse + b * p.lse_sb + hq * p.lse_sh;
+      const int64_t stats = (b * p.Hq + hq) * p.Sq;
       for (int64_t i = 0; i < p.Sq; ++i) {
         float* qrow = qr.p + i * Dp;
         load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, qrow, 1.f);
         fill(qrow + p.D, Dp - p.D, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = qrow[d] * (p.scale * kLog2e);
+        for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = qrow[d] * p.scale;
         float* dorow = dor.p + i * Dvp;
         load_row(dobase + i * p.dout.ss * esz, p.dtype, p.Dv, dorow, 1.f);
         fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
         for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = dorow[d];
         load_row(obase + i * p.out.ss * esz, p.dtype, p.Dv, row2.p, 1.f);
         fill(row2.p + p.Dv, Dvp - p.Dv, 0.f);
-        R acc = Vec::zero();
-        for (int64_t d = 0; d < Dvp; d += W)
-          acc = Vec::fma(Vec::load(dorow + d), Vec::load(row2.p + d), acc);
-        delta.p[i] = Vec::hsum(acc);
-        // A row that saw no key has lse = -inf; +inf makes its P (and gradients) exactly 0.
-        const float l = lsebase[i * p.lse_ss];
-        lse.p[i] = l == -kInf ? kInf : l * kLog2e;
+        // delta = rowsum(dO * O) in double: on nearly one-hot rows dP - delta cancels to
+        // almost nothing, so fp32 rounding here would dominate dS (O(Sq * Dv), off the hot path).
+        double acc = 0.0;
+        for (int64_t d = 0; d < p.Dv; ++d) acc += double(dorow[d]) * double(row2.p[d]);
+        delta.p[i] = float(acc);
+        // A row that saw no key has row_sum 0: row_max +inf and 1/row_sum 0 make its P (and
+        // gradients) exactly 0.
+        const float l = p.row_sum[stats + i];
+        row_max.p[i] = l == 0.f ? kInf : p.row_max[stats + i];
+        inv_sum.p[i] = l == 0.f ? 0.f : 1.f / l;
       }
       for (int64_t i = p.Sq; i < Sqp; ++i) {
         fill(qr.p + i * Dp, Dp, 0.f);
@@ -625,7 +655,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = 0.f;
         for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = 0.f;
         delta.p[i] = 0.f;
-        lse.p[i] = kInf;
+        row_max.p[i] = kInf;
+        inv_sum.p[i] = 0.f;
       }
       fill(dqt.p, p.D * ldt, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
@@ -653,7 +684,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
             float* srow = st.p + j * BQ;
             float* dsrow = dst.p + j * BQ;
             for (int64_t i = 0; i < BQ; i += W) {
-              const R pv = Vec::exp2(Vec::sub(Vec::load(srow + i), Vec::load(lse.p + q0 + i)));
+              const R pv = Vec::mul(exp_shifted(Vec::load(srow + i), Vec::load(row_max.p + q0 + i)),
+                                    Vec::load(inv_sum.p + q0 + i));
               const R ds = Vec::mul(pv, Vec::sub(Vec::load(dsrow + i), Vec::load(delta.p + q0 + i)));
               Vec::store(srow + i, pv);
               Vec::store(dsrow + i, ds);
@@ -692,7 +724,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
 }
 
 // ---------------------------------------------------------------- fused softmax
-// Rows of any length: the row is staged once in fp32 (z = (scale*x + mask) * log2(e)), then max, exp2+sum
+// Rows of any length: the row is staged once in fp32 (z = scale*x + mask), then max, exp+sum
 // and the normalised store each stream over it.
 static void softmax_fwd(const SoftmaxFwdParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t Cp = round_up(p.C, W);
@@ -705,17 +737,19 @@ static void softmax_fwd(const SoftmaxFwdParams& p, int64_t row_begin, int64_t ro
     const char* x = at_elem(p.x.ptr, b * p.x.sb + h * p.x.sh + i * p.x.ss, p.dtype);
     char* y = static_cast<char*>(p.y) + r * p.C * esz;
     const int64_t lim = p.causal ? max64(0, min64(p.C, i + off + 1)) : p.C;
-    load_row(x, p.dtype, lim, z.p, p.scale * kLog2e);  // base 2, so exp is exp2
+    load_row(x, p.dtype, lim, z.p, p.scale);
     if (p.mask.ptr) {
       for (int64_t c0 = 0; c0 < lim; c0 += kMaskChunk) {
         const int64_t n = min64(kMaskChunk, lim - c0);
-        mask_row(p.mask, b, h, i, c0, n, mchunk.p, kLog2e);
-        for (int64_t j = 0; j < n; ++j) z.p[c0 + j] += mchunk.p[j];
+        mask_row(p.mask, b, h, i, c0, n, mchunk.p);
+        for (int64_t j = 0; j < n; ++j) z.p[c0 + j] = add_bias(z.p[c0 + j], mchunk.p[j]);
       }
     }
     fill(z.p + lim, Cp - lim, -kInf);
     const float mx = row_max(z.p, Cp);
-    if (mx == -kInf) {  // nothing visible: zeros
+    // Nothing visible: zeros. (The vector max drops NaN, so a NaN among hidden entries is
+    // looked for on this rare path; exp then carries it through the row.)
+    if (mx == -kInf && !any_nan(z.p, lim)) {
       fill(z.p, p.C, 0.f);
       store_row(y, p.dtype, p.C, z.p, 1.f);
       continue;

@@ -41,20 +41,25 @@ struct AttnFwdParams {
   const int32_t* block_table = nullptr;
   int64_t block_size = 0, max_blocks = 0;
   void* out = nullptr;  // contiguous (B, Hq, Sq, Dv), dtype
-  float* lse = nullptr;  // contiguous (B, Hq, Sq)
+  float* lse = nullptr;  // contiguous (B, Hq, Sq): row_max + log(row_sum)
+  // The softmax statistics the backward recomputes P from, kept apart because an fp32 lse
+  // rounds away the row sum when |lse| is large: contiguous (B, Hq, Sq) each.
+  float* row_max = nullptr;  // the largest score of the row (natural units, as torch sees it)
+  float* row_sum = nullptr;  // sum over keys of exp(score - row_max)
   // Keys split into nsplit ranges of key blocks (work items per query block, or per (batch,
-  // kv head) in the few-query kernel); with nsplit > 1 each writes its
-  // normalised fp32 output and lse here (contiguous (nsplit, B, Hq, Sq, Dv) and
-  // (nsplit, B, Hq, Sq)) instead of out and lse, for the caller to merge.
+  // kv head) in the few-query kernel); with nsplit > 1 each writes its normalised fp32
+  // output and statistics here (contiguous (nsplit, B, Hq, Sq, Dv) and (nsplit, B, Hq, Sq))
+  // instead of out, lse, row_max and row_sum, for the caller to merge.
   int64_t nsplit = 1;
   float* out_partial = nullptr;
-  float* lse_partial = nullptr;
+  float* row_max_partial = nullptr;
+  float* row_sum_partial = nullptr;
 };
 
 struct AttnBwdParams {
   View4 q, k, v, out, dout;
-  const float* lse = nullptr;  // (B, Hq, Sq) with strides below
-  int64_t lse_sb = 0, lse_sh = 0, lse_ss = 0;
+  const float* row_max = nullptr;  // the forward's statistics, contiguous (B, Hq, Sq) each
+  const float* row_sum = nullptr;
   int dtype = kF32;
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
   MaskView mask;

@@ -38,11 +38,12 @@ struct Vec {
 
   // 2^x with ~1 ulp error (degree-6 polynomial on [-0.5, 0.5]); exactly 0 for x <= -125
   // (including -inf), by mask: products that would be subnormal take slow microcode assists.
-  // x must be < 128.
+  // NaN stays NaN (max returns its second operand when either is NaN, and the ordered
+  // compare leaves NaN lanes unmasked). x must be < 128 or NaN.
   static inline R exp2(R x) {
     const R lo = _mm256_set1_ps(-125.f);
     const R underflow = _mm256_cmp_ps(x, lo, _CMP_LE_OQ);
-    x = _mm256_max_ps(x, lo);
+    x = _mm256_max_ps(lo, x);
     const R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const R r = _mm256_sub_ps(x, n);
     R p = _mm256_set1_ps(1.5403530393e-4f);

@@ -59,6 +59,10 @@ struct AttnFwdParams {
   const void *q = nullptr, *k = nullptr, *v = nullptr;
   void* out = nullptr;  // (B, Hq, Sq, D) with the strides below
   float* lse = nullptr; // contiguous (B, Hq, Sq)
+  // The softmax statistics the backward recomputes P from (P = exp(s - row_max) / row_sum),
+  // contiguous (B, Hq, Sq) each: an fp32 lse keeps the row sum only to |lse| * 2^-24.
+  float* row_max = nullptr;  // largest score scale*q.k + mask of the row; -inf if none seen
+  float* row_sum = nullptr;  // sum of exp(score - row_max); 0 for rows that see no key
   int64_t q_stride_b = 0, q_stride_h = 0, q_stride_s = 0;
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
@@ -71,7 +75,7 @@ struct AttnFwdParams {
 };
 
 struct AttnBwdParams {
-  AttnFwdParams fwd;  // q, k, v, out (read), lse (read), sizes, mask
+  AttnFwdParams fwd;  // q, k, v, out, row_max, row_sum (read), sizes, mask
   const void* dout = nullptr;
   int64_t do_stride_b = 0, do_stride_h = 0, do_stride_s = 0;
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;  // contiguous, shapes of q, k, v

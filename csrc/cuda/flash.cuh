@@ -22,7 +22,20 @@ namespace cuda {
 namespace flash {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+
+// exp(s - shift) for scores in natural units. The shift (the row max) is subtracted before the
+// base-2 rescale, not folded into it (s * scale * log2(e) - max2): at large logits the folded
+// form rounds the exponent by ~|max| * 2^-24, many times PyTorch's error in P.
+__device__ __forceinline__ float exp_shifted(float s, float shift) { return exp2f((s - shift) * kLog2e); }
+
+// The backward's view of a row's softmax statistics: P = exp(s - row_max) * inv_sum. Rows
+// that see no key (row_sum 0) or lie past Sq get +inf and 0, so their P is exactly 0.
+__device__ __forceinline__ void load_row_stats(const AttnFwdParams& f, int64_t idx, bool in_range,
+                                               float& row_max, float& inv_sum) {
+  const float l = in_range ? f.row_sum[idx] : 0.f;
+  row_max = l == 0.f ? INFINITY : f.row_max[idx];
+  inv_sum = l == 0.f ? 0.f : 1.f / l;
+}
 
 // Copies rows [row0, row0 + kRows) x columns [0, kHeadDim) of a row-major (n_rows, d) matrix
 // into shared memory (row stride kHeadDim + 8), zero-filling what lies outside.
@@ -146,10 +159,13 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[MT][NT / 2][4],
   }
 }
 
-// Starting value of a score accumulator: mask / scale (scale > 0), kept finite unless the
-// mask hides the entry, so that scale * (q.k + mask / scale) == scale * q.k + mask.
+// Starting value of a score accumulator: mask / scale (scale > 0), kept finite when the mask
+// is (finfo.min padding must not overflow to -inf), so that scale * (q.k + mask / scale) ==
+// scale * q.k + mask. -inf (hidden), +inf and NaN pass as they are, so they propagate.
 __device__ __forceinline__ float mask_to_acc(float m, float inv_scale) {
-  return m == -INFINITY ? -INFINITY : fminf(fmaxf(m * inv_scale, -FLT_MAX), FLT_MAX);
+  if (!isfinite(m)) return m;
+  const float x = m * inv_scale;
+  return x < -FLT_MAX ? -FLT_MAX : x > FLT_MAX ? FLT_MAX : x;
 }
 
 // Fills a score tile with mask / scale; `row_base`/`col_base` are the global query/key of the
@@ -231,7 +247,6 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     const int max_key = m0 + kBlockM - 1 + off;
     n_end = max_key < 0 ? 0 : min(n_blocks, max_key / kBlockN + 1);
   }
-  const float scale_log2 = p.scale * kLog2e;
   const float inv_scale = 1.f / p.scale;
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, m0, p.sq, p.d, tid);
@@ -290,7 +305,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 #pragma unroll
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
             const int col = n0 + ni * 8 + 2 * t + (e & 1);
-            float x = s[mi][ni][e] * scale_log2;
+            float x = s[mi][ni][e] * p.scale;
             if (edge && (col >= p.sk || (p.causal && col > row + off))) x = -INFINITY;
             s[mi][ni][e] = x;
             mx = fmaxf(mx, x);
@@ -299,14 +314,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         mx = quad_max(mx);
         const float m_new = fmaxf(row_max[mi][hf], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // rows seeing nothing yet
-        const float alpha = exp2f(row_max[mi][hf] - m_use);
+        const float alpha = exp_shifted(row_max[mi][hf], m_use);
         row_max[mi][hf] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int ni = 0; ni < kNT; ++ni) {
 #pragma unroll
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
-            s[mi][ni][e] = exp2f(s[mi][ni][e] - m_use);
+            s[mi][ni][e] = exp_shifted(s[mi][ni][e], m_use);
             sum += s[mi][ni][e];
           }
         }
@@ -336,15 +351,18 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     for (int hf = 0; hf < 2; ++hf) {
       const int r = warp_row0 + mi * 16 + g + hf * 8;
       const float l = quad_sum(row_sum[mi][hf]);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float inv = l == 0.f ? 0.f : 1.f / l;  // NaN stays NaN
 #pragma unroll
       for (int di = 0; di < kDT; ++di) {
         *reinterpret_cast<uint32_t*>(sQ + r * kLd + di * 8 + 2 * t) =
             pack2<T>(acc_o[mi][di][2 * hf] * inv, acc_o[mi][di][2 * hf + 1] * inv);
       }
       if (t == 0 && m0 + r < p.sq) {
-        p.lse[static_cast<int64_t>(bh) * p.sq + m0 + r] =
-            l > 0.f ? row_max[mi][hf] * kLn2 + logf(l) : -INFINITY;
+        const int64_t idx = static_cast<int64_t>(bh) * p.sq + m0 + r;
+        const float m = l == 0.f ? -INFINITY : row_max[mi][hf];
+        p.lse[idx] = m + logf(l);
+        p.row_max[idx] = m;
+        p.row_sum[idx] = l;
       }
     }
   }
@@ -409,21 +427,19 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     const int max_key = m0 + kBlockM - 1 + off;
     n_end = max_key < 0 ? 0 : min(n_blocks, max_key / kBlockN + 1);
   }
-  const float scale_log2 = f.scale * kLog2e;
   const float inv_scale = 1.f / f.scale;
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
   load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
   cp_async_commit();
 
-  // Per-row log2-domain lse (+inf for rows that see nothing or lie past Sq, so P = 0) and dsum.
-  float lse2[2], dsum[2];
+  // Per-row softmax statistics and dsum.
+  float row_max[2], inv_sum[2], dsum[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int row = m0 + warp_row0 + g + hf * 8;
     const int64_t idx = static_cast<int64_t>(bh) * f.sq + row;
-    const float l = row < f.sq ? f.lse[idx] : -INFINITY;
-    lse2[hf] = l == -INFINITY ? INFINITY : l * kLog2e;
+    load_row_stats(f, idx, row < f.sq, row_max[hf], inv_sum[hf]);
     dsum[hf] = row < f.sq ? p.dsum[idx] : 0.f;
   }
 
@@ -461,7 +477,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         const int row = m0 + warp_row0 + g + hf * 8;
         const int col = n0 + ni * 8 + 2 * t + (e & 1);
         const bool hidden = col >= f.sk || (f.causal && col > row + off);
-        const float pr = hidden ? 0.f : exp2f(s[0][ni][e] * scale_log2 - lse2[hf]);
+        const float pr = hidden ? 0.f : exp_shifted(s[0][ni][e] * f.scale, row_max[hf]) * inv_sum[hf];
         const float ds = pr * (dp[0][ni][e] - dsum[hf]);
         s[0][ni][e] = ds;
         if (p.dmask != nullptr && row < f.sq && col < f.sk) {
@@ -530,7 +546,6 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     const int first_query = n0 - off;
     m_start = first_query <= 0 ? 0 : min(m_blocks, first_query / kBlockM);
   }
-  const float scale_log2 = f.scale * kLog2e;
   const float inv_scale = 1.f / f.scale;
 
   float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
@@ -558,15 +573,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
       load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
       cp_async_commit();
 
-      // Per-column (query) lse and dsum, read while the tiles load.
-      float lse2[kQT][2], dsum[kQT][2];
+      // Per-column (query) softmax statistics and dsum, read while the tiles load.
+      float row_max[kQT][2], inv_sum[kQT][2], dsum[kQT][2];
 #pragma unroll
       for (int ni = 0; ni < kQT; ++ni) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int query = m0 + ni * 8 + 2 * t + j;
-          const float l = query < f.sq ? f.lse[bh * f.sq + query] : -INFINITY;
-          lse2[ni][j] = l == -INFINITY ? INFINITY : l * kLog2e;
+          load_row_stats(f, bh * f.sq + query, query < f.sq, row_max[ni][j], inv_sum[ni][j]);
           dsum[ni][j] = query < f.sq ? p.dsum[bh * f.sq + query] : 0.f;
         }
       }
@@ -587,7 +601,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           const int key = n0 + warp_row0 + g + (e >> 1) * 8;
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
           const bool hidden = key >= f.sk || (f.causal && key > query + off);
-          const float pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
+          const float pr =
+              hidden ? 0.f : exp_shifted(st[0][ni][e] * f.scale, row_max[ni][e & 1]) * inv_sum[ni][e & 1];
           st[0][ni][e] = pr;
           dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]);
         }

@@ -51,7 +51,8 @@ __device__ __forceinline__ FwdRow fwd_row(const SoftmaxFwdParams& p, int64_t row
   return out;
 }
 
-// scale * x + mask for N consecutive columns starting at c.
+// scale * x + mask for N consecutive columns starting at c; an entry the mask hides (-inf)
+// stays hidden whatever x is (even NaN), as torch's masked_fill does.
 template <typename T, int N, bool kHasMask>
 __device__ __forceinline__ void scores(float (&s)[N], const SoftmaxFwdParams& p, const FwdRow& row,
                                        int c) {
@@ -59,7 +60,10 @@ __device__ __forceinline__ void scores(float (&s)[N], const SoftmaxFwdParams& p,
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     float v = to_float(xv.v[j]) * p.scale;
-    if constexpr (kHasMask) v += load_mask(p.mask.ptr, p.mask.kind, row.mask_row + (c + j) * p.mask.stride_k);
+    if constexpr (kHasMask) {
+      const float bias = load_mask(p.mask.ptr, p.mask.kind, row.mask_row + (c + j) * p.mask.stride_k);
+      v = bias == -INFINITY ? -INFINITY : v + bias;
+    }
     s[j] = c + j < row.limit ? v : -INFINITY;
   }
 }
@@ -98,7 +102,7 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock, 1)
     sum += v[i];
   }
   sum = warp_sum(sum);
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;  // NaN stays NaN
   T* y = static_cast<T*>(p.y) + row * p.cols;
 #pragma unroll
   for (int i = 0; i < kElems / kVec; ++i) {
@@ -112,10 +116,14 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock, 1)
   }
 }
 
-// (max, sum of exp(x - max)) pairs, merged; -inf max means "nothing seen".
+// (max, sum of exp(x - max)) pairs, merged; -inf max means "nothing seen" (or only NaN,
+// which fmaxf drops: the sum then carries it).
 __device__ __forceinline__ void merge(float& m, float& l, float m2, float l2) {
   const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;
+  if (mn == -INFINITY) {
+    l += l2;
+    return;
+  }
   l = l * __expf(m - mn) + l2 * __expf(m2 - mn);
   m = mn;
 }
@@ -131,10 +139,10 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_fwd_block_kernel(const 
     float vm = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) vm = fmaxf(vm, s[j]);
-    if (vm == -INFINITY) continue;
+    const float vm_use = vm == -INFINITY ? 0.f : vm;  // hidden entries give 0, NaN gives NaN
     float vl = 0.f;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) vl += __expf(s[j] - vm);
+    for (int j = 0; j < kVec; ++j) vl += __expf(s[j] - vm_use);
     merge(m, l, vm, vl);
   }
 #pragma unroll
@@ -151,7 +159,7 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_fwd_block_kernel(const 
   l = 0.f;
   for (int w = 0; w < kBlockThreads / 32; ++w) merge(m, l, sm[w], sl[w]);
   const float m_use = m == -INFINITY ? 0.f : m;
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = l == 0.f ? 0.f : 1.f / l;  // NaN stays NaN
   T* y = static_cast<T*>(p.y) + row * p.cols;
   for (int c = threadIdx.x * kVec; c < p.cols; c += kBlockThreads * kVec) {
     float s[kVec];

@@ -24,10 +24,10 @@ from triton.compiler import ASTSource
 from . import configs, kernels
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in maximum
-_FLOAT_ARGS = {"qk_scale", "sm_scale", "scale"}
+_FLOAT_ARGS = {"sm_scale", "scale"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_gd", "stride_od", "stride_xc",
                  "stride_mc", "stride_gc", "stride_yc"}
-_POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX"}
+_POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX"}
 
 
 def _signature(fn, dtype, pointer_dtypes, constexprs):
@@ -87,7 +87,7 @@ def _attention_jobs(quick):
     tables = {"fwd": (kernels._attn_fwd_kernel, configs.ATTN_FWD),
               "dkdv": (kernels._attn_bwd_dkdv_kernel, configs.ATTN_BWD_DKDV),
               "dq": (kernels._attn_bwd_dq_kernel, configs.ATTN_BWD_DQ)}
-    f32 = {"Lse": "fp32", "Delta": "fp32", "dMask": "fp32"}
+    f32 = {"Lse": "fp32", "RowMax": "fp32", "RowSum": "fp32", "Delta": "fp32", "dMask": "fp32"}
     bucket_dims = {64: 64, 128: 128, 256: 256}
     for job, (fn, table) in tables.items():
         extra = {"MASK_GRAD": True} if job == "dkdv" else {}

@@ -2,21 +2,26 @@
 
 One parametrised kernel per job; constexpr flags select the mask kind, causal masking and
 mask-gradient output so the compiler drops what a call does not use. Conventions:
-  * Scores are kept in the log2 domain (scaled by log2(e)) so the online softmax uses exp2.
+  * Scores stay in natural units, as torch computes them (scale * q.k + mask); exp(s - max) is
+    exp2((s - max) * log2(e)) with the max subtracted first, so large logits lose no precision
+    to a base-2 rescale and finite masks (finfo.min padding) cannot overflow to -inf.
   * Masks arrive expanded to (B, Hq, Sq, Sk) and are read tile by tile through their strides.
-    Both kinds become one additive log2-domain bias (bool: 0 / -inf). When the mask's query
-    stride is 0 (key-padding masks) a single row of BLOCK_N entries is read per tile.
+    Both kinds become one additive bias (bool: 0 / -inf); a -inf entry hides its key whatever
+    the score (even NaN), as torch's masked_fill does. When the mask's query stride is 0
+    (key-padding masks) a single row of BLOCK_N entries is read per tile.
   * A tile whose bias hides every entry is skipped before its matmuls are run. This is how
     hidden key blocks of a padding mask cost nothing.
+  * The forward saves each row's max score and sum of exp(score - max) (softmax_stats); the
+    backward recomputes P from them rather than from lse, whose fp32 rounding (|lse| * 2^-24)
+    would cost P many times PyTorch's accuracy at large logits.
   * Head dims are padded to a power of two in registers (D_PAD >= 16) and the tail is masked.
-  * Rows that see no key produce zeros and lse = -inf; in the backward pass their
-    probabilities are 0 (lse is treated as +inf), so their gradients are 0.
+  * Rows that see no key produce zeros, lse = -inf, row max -inf and row sum 0; in the
+    backward pass their probabilities are 0, so their gradients are 0.
 """
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
 
 MASK_NONE = 0
@@ -26,12 +31,28 @@ MASK_ADDITIVE = 2
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """a @ b (+ acc) accumulated in fp32. PRECISION "upcast" converts the inputs to fp32
-    first: the Triton interpreter multiplies bf16 storage bits as integers, and bf16 products
-    are exact in fp32, so this matches the tensor cores. Launchers use it only interpreted."""
+    """a @ b (+ acc) accumulated in fp32. PRECISION "upcast" (launchers use it only
+    interpreted) sums exact float64 products and rounds once to fp32: the Triton interpreter
+    multiplies bf16 storage bits as integers, and its BLAS sums q @ k^T and k @ q^T in
+    different orders, so a backward that recomputes scores transposed would differ from the
+    forward's by an ulp, which at large logits is many times PyTorch's error in P. On a GPU
+    each element's products are summed in the same order in both orientations."""
     if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        product = tl.dot(a.to(tl.float64), b.to(tl.float64), None, input_precision="ieee").to(tl.float32)
+        return product if acc is None else acc + product
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """x in dtype, rounded to nearest even. Interpreted ("upcast", see _dot), fp32 -> bf16 is
+    rounded by hand: the interpreter truncates, which biases every P and output element
+    towards zero (on a GPU the conversion rounds to nearest)."""
+    if PRECISION == "upcast" and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -49,7 +70,7 @@ def _tile_index(offs_m, offs_n, TRANSPOSED: tl.constexpr):
 @triton.jit
 def _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn,
                MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Log2-domain additive bias of one tile: (BLOCK_M, BLOCK_N) ((BLOCK_N, BLOCK_M) when
+    """Additive bias of one tile: (BLOCK_M, BLOCK_N) ((BLOCK_N, BLOCK_M) when
     TRANSPOSED), or a single key vector broadcast over queries when every query row shares
     the mask row (ROW_SHARED). Out-of-range entries are -inf."""
     m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
@@ -62,18 +83,31 @@ def _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn,
     if MASK_KIND == 1:
         bias = tl.where(tl.load(ptrs, mask=ok, other=0) != 0, 0.0, NEG_INF)
     else:
-        bias = tl.load(ptrs, mask=ok, other=NEG_INF).to(tl.float32) * LOG2E
+        bias = tl.load(ptrs, mask=ok, other=NEG_INF).to(tl.float32)
     return bias
 
 
 @triton.jit
-def _scores(a, b, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND: tl.constexpr,
+def _any_visible(bias):
+    """Whether a tile's bias shows any key: an entry other than -inf (NaN counts, so that it
+    reaches the output; the GPU's max would drop it)."""
+    return tl.max((bias != NEG_INF).to(tl.int32)) > 0
+
+
+@triton.jit
+def _exp_shifted(s, shift):
+    """exp(s - shift), the shift subtracted before the base-2 rescale."""
+    return tl.exp2((s - shift) * LOG2E)
+
+
+@triton.jit
+def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND: tl.constexpr,
             CAUSAL: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Masked log2-domain scores a @ b^T * scale * log2(e) + bias of one tile: (a, b) = (q, k)
-    gives (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M)."""
-    s = _dot(a, tl.trans(b), None, PRECISION) * qk_scale
+    """Masked scores a @ b^T * scale + bias of one tile: (a, b) = (q, k) gives
+    (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M)."""
+    s = _dot(a, tl.trans(b), None, PRECISION) * sm_scale
     if MASK_KIND != 0:
-        s = s + bias
+        s = tl.where(bias == NEG_INF, NEG_INF, s + bias)
     m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
     keep = n2 < Sk
     if CAUSAL:
@@ -90,11 +124,13 @@ def _load_rows(base, offs_rows, n_rows, stride_row, stride_col, N_COLS: tl.const
 
 
 @triton.jit
-def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
+def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Stores the valid part of a padded tile into rows with a unit column stride."""
     cols = tl.arange(0, COLS_PAD)
     ptrs = base + offs_rows[:, None] * stride_row + cols[None, :]
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+    tl.store(ptrs, _cast(tile, base.dtype.element_ty, PRECISION),
+             mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
 
 
 @triton.jit
@@ -108,17 +144,18 @@ def _key_end(start_m, Sk, causal_offset, BLOCK_M: tl.constexpr, CAUSAL: tl.const
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse,
+    Q, K, V, Mask, Out, Lse, RowMax, RowSum,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Sq, Sk, group, qk_scale, causal_offset, seq_bucket,
+    Hq, Sq, Sk, group, sm_scale, causal_offset, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Out is contiguous (B, Hq, Sq, DV), Lse (B, Hq, Sq)."""
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Out is contiguous (B, Hq, Sq, DV); Lse, RowMax and
+    RowSum (the softmax statistics) are contiguous (B, Hq, Sq)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -139,24 +176,30 @@ def _attn_fwd_kernel(
         visible = True
         if MASK_KIND != 0:
             bias = _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK_KIND, ROW_SHARED, False)
-            visible = tl.max(bias) > NEG_INF
+            visible = _any_visible(bias)
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
-            s = _scores(q, k, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
+            s = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoids -inf - -inf while a row is empty
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
+            p = _exp_shifted(s, m_safe[:, None])
+            alpha = _exp_shifted(m_i, m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
+            # P is rounded to V's dtype for the tensor cores, as PyTorch rounds its P: relative to
+            # the running max it is at most 1, so the rounding error is relative to each entry
+            # and no larger than torch's. (A hi + lo split of P would double the P @ V work.)
+            acc = _dot(_cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
             m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD)
-    lse = tl.where(empty, NEG_INF, (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(Lse + bh * Sq + offs_m, lse, mask=offs_m < Sq)
+    _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD, PRECISION)
+    row_max = tl.where(empty, NEG_INF, m_i)
+    in_range = offs_m < Sq
+    tl.store(Lse + bh * Sq + offs_m, row_max + tl.log(l_i), mask=in_range)
+    tl.store(RowMax + bh * Sq + offs_m, row_max, mask=in_range)
+    tl.store(RowSum + bh * Sq + offs_m, l_i, mask=in_range)
 
 
 @triton.jit
@@ -167,36 +210,41 @@ def _attn_bwd_delta_kernel(
     Hq, Sq,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) in fp32, contiguous (B, Hq, Sq). Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
+    """delta = rowsum(dO * O), fp32 contiguous (B, Hq, Sq). Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, Sq, stride_om, stride_od, DV, DV_PAD)
     do = _load_rows(dO + b * stride_gb + h * stride_gh, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    # float64: on nearly one-hot rows dP - delta cancels to almost nothing, so fp32 rounding
+    # here would dominate dS; this kernel is memory-bound, O(Sq * DV).
+    delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1).to(tl.float32)
     tl.store(Delta + bh * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
 @triton.jit
-def _row_stats(Lse, Delta, row, offs_m, Sq):
-    """log2-domain lse and delta of a query block. Rows that saw no key (lse = -inf) and rows
-    past Sq get lse = +inf, so exp2(s - lse) gives them probability 0."""
-    lse = tl.load(Lse + row + offs_m, mask=offs_m < Sq, other=float("inf"))
-    lse = tl.where(lse == NEG_INF, float("inf"), lse) * LOG2E
-    delta = tl.load(Delta + row + offs_m, mask=offs_m < Sq, other=0.0)
-    return lse, delta
+def _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq):
+    """Row max, 1 / row sum and delta of a query block, so that P = exp(s - max) / sum. Rows
+    that saw no key (row sum 0) and rows past Sq get max +inf and 1 / sum 0: probability 0."""
+    in_range = offs_m < Sq
+    row_sum = tl.load(RowSum + row + offs_m, mask=in_range, other=0.0)
+    empty = row_sum == 0.0
+    row_max = tl.where(empty, float("inf"), tl.load(RowMax + row + offs_m, mask=in_range, other=0.0))
+    inv_sum = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, row_sum))
+    delta = tl.load(Delta + row + offs_m, mask=in_range, other=0.0)
+    return row_max, inv_sum, delta
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, dO, Lse, Delta, dK, dV, dMask,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    Hq, Hkv, Sq, Sk, group, qk_scale, sm_scale, causal_offset, seq_bucket,
+    Hq, Hkv, Sq, Sk, group, sm_scale, causal_offset, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr, MASK_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -231,36 +279,36 @@ def _attn_bwd_dkdv_kernel(
             if MASK_KIND != 0:
                 bias = _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK_KIND, ROW_SHARED,
                                   True)
-                visible = tl.max(bias) > NEG_INF
+                visible = _any_visible(bias)
             if visible:
                 q = _load_rows(q_base, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
                 do = _load_rows(do_base, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
                 # Transposed tiles (keys x queries): P^T and dS^T feed the dk / dv dots as
                 # they are, with no register transposes.
-                s_t = _scores(k, q, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND, CAUSAL,
+                s_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL,
                               PRECISION, True)
-                lse, delta = _row_stats(Lse, Delta, row, offs_m, Sq)
-                p_t = tl.exp2(s_t - lse[None, :])
-                dv = _dot(p_t.to(do.dtype), do, dv, PRECISION)
+                row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
+                p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
+                dv = _dot(_cast(p_t, do.dtype, PRECISION), do, dv, PRECISION)
                 dp_t = _dot(v, tl.trans(do), None, PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])  # d loss / d (scale * q k^T + mask), transposed
                 if MASK_GRAD:
                     ptrs = dMask + (row + offs_m[None, :]) * Sk + offs_n[:, None]
                     tl.store(ptrs, ds_t, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk))
-                dk = _dot(ds_t.to(q.dtype), q, dk, PRECISION)
-    _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD)
-    _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD)
+                dk = _dot(_cast(ds_t, q.dtype, PRECISION), q, dk, PRECISION)
+    _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD, PRECISION)
+    _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD, PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, dO, Lse, Delta, dQ,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    Hq, Sq, Sk, group, qk_scale, sm_scale, causal_offset, seq_bucket,
+    Hq, Sq, Sk, group, sm_scale, causal_offset, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -278,7 +326,7 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
-    lse, delta = _row_stats(Lse, Delta, row, offs_m, Sq)
+    row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start_n in range(0, _key_end(start_m, Sk, causal_offset, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -286,16 +334,16 @@ def _attn_bwd_dq_kernel(
         visible = True
         if MASK_KIND != 0:
             bias = _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn, MASK_KIND, ROW_SHARED, False)
-            visible = tl.max(bias) > NEG_INF
+            visible = _any_visible(bias)
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
-            s = _scores(q, k, bias, offs_m, offs_n, Sk, qk_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
-            p = tl.exp2(s - lse[:, None])
+            s = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
+            p = _exp_shifted(s, row_max[:, None]) * inv_sum[:, None]
             dp = _dot(do, tl.trans(v), None, PRECISION)
             ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(k.dtype), k, dq, PRECISION)
-    _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD)
+            dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
+    _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD, PRECISION)
 
 
 @triton.jit
@@ -308,7 +356,8 @@ def _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stri
     if MASK_KIND == 1:
         ok = ok & (tl.load(m_ptrs, mask=ok, other=0) != 0)
     elif MASK_KIND == 2:
-        z = z + tl.load(m_ptrs, mask=ok, other=0.0).to(tl.float32)
+        bias = tl.load(m_ptrs, mask=ok, other=0.0).to(tl.float32)
+        z = tl.where(bias == NEG_INF, NEG_INF, z + bias)  # hidden whatever the score
     if CAUSAL:
         ok = ok & (cols[None, :] <= r[:, None] + causal_offset)
     return tl.where(ok, z, NEG_INF)

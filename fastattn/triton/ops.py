@@ -20,7 +20,6 @@ from . import configs, kernels
 from .capabilities import DTYPES, MAX_HEAD_DIM
 
 INTERPRET = not isinstance(kernels._attn_fwd_kernel, triton.runtime.jit.JITFunction)
-_LOG2E = 1.4426950408889634
 _RAW = {
     "fwd": kernels._attn_fwd_kernel,
     "dkdv": kernels._attn_bwd_dkdv_kernel,
@@ -145,7 +144,7 @@ def _check_attention(q, k, v, mask, causal):
 
 
 def _dot_precision(dtype):
-    if INTERPRET and dtype == torch.bfloat16:
+    if INTERPRET:
         return "upcast"  # see kernels._dot
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
@@ -208,16 +207,19 @@ def _softmax_kernel(job, n_cols):
 
 def triton_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float, causal: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, causal)
     B, Hq, Sq, _ = q.shape
     _, Hkv, Sk, Dv = v.shape
     out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((reference.SOFTMAX_STATS, B, Hq, Sq), dtype=torch.float32, device=q.device)
     if Sk == 0:  # nothing to attend to: every row is empty
-        return out.zero_(), lse.fill_(float("-inf"))
+        stats[0].fill_(float("-inf"))
+        stats[1].zero_()
+        return out.zero_(), lse.fill_(float("-inf")), stats
     if out.numel() == 0:
-        return out, lse
+        return out, lse, stats
     meta = _attention_meta(q, v, mask, causal)
     kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
     mask_t, mask_strides, _ = _mask_args(mask, q)
@@ -226,12 +228,12 @@ def triton_attn_fwd(
         return (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)
 
     wrap_triton(kernel)[grid](
-        q, k, v, mask_t, out, lse,
+        q, k, v, mask_t, out, lse, stats[0], stats[1],
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-        Hq, Sq, Sk, Hq // Hkv, scale * _LOG2E, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk),
+        Hq, Sq, Sk, Hq // Hkv, scale, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk),
         **meta, **blocks,
     )
-    return out, lse
+    return out, lse, stats
 
 
 def triton_attn_bwd(
@@ -240,7 +242,7 @@ def triton_attn_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    softmax_stats: torch.Tensor,
     mask: Optional[torch.Tensor],
     scale: float,
     causal: int,
@@ -251,8 +253,8 @@ def triton_attn_bwd(
     _, Hkv, Sk, Dv = v.shape
     _check_shape("grad_out", grad_out, (B, Hq, Sq, Dv))
     _check_shape("out", out, (B, Hq, Sq, Dv))
-    _check_shape("lse", lse, (B, Hq, Sq))
-    _check_dtype("lse", lse, torch.float32)
+    _check_shape("softmax_stats", softmax_stats, (reference.SOFTMAX_STATS, B, Hq, Sq))
+    _check_dtype("softmax_stats", softmax_stats, torch.float32)
     dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Sk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Sk, Dv), dtype=v.dtype, device=q.device)
@@ -261,7 +263,7 @@ def triton_attn_bwd(
     dmask = torch.zeros(dmask_shape, dtype=torch.float32, device=q.device)
     if Sq == 0 or Sk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    lse = lse.contiguous()
+    stats = softmax_stats.contiguous()
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     meta = _attention_meta(q, v, mask, causal)
     mask_t, mask_strides, _ = _mask_args(mask, q)
@@ -273,7 +275,7 @@ def triton_attn_bwd(
     common = (
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(),
     )
-    scalars = (scale * _LOG2E, scale, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk))
+    scalars = (scale, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk))
 
     kernel, blocks = _attention_kernel("dkdv", meta, q.element_size())
 
@@ -281,7 +283,7 @@ def triton_attn_bwd(
         return (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)
 
     wrap_triton(kernel)[grid_dkdv](
-        q, k, v, mask_t, grad_out, lse, delta, dk, dv, dmask, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, *common,
         Hq, Hkv, Sq, Sk, Hq // Hkv, *scalars, MASK_GRAD=mask_grad, **meta, **blocks,
     )
 
@@ -291,7 +293,7 @@ def triton_attn_bwd(
         return (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)
 
     wrap_triton(kernel)[grid_dq](
-        q, k, v, mask_t, grad_out, lse, delta, dq, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, *common,
         Hq, Sq, Sk, Hq // Hkv, *scalars, **meta, **blocks,
     )
     return dq, dk, dv, dmask
