@@ -45,6 +45,18 @@ def test_opcheck_softmax_ops():
     torch.library.opcheck(ops.NATIVE_OPS.softmax_bwd, (torch.randn_like(y), y))
 
 
+@needs_cpu_kernels
+def test_opcheck_kvcache_and_dropout_ops():
+    q = torch.randn(2, 4, 3, 16)
+    pages = torch.randn(6, 2, 8, 16), torch.randn(6, 2, 8, 16)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32)
+    lengths = torch.tensor([5, 24], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastattn.attn_fwd_kvcache.default, (q, *pages, lengths, table, 0.25, 2))
+    contiguous = torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    torch.library.opcheck(torch.ops.fastattn.attn_fwd_kvcache.default, (q, *contiguous, lengths, None, 0.25, 0))
+    torch.library.opcheck(torch.ops.fastattn.dropout_keep_mask.default, (torch.tensor([3, 4]), 2, 3, 5, 9, 0.2))
+
+
 def _model_step(q, k, v, padding, bias):
     out = fastattn.attention(q, k, v, attn_mask=padding, causal=True)
     out = out + fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
