@@ -9,6 +9,8 @@ Build variables:
   FASTATTN_SKIP_CUDA=1  build the CPU extension only, even where CUDA is available
   FASTATTN_NATIVE_CPU=1 compile the CPU kernels with -march=native (fastest on the build
                         machine, not portable to older CPUs)
+  FASTATTN_SANITIZE=1   build with AddressSanitizer and UndefinedBehaviorSanitizer at -O1
+                        (tools/sanitize_cpu.sh: Python must preload the ASan runtime)
 """
 import glob
 import os
@@ -33,10 +35,19 @@ def cuda_build_wanted():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+# Sanitized builds: any report aborts (no recovery); -O1 keeps the build a few minutes long.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitize_wanted():
+    return os.environ.get("FASTATTN_SANITIZE", "0") == "1"
+
+
 def cpu_flags():
     # AVX2 + FMA is the baseline of every x86-64 server of the last decade; the kernels
     # also compile (scalar or at::vec default) elsewhere.
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    flags = ["-O1", *SANITIZE_FLAGS] if sanitize_wanted() else ["-O3"]
+    flags += ["-std=c++17", "-fopenmp"]
     if os.environ.get("FASTATTN_NATIVE_CPU", "0") == "1":
         flags.append("-march=native")
     elif os.uname().machine in ("x86_64", "AMD64"):
@@ -48,9 +59,10 @@ def extension():
     sources = ["csrc/fastattn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = cpu_flags()
     macros = []
+    link = ["-fopenmp"] + (SANITIZE_FLAGS if sanitize_wanted() else [])
     if not cuda_build_wanted():
         return cpp_extension.CppExtension(
-            "fastattn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            "fastattn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -62,7 +74,7 @@ def extension():
         sources,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

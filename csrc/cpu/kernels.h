@@ -609,7 +609,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   // row pitch (Sq = 1024: 4 KiB) maps every row of a tile to the same L1 sets.
   const int64_t ldt = Sqp + 16;
   Scratch qt(Dp * ldt), qr(Sqp * Dp), dot(Dvp * ldt), dor(Sqp * Dvp), delta(Sqp), row_max(Sqp),
-      inv_sum(Sqp), dqt(Dp * ldt);
+      neg_log2_sum(Sqp), dqt(Dp * ldt);
   Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
@@ -643,11 +643,13 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         double acc = 0.0;
         for (int64_t d = 0; d < p.Dv; ++d) acc += double(dorow[d]) * double(row2.p[d]);
         delta.p[i] = float(acc);
-        // A row that saw no key has row_sum 0: row_max +inf and 1/row_sum 0 make its P (and
-        // gradients) exactly 0.
+        // P = exp2((s - row_max) * log2(e) - log2(row_sum)): the max subtracted exactly first,
+        // then one fma; log2(row_sum) is small (the sum lies in [1, Sk]), so its rounding costs
+        // P far less than an fp32 lse would. A row that saw no key has row_sum 0: row_max +inf
+        // makes its P (and gradients) exactly 0.
         const float l = p.row_sum[stats + i];
         row_max.p[i] = l == 0.f ? kInf : p.row_max[stats + i];
-        inv_sum.p[i] = l == 0.f ? 0.f : 1.f / l;
+        neg_log2_sum.p[i] = l == 0.f ? 0.f : -std::log2(l);
       }
       for (int64_t i = p.Sq; i < Sqp; ++i) {
         fill(qr.p + i * Dp, Dp, 0.f);
@@ -656,7 +658,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = 0.f;
         delta.p[i] = 0.f;
         row_max.p[i] = kInf;
-        inv_sum.p[i] = 0.f;
+        neg_log2_sum.p[i] = 0.f;
       }
       fill(dqt.p, p.D * ldt, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
@@ -680,12 +682,13 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           gemm(vr.p, Dvp, dot.p + q0, ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
           mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
                         k0 - off - q0);
+          const R log2e = Vec::set1(kLog2e);
           for (int64_t j = 0; j < nk; ++j) {
             float* srow = st.p + j * BQ;
             float* dsrow = dst.p + j * BQ;
             for (int64_t i = 0; i < BQ; i += W) {
-              const R pv = Vec::mul(exp_shifted(Vec::load(srow + i), Vec::load(row_max.p + q0 + i)),
-                                    Vec::load(inv_sum.p + q0 + i));
+              const R shifted = Vec::sub(Vec::load(srow + i), Vec::load(row_max.p + q0 + i));
+              const R pv = Vec::exp2(Vec::fma(shifted, log2e, Vec::load(neg_log2_sum.p + q0 + i)));
               const R ds = Vec::mul(pv, Vec::sub(Vec::load(dsrow + i), Vec::load(delta.p + q0 + i)));
               Vec::store(srow + i, pv);
               Vec::store(dsrow + i, ds);
