@@ -180,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   at::Tensor dk = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
   at::Tensor dv = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
   at::Tensor dsum = at::empty({f.b, f.hq, f.sq}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({f.b, f.hq, f.sq}, q.options().dtype(at::kFloat));
   at::Tensor dmask = mask_grad ? at::zeros({f.b, f.hq, f.sq, f.sk}, q.options().dtype(at::kFloat))
                                : at::empty({0}, q.options().dtype(at::kFloat));
   if (f.sq == 0 || f.sk == 0) {  // nothing attends: all gradients are zero
@@ -195,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   p.do_stride_s = grad_out.stride(2);
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dsum = dsum.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   check_launch(fc::attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "attn_bwd");
   return {dq, dk, dv, dmask};

@@ -80,6 +80,7 @@ struct AttnBwdParams {
   int64_t do_stride_b = 0, do_stride_h = 0, do_stride_s = 0;
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;  // contiguous, shapes of q, k, v
   float* dsum = nullptr;   // scratch, contiguous (B, Hq, Sq): rowsum(dout * out)
+  float* lse = nullptr;    // scratch, contiguous (B, Hq, Sq): row_max + log(row_sum)
   float* dmask = nullptr;  // optional contiguous (B, Hq, Sq, Sk), zero-filled by the caller
 };
 

@@ -37,6 +37,7 @@ __device__ __forceinline__ void load_row_stats(const AttnFwdParams& f, int64_t i
   inv_sum = l == 0.f ? 0.f : 1.f / l;
 }
 
+
 // Copies rows [row0, row0 + kRows) x columns [0, kHeadDim) of a row-major (n_rows, d) matrix
 // into shared memory (row stride kHeadDim + 8), zero-filling what lies outside.
 template <int kRows, int kHeadDim, int kThreads, typename T>
@@ -163,9 +164,8 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[MT][NT / 2][4],
 // is (finfo.min padding must not overflow to -inf), so that scale * (q.k + mask / scale) ==
 // scale * q.k + mask. -inf (hidden), +inf and NaN pass as they are, so they propagate.
 __device__ __forceinline__ float mask_to_acc(float m, float inv_scale) {
-  if (!isfinite(m)) return m;
   const float x = m * inv_scale;
-  return x < -FLT_MAX ? -FLT_MAX : x > FLT_MAX ? FLT_MAX : x;
+  return isinf(x) && isfinite(m) ? copysignf(FLT_MAX, x) : x;
 }
 
 // Fills a score tile with mask / scale; `row_base`/`col_base` are the global query/key of the
@@ -388,7 +388,11 @@ __global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
   float acc = 0.f;
   for (int d = lane; d < f.d; d += 32) acc += to_float(o[d]) * to_float(dout[d]);
   acc = warp_sum(acc);
-  if (lane == 0) p.dsum[row] = acc;
+  if (lane == 0) {
+    p.dsum[row] = acc;
+    // The statistics folded into one lse for the dK/dV kernel (see there).
+    p.lse[row] = f.row_max[row] + logf(f.row_sum[row]);
+  }
 }
 
 // dQ (and dmask). Grid (B * Hq, ceil(Sq / kBlockM)); each warp owns 16 query rows.
@@ -546,6 +550,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     const int first_query = n0 - off;
     m_start = first_query <= 0 ? 0 : min(m_blocks, first_query / kBlockM);
   }
+  const float scale_log2 = f.scale * kLog2e;
   const float inv_scale = 1.f / f.scale;
 
   float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
@@ -573,14 +578,18 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
       load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
       cp_async_commit();
 
-      // Per-column (query) softmax statistics and dsum, read while the tiles load.
-      float row_max[kQT][2], inv_sum[kQT][2], dsum[kQT][2];
+      // Per-column (query) log2-domain lse (from the dsum kernel) and dsum, read while the
+      // tiles load. One value per column, not the row max and sum apart: two more registers
+      // per column spill this kernel, and in fp16 / bf16 the lse's rounding (|lse| * 2^-24)
+      // is far below theirs.
+      float lse2[kQT][2], dsum[kQT][2];
 #pragma unroll
       for (int ni = 0; ni < kQT; ++ni) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int query = m0 + ni * 8 + 2 * t + j;
-          load_row_stats(f, bh * f.sq + query, query < f.sq, row_max[ni][j], inv_sum[ni][j]);
+          const float l = query < f.sq ? p.lse[bh * f.sq + query] : -INFINITY;
+          lse2[ni][j] = l == -INFINITY ? INFINITY : l * kLog2e;
           dsum[ni][j] = query < f.sq ? p.dsum[bh * f.sq + query] : 0.f;
         }
       }
@@ -601,8 +610,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           const int key = n0 + warp_row0 + g + (e >> 1) * 8;
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
           const bool hidden = key >= f.sk || (f.causal && key > query + off);
-          const float pr =
-              hidden ? 0.f : exp_shifted(st[0][ni][e] * f.scale, row_max[ni][e & 1]) * inv_sum[ni][e & 1];
+          const float pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
           st[0][ni][e] = pr;
           dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]);
         }
