@@ -40,14 +40,15 @@ def _make_case(B, Hq, Hkv, Sq, D, dtype, seqlens, paged, block_size=8, capacity=
     return q, pools, table, new, rows
 
 
+# Page sizes: none (contiguous), 8 (tiles straddle pages: packed), 32 (tiles follow pages).
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("page", [None, 8, 32])
 @pytest.mark.parametrize("Sq, causal", [(1, True), (5, True), (5, False), (37, True)])  # 37: a prefill chunk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_the_per_row_reference(backend, paged, Sq, causal, dtype):
+def test_matches_the_per_row_reference(backend, page, Sq, causal, dtype):
     seqlens = [0, 7, 16, 30]  # an empty row, a row whose append crosses block boundaries, ...
     q, (k_cache, v_cache), table, (k_new, v_new), (k_rows, v_rows) = _make_case(
-        4, 4, 2, Sq, 16, dtype, seqlens, paged, capacity=80
+        4, 4, 2, Sq, 16, dtype, seqlens, page is not None, block_size=page or 8, capacity=96
     )
     cache_seqlens = torch.tensor(seqlens, dtype=torch.int32)
     out = fastattn.attention_with_kvcache(
@@ -84,18 +85,20 @@ def test_without_new_tokens_attends_to_the_cache_only(backend):
     assert lse.shape == (2, 4, 1) and torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("page", [None, 8, 32])
 @pytest.mark.parametrize("Sq", [1, 40])
-def test_cpu_kernels_never_read_past_a_rows_end(paged, Sq):
+def test_cpu_kernels_never_read_past_a_rows_end(page, Sq):
     # The slots past each row's end hold NaN: the CPU kernels stop at the row's length.
-    q, (k_cache, v_cache), table, _, (k_rows, v_rows) = _make_case(2, 2, 1, Sq, 16, torch.float32, None, paged, capacity=64)
+    q, (k_cache, v_cache), table, _, (k_rows, v_rows) = _make_case(
+        2, 2, 1, Sq, 16, torch.float32, None, page is not None, block_size=page or 8, capacity=64
+    )
     seqlens = [45, 50]
     for b, length in enumerate(seqlens):
         positions = torch.arange(length, 64)
         if table is None:
             k_cache[b, :, positions] = v_cache[b, :, positions] = float("nan")
         else:
-            pages, offsets = table[b, positions // 8].long(), positions % 8
+            pages, offsets = table[b, positions // page].long(), positions % page
             k_cache.transpose(1, 2)[pages, offsets] = v_cache.transpose(1, 2)[pages, offsets] = float("nan")
     out = fastattn.attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), block_table=table, backend="cpu"

@@ -429,6 +429,9 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
 // the online softmax runs along each row of keys, and O += P V uses the GEMM micro-kernel
 // with V's rows as the B operand.
 static constexpr int64_t kDecBK = 128;  // keys per tile (multiple of every W)
+// Shortest page a tile follows (shorter pages: tiles of kDecBK keys, packed where they
+// straddle pages); chosen without a measurement below it.
+static constexpr int64_t kMinPageTile = 32;
 
 // Vector i (elements [i, i + W)) of a row of dtype DT, as fp32.
 template <int DT>
@@ -497,6 +500,12 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
   const bool v_direct = p.dtype == kF32 && p.Dv % W == 0;
   // Rows share one mask row when the mask varies along neither heads nor queries.
   const bool shared_mask = p.mask.ptr && p.mask.sh == 0 && p.mask.sq == 0;
+  // Keys per tile: BK, or one page of a paged cache whose pages are shorter (but at least
+  // kMinPageTile keys), so that tiles do not straddle pages and keys are read in place
+  // (bf16, 64-key pages, B=8, Hkv=8, 4096 keys: 1.23x the contiguous cache's time with
+  // straddling tiles packed, about 1.0x with tiles following the pages).
+  const int64_t tile = p.block_table && p.block_size < BK && p.block_size >= kMinPageTile ? p.block_size : BK;
+  const int64_t tile_w = round_up(tile, W);  // width of the softmax row steps (-inf padded)
   Scratch qs(rows * Dp), o(rows * Dvp), mvec(rows), lvec(rows), s(rows * BK), bias(rows * BK),
       visible(rows), kp(BK * Dp), vp(BK * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
@@ -504,7 +513,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     const int64_t hkv = pair % p.Hkv, b = pair / p.Hkv;
     const KeySeq seq(p, b, hkv);
     const int64_t kend_all = seq.end_for(0, p.Sq);  // one past the last key any query sees
-    const int64_t nkb = ceil_div(kend_all, BK);
+    const int64_t nkb = ceil_div(kend_all, tile);
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale folded in
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
@@ -515,8 +524,8 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     fill(mvec.p, rows, kLowest);  // finite, so that m_old - m_new is never inf - inf
     fill(lvec.p, rows, 0.f);
     fill(o.p, rows * Dvp, 0.f);
-    for (int64_t k0 = kb0 * BK; k0 < kb1 * BK; k0 += BK) {
-      const int64_t nk = min64(BK, kend_all - k0);
+    for (int64_t k0 = kb0 * tile; k0 < kb1 * tile; k0 += tile) {
+      const int64_t nk = min64(tile, kend_all - k0);
       bool any = true;
       if (p.mask.ptr) {  // bias rows; a tile no row sees is skipped (key padding)
         any = false;
@@ -548,7 +557,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
         if (p.mask.ptr) {
           const int64_t mr = shared_mask ? 0 : r;
           if (visible.p[mr] == 0.f) {
-            fill(srow, BK, -kInf);
+            fill(srow, tile_w, -kInf);
           } else {
             const float* brow = bias.p + mr * BK;
             for (int64_t j = 0; j < nk; ++j) srow[j] = add_bias(srow[j], brow[j]);
@@ -556,11 +565,11 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
         }
         // Causal: query i sees keys < i + off + 1; the padding past nk is hidden too.
         const int64_t lim = p.causal ? max64(0, min64(nk, r % p.Sq + seq.off + 1 - k0)) : nk;
-        fill(srow + lim, BK - lim, -kInf);
+        fill(srow + lim, tile_w - lim, -kInf);
         const float m_old = mvec.p[r];
-        const float mx = row_max(srow, BK);
+        const float mx = row_max(srow, tile_w);
         const float m_new = mx > m_old ? mx : m_old;
-        const float sum = exp_sum(srow, BK, m_new);
+        const float sum = exp_sum(srow, tile_w, m_new);
         const float a = exp_shifted(m_old, m_new);
         lvec.p[r] = lvec.p[r] * a + sum;
         mvec.p[r] = m_new;
