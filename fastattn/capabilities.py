@@ -13,7 +13,9 @@ import torch
 from .triton import capabilities as triton_capabilities
 
 # Every backend: GQA, masks (bool or additive, any broadcast), both causal alignments,
-# the log-sum-exp output, backward.
+# the log-sum-exp output, backward. Beyond these, a backend may declare:
+#   kv_cache  an attention op that reads a (paged) KV cache in place and stops at each row's
+#             length (the others get the cache through `attention` with a mask)
 COMMON_FEATURES = frozenset({"gqa", "mask", "mask_grad", "causal", "lse", "backward", "softmax"})
 
 
@@ -71,7 +73,7 @@ def _from_compiled(table):
     values = {key: value for key, value in table.items() if key in fields}
     for key in ("attention_dtypes", "softmax_dtypes"):
         values[key] = tuple(getattr(torch, name) for name in values[key])
-    return Capabilities(**values)
+    return Capabilities(**values, features=COMMON_FEATURES | frozenset(table.get("extra_features", ())))
 
 
 def _table():

@@ -6,19 +6,21 @@ The cache is contiguous `(B, Hkv, S_max, D)`, or paged: `(num_blocks, Hkv, block
 blocks that an int32 `block_table (B, max_blocks)` assigns to rows, in any order. Row b holds
 `cache_seqlens[b]` entries; rows of different lengths share one batch.
 
-The CPU kernels read the cache in place (pages through the block table) and stop at each
-row's end: fastattn::attn_fwd_kvcache. Other backends get the cache (gathered from its pages
-when paged) through `attention` with a boolean mask of each row's valid keys and the causal
-rule, which their kernels use to skip the key blocks past a row's end; there a paged cache
-is copied once per call, and slots past a row's end are masked rather than never read, so
-they must hold finite values (allocate caches with torch.zeros: a NaN there would reach the
-output as 0 * NaN). Everything stays on the device (no host synchronisation, no
-data-dependent shapes), so it traces under torch.compile and CUDA graphs. Forward only: with
-inputs that require grad it runs the differentiable masked path.
+Backends whose capabilities list "kv_cache" (the CPU kernels: fastattn::attn_fwd_kvcache)
+read the cache in place (pages through the block table) and stop at each row's end. Others
+get the cache (gathered from its pages when paged) through `attention` with a boolean mask
+of each row's valid keys and the causal rule, which their kernels use to skip the key blocks
+past a row's end; there a paged cache is copied once per call, and slots past a row's end
+are masked rather than never read, so they must hold finite values (allocate caches with
+torch.zeros: a NaN there would reach the output as 0 * NaN). Everything stays on the device
+(no host synchronisation, no data-dependent shapes), so it traces under torch.compile and
+CUDA graphs. Forward only: with inputs that require grad it runs the differentiable masked
+path.
 """
 import torch
 
 from . import dispatch, functional, ops, reference
+from .capabilities import CAPABILITIES
 
 
 def _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table):
@@ -126,7 +128,7 @@ def attention_with_kvcache(
     chosen = dispatch.choose(
         lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale), q.device, backend
     )
-    if chosen == "cpu" and not (torch.is_grad_enabled() and q.requires_grad):
+    if "kv_cache" in CAPABILITIES[chosen].features and not (torch.is_grad_enabled() and q.requires_grad):
         out, lse = torch.ops.fastattn.attn_fwd_kvcache(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.to(torch.int32), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),

@@ -67,3 +67,12 @@ def test_info_reports_every_table():
     for name, caps in CAPABILITIES.items():
         assert reported[name] == caps.as_dict()
         assert {"gqa", "mask", "causal", "lse", "backward"} <= set(reported[name]["features"])
+
+
+def test_kv_cache_feature_is_declared_where_the_op_exists():
+    for name, caps in CAPABILITIES.items():
+        declared = "kv_cache" in caps.features
+        registered = name in ("cpu", "cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fastattn::attn_fwd_kvcache", name.upper()
+        )
+        assert declared == registered, f"{name}: kv_cache declared {declared}, op registered {registered}"
