@@ -110,7 +110,8 @@ def _under_functorch(t):
 
 
 def _common_reason(backend, t):
-    """Why `backend` cannot take tensors like `t` at all (build, device, dtype), or None."""
+    """Why `backend` cannot take tensors like `t` at all (build, device, a torch.func
+    transform), or None; dtypes and head dims are the capability table's."""
     if backend == "reference":
         return None
     reason = build_status()[backend] or _device_reason(backend, t.device)

@@ -115,11 +115,11 @@ def attention_with_kvcache(
     capacity = _capacity(k_cache, block_table)
     lengths = cache_seqlens.to(torch.int64) + (Sq if k_new is not None else 0)  # keys each row sees
     if q.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
-        longest = int(lengths.max())
-        if longest > capacity or int(cache_seqlens.min()) < 0:
+        longest, shortest = int(lengths.max()), int(cache_seqlens.min())
+        if longest > capacity or shortest < 0:
             raise ValueError(
                 f"cache_seqlens (+ {Sq} new tokens) must stay within [0, {capacity}] (the cache's room per row), "
-                f"got lengths up to {longest} and down to {int(cache_seqlens.min())}"
+                f"got lengths up to {longest} and down to {shortest}"
             )
     if k_new is not None:
         positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
@@ -135,13 +135,12 @@ def attention_with_kvcache(
             reference.CAUSAL_BOTTOM_RIGHT if causal else reference.CAUSAL_NONE,
         )
         return (out, lse) if return_lse else out
-    return _masked_attention(q, k_cache, v_cache, lengths, block_table, causal, scale, return_lse, chosen)
+    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, causal, scale, return_lse, chosen)
 
 
-def _masked_attention(q, k_cache, v_cache, lengths, block_table, causal, scale, return_lse, backend):
+def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, causal, scale, return_lse, backend):
     """The cache through `attention`, with a mask of each row's first `lengths` keys."""
     Sq = q.shape[2]
-    capacity = _capacity(k_cache, block_table)
     keys = torch.arange(capacity, device=q.device)
     visible = keys < lengths.view(-1, 1, 1)  # (B, 1, capacity)
     if causal:

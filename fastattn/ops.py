@@ -5,7 +5,6 @@ Two op families share one set of schemas (csrc/fastattn.cpp):
   fastattn::attn_fwd / attn_bwd / softmax_fwd / softmax_bwd          (C++: CPU, CUDA kernels)
   fastattn::triton_attn_fwd / ... / triton_softmax_bwd                 (Triton kernels)
 """
-import math
 import numbers
 
 import torch
@@ -186,10 +185,8 @@ def _lse_gradient_terms(g_lse, q, k, mask, scale, causal):
     P is the softmax of these very scores, not exp(scores - lse): an fp32 lse keeps the row
     sum only to |lse| * 2^-24, and the kernel's row max may differ from these scores by an
     ulp, either of which costs P many times PyTorch's accuracy at large logits."""
-    group = q.shape[1] // k.shape[1]
-    k32 = k.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k32.transpose(-2, -1)) * scale
-    probs, _ = reference._safe_softmax(reference._masked_scores(scores, mask, causal))
+    scores, k32 = reference.masked_scores(q, k, mask, scale, causal, torch.float32)
+    probs, _ = reference._safe_softmax(scores)
     dscores = probs * g_lse.unsqueeze(-1)
     dq = torch.matmul(dscores, k32) * scale
     dk = reference.sum_query_groups(torch.matmul(dscores.transpose(-2, -1), q.float()) * scale, k.shape[1])

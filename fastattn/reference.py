@@ -76,6 +76,21 @@ def dropout(probs, p, rng_state):
     return torch.where(keep, probs * (1.0 / (1.0 - p) if p < 1.0 else 0.0), torch.zeros_like(probs))
 
 
+def _repeat_to_query_heads(t, query_heads):
+    """(B, Hkv, S, D) -> (B, query_heads, S, D): each key/value head once per query head of its
+    group (GQA); unchanged without groups."""
+    group = query_heads // t.shape[1] if t.shape[1] else 1
+    return t.repeat_interleave(group, dim=1) if group > 1 else t
+
+
+def masked_scores(q, k, mask, scale, causal, compute_dtype):
+    """The scaled scores q.k^T (B, Hq, Sq, Sk) in compute_dtype with `mask` and the causal
+    rule applied, and k repeated to q's heads (GQA) in compute_dtype."""
+    k_wide = _repeat_to_query_heads(k.to(compute_dtype), q.shape[1])
+    scores = torch.matmul(q.to(compute_dtype), k_wide.transpose(-2, -1)) * scale
+    return _masked_scores(scores, mask, causal), k_wide
+
+
 def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0, upcast=True, rng_state=None):
     """Reference attention. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv) with
     Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive.
@@ -85,16 +100,12 @@ def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0,
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale
-    probs, lse = _safe_softmax(_masked_scores(scores, mask, causal))
+    scores, _ = masked_scores(q, k, mask, scale, causal, compute_dtype)
+    probs, lse = _safe_softmax(scores)
     if dropout_p > 0.0:
         rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
         probs = dropout(probs, dropout_p, rng_state)
-    out = torch.matmul(probs, v.to(compute_dtype))
+    out = torch.matmul(probs, _repeat_to_query_heads(v.to(compute_dtype), q.shape[1]))
     # lse is float32 like the kernels', except in float64 runs (the ground truth keeps its precision)
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
 
@@ -104,10 +115,7 @@ def probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype):
     (zero for rows whose lse is -inf). With the lse of whole rows and k one block of their keys,
     these are the block's share of the row's probabilities. Returns (probs (B, Hq, Sq, Sk),
     k repeated to Hq heads), both in compute_dtype."""
-    group = q.shape[1] // k.shape[1]
-    k_wide = k.to(compute_dtype).repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.to(compute_dtype), k_wide.transpose(-2, -1)) * scale
-    scores = _masked_scores(scores, mask, causal)
+    scores, k_wide = masked_scores(q, k, mask, scale, causal, compute_dtype)
     finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(compute_dtype)
     return torch.exp(scores - finite_lse.unsqueeze(-1)), k_wide
 
@@ -117,10 +125,9 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, scale=None, causa
     them (float32, float64 for float64 inputs). Given the out and lse of whole rows while k, v
     are one block of their keys, returns that block's share of dq and the block's dk, dv."""
     compute_dtype = _compute_dtype(q.dtype, upcast=True)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     probs, k_wide = probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype)
-    v_wide = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    v_wide = _repeat_to_query_heads(v.to(compute_dtype), q.shape[1])
     grad_out = grad_out.to(compute_dtype)
     delta = (grad_out * out.to(compute_dtype)).sum(dim=-1, keepdim=True)
     dscores = probs * (torch.matmul(grad_out, v_wide.transpose(-2, -1)) - delta) * scale

@@ -246,7 +246,7 @@ def _attention_property(case):
     if case["edge"] == "scale_inf":
         # Rows whose scores all became -inf: the reference reads them as seeing no key
         # (zeros), PyTorch's softmax gives NaN; either is accepted, so they are left out.
-        scores = q.double() @ k.double().repeat_interleave(Hq // k.shape[1], 1).transpose(-1, -2)
+        scores, _ = reference.masked_scores(q, k, None, 1.0, CAUSAL_NONE, torch.float64)
         ambiguous = (scores < 0).all(-1)
     dtype = case["dtype"]
     terms = max(shape[2], shape[3], q.shape[-1])
