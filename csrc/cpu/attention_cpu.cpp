@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, con
   const int64_t items = few ? p.B * p.Hkv : p.B * p.Hq * ((p.Sq + kt.fwd_block_q - 1) / kt.fwd_block_q);
   const int64_t block_k = few ? kt.rows_block_k : kt.fwd_block_k;
   // With fewer items than twice the threads, keys are split too (at least two blocks per
-  // split); the partial outputs are merged by their lse in a fixed order.
+  // split); the partial outputs are merged by their softmax statistics in a fixed order (merge_splits).
   const int64_t blocks = (p.Sk + block_k - 1) / block_k;
   const int64_t threads = at::get_num_threads();
   p.nsplit = items >= 2 * threads ? 1
