@@ -76,7 +76,7 @@ def dropout(probs, p, rng_state):
     return torch.where(keep, probs * (1.0 / (1.0 - p) if p < 1.0 else 0.0), torch.zeros_like(probs))
 
 
-def _repeat_to_query_heads(t, query_heads):
+def repeat_to_query_heads(t, query_heads):
     """(B, Hkv, S, D) -> (B, query_heads, S, D): each key/value head once per query head of its
     group (GQA); unchanged without groups."""
     group = query_heads // t.shape[1] if t.shape[1] else 1
@@ -86,7 +86,7 @@ def _repeat_to_query_heads(t, query_heads):
 def masked_scores(q, k, mask, scale, causal, compute_dtype):
     """The scaled scores q.k^T (B, Hq, Sq, Sk) in compute_dtype with `mask` and the causal
     rule applied, and k repeated to q's heads (GQA) in compute_dtype."""
-    k_wide = _repeat_to_query_heads(k.to(compute_dtype), q.shape[1])
+    k_wide = repeat_to_query_heads(k.to(compute_dtype), q.shape[1])
     scores = torch.matmul(q.to(compute_dtype), k_wide.transpose(-2, -1)) * scale
     return _masked_scores(scores, mask, causal), k_wide
 
@@ -105,7 +105,7 @@ def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0,
     if dropout_p > 0.0:
         rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
         probs = dropout(probs, dropout_p, rng_state)
-    out = torch.matmul(probs, _repeat_to_query_heads(v.to(compute_dtype), q.shape[1]))
+    out = torch.matmul(probs, repeat_to_query_heads(v.to(compute_dtype), q.shape[1]))
     # lse is float32 like the kernels', except in float64 runs (the ground truth keeps its precision)
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
 
@@ -127,7 +127,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, scale=None, causa
     compute_dtype = _compute_dtype(q.dtype, upcast=True)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     probs, k_wide = probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype)
-    v_wide = _repeat_to_query_heads(v.to(compute_dtype), q.shape[1])
+    v_wide = repeat_to_query_heads(v.to(compute_dtype), q.shape[1])
     grad_out = grad_out.to(compute_dtype)
     delta = (grad_out * out.to(compute_dtype)).sum(dim=-1, keepdim=True)
     dscores = probs * (torch.matmul(grad_out, v_wide.transpose(-2, -1)) - delta) * scale

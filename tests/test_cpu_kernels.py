@@ -129,17 +129,14 @@ def grads_from_given_out(q, k, v, mask, scale, causal, grad_out, out):
     sees the saved output `out` (rounded to its dtype), and Delta = rowsum(dO * out) inherits
     that rounding, which matters on rows that see few keys. Rounded to q's dtype, this is the
     best any fused backward can do; returns dq, dk, dv and dS (the additive-mask gradient)."""
-    q64, k64, v64, do64 = (t.double() for t in (q, k, v, grad_out))
-    group = q.shape[1] // k.shape[1]
-    k64, v64 = k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1)
-    scores = reference._masked_scores(q64 @ k64.transpose(-2, -1) * scale,
-                                      mask if mask is None or mask.dtype == torch.bool else mask.double(), causal)
+    q64, do64 = q.double(), grad_out.double()
+    scores, k64 = reference.masked_scores(q, k, mask, scale, causal, torch.float64)
+    v64 = reference.repeat_to_query_heads(v.double(), q.shape[1])
     probs, _ = reference._safe_softmax(scores)
     ds = probs * (do64 @ v64.transpose(-2, -1) - (do64 * out.double()).sum(-1, keepdim=True))
-    fold = lambda t: t.unflatten(1, (k.shape[1], group)).sum(2)  # noqa: E731 (sum a GQA group)
     dq = ds @ k64 * scale
-    dk = fold(ds.transpose(-2, -1) @ q64 * scale)
-    dv = fold(probs.transpose(-2, -1) @ do64)
+    dk = reference.sum_query_groups(ds.transpose(-2, -1) @ q64 * scale, k.shape[1])
+    dv = reference.sum_query_groups(probs.transpose(-2, -1) @ do64, k.shape[1])
     return [t.to(q.dtype) for t in (dq, dk, dv)] + [ds.to(q.dtype).float()]
 
 
