@@ -6,18 +6,24 @@
 # Steps (default: all, in this order):
 #   versions  python/torch/triton/nvcc versions and nvidia-smi
 #   build     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python setup.py build_ext --inplace
+#   prebuilt  instead of build: reassemble the library from the parts an earlier run left in
+#             $PREBUILT_DIR (same machine image, same sources)
 #   ptxas     tools/check_cuda_compile.py for the same arch (registers, spills)
-#   test      pytest tests/test_cuda_kernels.py and tests/test_triton.py
+#   test      pytest tests/test_cuda_kernels.py, tests/test_triton.py and tests/test_gpu_api.py
 #   sanitize  compute-sanitizer (memcheck, racecheck, synccheck) on a small forward/backward
-#   bench     CUDA kernel timings (TFLOP/s, GB/s vs copy) and benchmarks/attention.py --device cuda
-# Logs and JSON land in $OUT (default ./gpu_check_out); a summary table is printed last.
+#   bench     benchmarks/gpu.py: TFLOP/s against every SDPA kernel, softmax GB/s against a copy
+#   suite     the whole test suite with the GPU present
+# Each step has a time limit (BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT, SUITE_LIMIT seconds). A summary table is
+# printed last. $OUT (default ./gpu_check_out) ends with three kinds of file: the benchmark's
+# gpu_bench.json, gpu_check_logs.tgz (every log), and the built library in parts (_C.so.part*).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(versions build ptxas test sanitize bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(versions build ptxas test sanitize bench suite)
 SUMMARY=()
 
 run_step() {  # run_step NAME TIMEOUT_S COMMAND...: logs to $OUT/NAME.log, records rc and time
@@ -49,10 +55,21 @@ json.dump(info, open(os.path.join(os.environ["OUT"], "versions.json"), "w"), ind
 PY'
 }
 
-step_build() {
-  run_step build 900 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    python setup.py build_ext --inplace
+check_library() {
   run_step build_status 60 python -c "import fastattn._C as c; print('with_cuda', c.with_cuda, 'archs', c.cuda_archs); import fastattn.dispatch as d; print(d.backends())"
+}
+
+step_build() {
+  run_step build "${BUILD_LIMIT:-900}" env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    python setup.py build_ext --inplace
+  check_library
+}
+
+step_prebuilt() {
+  local suffix
+  suffix=$(python -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  cat "${PREBUILT_DIR:?set PREBUILT_DIR}"/_C.so.part* >"fastattn/_C$suffix"
+  check_library
 }
 
 step_ptxas() {
@@ -61,9 +78,11 @@ step_ptxas() {
   run_step ptxas 900 python tools/check_cuda_compile.py "${archs[@]}" --json "$OUT/ptxas.json"
 }
 
-step_test() {
-  run_step pytest_cuda 900 python -m pytest -q -rs tests/test_cuda_kernels.py --junitxml="$OUT/pytest_cuda.xml"
-  run_step pytest_triton 900 python -m pytest -q -rs tests/test_triton.py --junitxml="$OUT/pytest_triton.xml"
+step_test() {  # the GPU tests; -n runs them in parallel where pytest-xdist is installed
+  local parallel=()
+  python -c "import xdist" 2>/dev/null && parallel=(-n "${PYTEST_WORKERS:-8}")
+  run_step pytest_gpu "${TEST_LIMIT:-900}" python -m pytest -q -rfEs "${parallel[@]}" -p no:cacheprovider \
+    tests/test_cuda_kernels.py tests/test_triton.py tests/test_gpu_api.py --junitxml="$OUT/pytest_gpu.xml"
 }
 
 write_sanitize_py() {
@@ -98,102 +117,37 @@ step_sanitize() {
   done
 }
 
-write_bench_py() {
-  cat >"$OUT/cuda_bench.py" <<'PY'
-import json, os, statistics, torch
-import torch.nn.functional as F
-import fastattn  # registers the ops
-ops = torch.ops.fastattn
-dev = "cuda"
-
-def timed(fn, iters=30):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-rows = []
-buf = torch.empty(512 * 1024 * 1024, dtype=torch.uint8, device=dev)
-dst = torch.empty_like(buf)
-copy_gbs = 2 * buf.numel() / timed(lambda: dst.copy_(buf)) / 1e6
-rows.append({"case": "copy 512MiB", "ms": None, "value": round(copy_gbs, 1), "unit": "GB/s"})
-del buf, dst
-
-for B, H, S, D, causal, pad in ((4, 16, 2048, 128, 0, False), (4, 16, 2048, 128, 1, False),
-                                (2, 16, 4096, 128, 0, False), (8, 16, 1024, 64, 0, False),
-                                (4, 16, 2048, 64, 1, False), (4, 16, 2048, 128, 0, True)):
-    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    mask = None
-    if pad:
-        mask = (torch.arange(S, device=dev) < S // 2)[None, None, None, :].expand(B, H, S, S)
-    scale = D ** -0.5
-    flops = 4 * B * H * S * S * D * (0.5 if causal else 1.0) * (0.5 if pad else 1.0)
-    name = f"B{B} H{H} S{S} D{D}" + (" causal" if causal else "") + (" keypad50%" if pad else "")
-    ms = timed(lambda: ops.attn_fwd(q, k, v, mask, scale, causal))
-    rows.append({"case": f"attn fwd {name}", "ms": round(ms, 3), "value": round(flops / ms / 1e9, 1), "unit": "TFLOP/s"})
-    sdpa_mask = mask
-    sms = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=bool(causal)))
-    rows.append({"case": f"sdpa fwd {name}", "ms": round(sms, 3), "value": round(flops / sms / 1e9, 1), "unit": "TFLOP/s"})
-    out, _, stats = ops.attn_fwd(q, k, v, mask, scale, causal)
-    do = torch.randn_like(out)
-    ms = timed(lambda: ops.attn_bwd(do, q, k, v, out, stats, mask, scale, causal, False))
-    rows.append({"case": f"attn bwd {name}", "ms": round(ms, 3), "value": round(2.5 * flops / ms / 1e9, 1), "unit": "TFLOP/s"})
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    so = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=sdpa_mask, is_causal=bool(causal))
-    sms = timed(lambda: torch.autograd.grad(so, (qg, kg, vg), do, retain_graph=True))
-    rows.append({"case": f"sdpa bwd {name}", "ms": round(sms, 3), "value": round(2.5 * flops / sms / 1e9, 1), "unit": "TFLOP/s"})
-
-for B, H, R, C, dtype, masked in ((8, 16, 1024, 1024, torch.float16, False), (8, 16, 1024, 1024, torch.float16, True),
-                                  (4, 16, 512, 4096, torch.bfloat16, False), (4, 16, 2048, 2048, torch.float32, False)):
-    x = torch.randn(B, H, R, C, device=dev, dtype=dtype)
-    mask = (torch.rand(B, 1, 1, C, device=dev) > 0.1).expand(B, H, R, C) if masked else None
-    nbytes = 2 * x.numel() * x.element_size()
-    ms = timed(lambda: ops.softmax_fwd(x, mask, 0.125, 0))
-    name = f"B{B} H{H} R{R} C{C} {str(dtype)[6:]}" + (" keypad" if masked else "")
-    rows.append({"case": f"softmax fwd {name}", "ms": round(ms, 3), "value": round(nbytes / ms / 1e6, 1), "unit": "GB/s",
-                 "of_copy": round(nbytes / ms / 1e6 / copy_gbs, 3)})
-    y = ops.softmax_fwd(x, mask, 0.125, 0)
-    ms = timed(lambda: ops.softmax_bwd(y, y))
-    rows.append({"case": f"softmax bwd {name}", "ms": round(ms, 3), "value": round(1.5 * nbytes / ms / 1e6, 1), "unit": "GB/s",
-                 "of_copy": round(1.5 * nbytes / ms / 1e6 / copy_gbs, 3)})
-    tms = timed(lambda: torch.softmax(x * 0.125, -1))
-    rows.append({"case": f"torch softmax {name}", "ms": round(tms, 3), "value": None, "unit": ""})
-
-json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(os.path.join(os.environ["OUT"], "cuda_bench.json"), "w"), indent=1)
-for r in rows:
-    extra = f"  ({r['of_copy']:.0%} of copy)" if "of_copy" in r else ""
-    ms = "" if r["ms"] is None else r["ms"]
-    value = "" if r["value"] is None else r["value"]
-    print(f"{r['case']:<48} {ms:>9} ms  {value:>8} {r['unit']}{extra}")
-PY
+step_bench() {
+  run_step bench "${BENCH_LIMIT:-600}" python benchmarks/gpu.py --out "$OUT/gpu_bench.json"
 }
 
-step_bench() {
-  write_bench_py
-  run_step cuda_bench 600 python "$OUT/cuda_bench.py"
-  if [ -f benchmarks/attention.py ]; then
-    run_step bench_attention 600 python benchmarks/attention.py --device cuda --out "$OUT/bench_attention.json"
-  else
-    SUMMARY+=("bench_attention        skipped (benchmarks/attention.py not found)")
-  fi
+step_suite() {  # the whole test suite with the GPU present (CPU tests included), in parallel
+  run_step suite "${SUITE_LIMIT:-600}" python -m pytest tests -q -rfEs -n "${PYTEST_WORKERS:-8}" -p no:cacheprovider
+}
+
+step_pack() {  # at most a few files come back from the device machine: one archive of logs,
+  # the built library in 15 MiB parts (cat them back together to reuse it without a rebuild)
+  tar czf "$OUT/gpu_check_logs.tgz" -C "$OUT" --exclude='*.tgz' --exclude='_C.so.part*' --exclude='gpu_bench.json' \
+    $(cd "$OUT" && ls | grep -v -e '\.tgz$' -e '^_C\.so\.part' -e '^gpu_bench\.json$')
+  local lib
+  lib=$(ls fastattn/_C*.so 2>/dev/null | head -n 1)
+  [ -n "$lib" ] && split -b 15M "$lib" "$OUT/_C.so.part"
+  find "$OUT" -mindepth 1 -maxdepth 1 ! -name '*.tgz' ! -name '_C.so.part*' ! -name 'gpu_bench.json' -exec rm -rf {} +
 }
 
 for s in "${STEPS[@]}"; do
   case "$s" in
-    versions | build | ptxas | test | sanitize | bench) "step_$s" ;;
-    *) echo "unknown step: $s (expected versions build ptxas test sanitize bench)"; exit 2 ;;
+    versions | build | prebuilt | ptxas | test | sanitize | bench | suite) "step_$s" ;;
+    *) echo "unknown step: $s (expected versions build prebuilt ptxas test sanitize bench suite)"; exit 2 ;;
   esac
 done
 
 echo
 echo "=== summary (logs in $OUT)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
-if [ -f "$OUT/cuda_bench.log" ]; then
-  echo "=== CUDA kernel timings"
-  tail -n 40 "$OUT/cuda_bench.log"
+if [ -f "$OUT/bench.log" ]; then
+  echo "=== GPU benchmark (TFLOP/s; x best = ratio to the fastest SDPA kernel of the case)"
+  tail -n 70 "$OUT/bench.log"
 fi
+step_pack
 exit 0

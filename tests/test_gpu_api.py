@@ -1,0 +1,153 @@
+"""The public API on CUDA tensors, end to end: automatic dispatch, autograd, torch.compile, the
+KV cache, softmax and transformers models, with each GPU backend (test_cuda_kernels.py and
+test_triton.py test the ops themselves). Skipped without a CUDA device."""
+import os
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import dispatch, reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tolerance import assert_within_baseline  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+GPU_BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(not dispatch.backends().get(name, {}).get("usable"),
+                                                reason=f"{name} backend not usable"))
+    for name in ("cuda", "triton")
+]
+
+
+def _reference_and_baseline(q, k, v, mask, causal, grad_out):
+    """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv)."""
+    results = []
+    for dtype in (torch.float64, q.dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, _ = reference.attention(*leaves, mask, None, causal, upcast=False)
+        out.backward(grad_out.to(dtype))
+        results.append((out, [t.grad for t in leaves]))
+    return results
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,padded", [(False, True), (True, False), (True, True)])
+def test_attention_autograd_matches_reference(backend, dtype, causal, padded):
+    torch.manual_seed(0)
+    B, Hq, Hkv, Sq, Sk, D = 2, 8, 2, 300, 300, 128
+    q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dtype, requires_grad=True)
+    mask = None
+    if padded:  # row 1 sees only its first 170 keys
+        lengths = torch.tensor([Sk, 170], device="cuda")
+        mask = (torch.arange(Sk, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    out = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    (ref_out, ref_grads), (base_out, base_grads) = _reference_and_baseline(
+        q, k, v, mask, reference.CAUSAL_BOTTOM_RIGHT if causal else reference.CAUSAL_NONE, grad_out)
+    assert_within_baseline("out", out, ref_out, base_out)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base)
+
+
+def test_automatic_dispatch_runs_a_fused_gpu_kernel():
+    q = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
+    chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, q, q, None, None), q.device)
+    assert chosen in ("cuda", "triton"), dispatch.backends()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compiled_fullgraph_forward_and_backward_equal_eager(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def step(q, k, v):
+        return fastattn.attention(q, k, v, causal=True, backend=backend).float().square().sum()
+
+    eager_loss = step(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    compiled_loss = torch.compile(step, fullgraph=True)(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled_loss, (q, k, v))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_cache_decoding_matches_reference(paged):
+    torch.manual_seed(2)
+    B, Hq, Hkv, D, block = 3, 8, 2, 64, 16
+    lengths = torch.tensor([5, 40, 77], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+    k_new, v_new = (torch.randn(B, Hkv, 1, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    capacity = 96
+    keys = torch.randn(B, Hkv, capacity, D, device="cuda", dtype=torch.float16)
+    values = torch.randn(B, Hkv, capacity, D, device="cuda", dtype=torch.float16)
+    if paged:  # row b's blocks in shuffled order inside one pool
+        per_row = capacity // block
+        order = torch.randperm(B * per_row, device="cuda")
+        block_table = order.view(B, per_row).to(torch.int32)
+        k_cache = torch.empty(B * per_row, Hkv, block, D, device="cuda", dtype=torch.float16)
+        v_cache = torch.empty_like(k_cache)
+        for b in range(B):
+            for i in range(per_row):
+                k_cache[block_table[b, i]] = keys[b, :, i * block:(i + 1) * block]
+                v_cache[block_table[b, i]] = values[b, :, i * block:(i + 1) * block]
+    else:
+        block_table, k_cache, v_cache = None, keys.clone(), values.clone()
+    out = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k_new=k_new, v_new=v_new,
+                                          block_table=block_table)
+    for b in range(B):
+        n = int(lengths[b])
+        k_row = torch.cat([keys[b:b + 1, :, :n], k_new[b:b + 1]], 2)
+        v_row = torch.cat([values[b:b + 1, :, :n], v_new[b:b + 1]], 2)
+        ref, _ = reference.attention(q[b:b + 1].double(), k_row.double(), v_row.double(), None, None)
+        base, _ = reference.attention(q[b:b + 1], k_row, v_row, None, None, upcast=False)
+        assert_within_baseline(f"row {b}", out[b:b + 1], ref, base)
+
+
+def test_softmax_matches_torch():
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 100, 3000, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(2, 1, 1, 3000, device="cuda") > 0.2
+    y = fastattn.softmax(x, mask, 0.5)
+    ref = reference.softmax(x.double(), mask, 0.5)
+    base = reference.softmax(x, mask, 0.5, upcast=False)
+    assert_within_baseline("softmax", y, ref, base)
+
+
+def test_transformers_decoder_on_gpu_matches_eager():
+    transformers = pytest.importorskip("transformers")
+    from fastattn.integrations import transformers as fa_hf
+
+    fa_hf.register()
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(4)
+    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").cuda().eval()
+    fast = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="fastattn").cuda().eval()
+    fast.load_state_dict(eager.state_dict())
+    ids = torch.randint(2, 96, (2, 24), device="cuda")
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :9] = 0  # left padding
+    ids = ids.masked_fill(attention_mask == 0, 0)
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=attention_mask).logits
+        got = fast(input_ids=ids, attention_mask=attention_mask).logits
+    valid = attention_mask.bool()
+    # float32 models: Triton's and cuBLAS's float32 dots may use TF32, so compare loosely
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-2, rtol=2e-2)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager_tokens = eager.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
+        fast_tokens = fast.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
+    agree = (eager_tokens == fast_tokens).float().mean().item()
+    assert agree > 0.9, f"greedy tokens agree on only {agree:.0%} of positions"
