@@ -1,6 +1,6 @@
 """GPU benchmark: fastattn's CUDA and Triton kernels against every SDPA kernel that runs.
 
-    python benchmarks/gpu.py [--quick] [--out FILE]
+    python benchmarks/gpu.py [--head-dims 64 128 256] [--seqs 512 ... 16384] [--out FILE]
 
 Attention (bf16, 16k tokens per batch, hidden size 2048 so heads = 2048 / head dim): forward
 and backward TFLOP/s for head dims 64 / 128 / 256, S 512..16384, causal and not, plus key
@@ -44,17 +44,15 @@ def attention_flops(B, H, Sq, Sk, D, causal, visible_fraction=1.0):
     return 4 * B * H * Sq * Sk * D * (0.5 if causal else 1.0) * visible_fraction
 
 
-def attention_cases(quick):
+def attention_cases(head_dims, seqs):
     """Head dim 128 first, then key padding, then 64 and 256: a run cut short keeps the main ones."""
-    seqs = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
-    for D in (128, None, 64, 256):
-        if D is None:
-            for S in (2048,) if quick else (1024, 4096, 16384):
-                yield 128, S, False, True
-            continue
+    for D in sorted(head_dims, key=lambda d: (d != 128, d)):
         for S in seqs:
             for causal in (False, True):
                 yield D, S, causal, False
+        if D == 128:
+            for S in [s for s in seqs if s in (1024, 4096, 16384)]:
+                yield 128, S, False, True
 
 
 def run_attention_case(D, S, causal, key_padding):
@@ -170,20 +168,22 @@ def print_attention_table(rows, header=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two sequence lengths only")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+                        help="sequence lengths (key padding runs at those of 1024, 4096, 16384)")
     parser.add_argument("--out", default="gpu_bench.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    result = {"versions": versions(), "command": "python benchmarks/gpu.py" + (" --quick" if args.quick else ""),
+    result = {"versions": versions(), "command": " ".join(["python", "benchmarks/gpu.py", *sys.argv[1:]]),
               "attention": [], "softmax": []}
     copy = copy_gbs()
     result["copy_gbs"] = copy
     print(f"device-to-device copy: {copy:.0f} GB/s")
     result["softmax"] = softmax_rows(copy)
-    for i, case in enumerate(attention_cases(args.quick)):
+    for i, case in enumerate(attention_cases(args.head_dims, args.seqs)):
         rows = run_attention_case(*case)
         print_attention_table(rows, header=i == 0)
         result["attention"] += rows

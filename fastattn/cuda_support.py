@@ -34,9 +34,15 @@ def _compiled_archs():
     return tuple(archs)
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def device_reason(index):
-    """None if the kernels run on CUDA device `index`, else why not."""
+    """None if the kernels run on CUDA device `index`, else why not. A constant of the machine:
+    torch.compile evaluates it once while tracing instead of tracing the device queries."""
+    return _device_reason(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(index):
     major, minor = torch.cuda.get_device_capability(index)
     least = CAPABILITIES["cuda"].min_compute_capability
     if major * 10 + minor < least:
@@ -61,7 +67,9 @@ def _operand_reason(name, t):
     for i in range(3):
         if t.shape[i] > 1 and t.stride(i) % 8 != 0:
             return f"{name} strides must be multiples of 8 elements (16-byte rows), got {t.stride()}"
-    if t.storage_offset() % 8 != 0:
+    # torch.compile cannot trace storage_offset(); there the op itself rejects a misaligned
+    # operand with a ValueError (automatic dispatch tries Triton, which needs no alignment, first)
+    if not torch.compiler.is_compiling() and t.storage_offset() % 8 != 0:
         return f"{name} must start 16-byte aligned (storage offset {t.storage_offset()})"
     return None
 

@@ -13,7 +13,8 @@
 #   sanitize  compute-sanitizer (memcheck, racecheck, synccheck) on a small forward/backward
 #   bench     benchmarks/gpu.py: TFLOP/s against every SDPA kernel, softmax GB/s against a copy
 #   suite     the whole test suite with the GPU present
-# Each step has a time limit (BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT, SUITE_LIMIT seconds). A summary table is
+# Each step has a time limit (BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT, SANITIZE_LIMIT, SUITE_LIMIT
+# seconds), all of them together TOTAL_LIMIT; BENCH_ARGS go to benchmarks/gpu.py. A summary table is
 # printed last. $OUT (default ./gpu_check_out) ends with three kinds of file: the benchmark's
 # gpu_bench.json, gpu_check_logs.tgz (every log), and the built library in parts (_C.so.part*).
 set -u -o pipefail
@@ -25,10 +26,17 @@ ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(versions build ptxas test sanitize bench suite)
 SUMMARY=()
+END=$((SECONDS + ${TOTAL_LIMIT:-86400}))
 
 run_step() {  # run_step NAME TIMEOUT_S COMMAND...: logs to $OUT/NAME.log, records rc and time
   local name=$1 limit=$2
   shift 2
+  local left=$((END - SECONDS))  # a step never runs past TOTAL_LIMIT, so the logs get packed
+  if [ "$left" -lt 10 ]; then
+    SUMMARY+=("$(printf '%-22s skipped (TOTAL_LIMIT reached)' "$name")")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name: $*"
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -87,22 +95,27 @@ step_test() {  # the GPU tests; -n runs them in parallel where pytest-xdist is i
 
 write_sanitize_py() {
   cat >"$OUT/sanitize_workload.py" <<'PY'
+# Forward, backward and softmax of both GPU backends on small odd shapes (partial tiles, GQA,
+# masks, each causal mode). Triton's autotuner runs every config of a case, so each is checked.
 import torch
-ops = torch.ops.fastattn
 import fastattn  # registers the ops
 torch.manual_seed(0)
-for dtype, D, causal, masked in ((torch.float16, 64, 1, False), (torch.bfloat16, 128, 2, True), (torch.float16, 40, 0, True)):
-    q = torch.randn(1, 4, 150, D, device="cuda", dtype=dtype)
-    k = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
-    v = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
-    mask = (torch.rand(1, 1, 150, 130, device="cuda") > 0.2).expand(1, 4, 150, 130) if masked else None
-    out, _, stats = ops.attn_fwd(q, k, v, mask, D ** -0.5, causal)
-    grads = ops.attn_bwd(torch.randn_like(out), q, k, v, out, stats, mask, D ** -0.5, causal, True)
-    x = torch.randn(2, 3, 33, 1500 if masked else 100, device="cuda", dtype=dtype)
-    y = ops.softmax_fwd(x, None, 0.5, causal)
-    ops.softmax_bwd(torch.randn_like(y), y)
-torch.cuda.synchronize()
-print("sanitizer workload done")
+ops = torch.ops.fastattn
+for prefix in ("", "triton_"):
+    fwd, bwd = getattr(ops, prefix + "attn_fwd"), getattr(ops, prefix + "attn_bwd")
+    softmax_fwd, softmax_bwd = getattr(ops, prefix + "softmax_fwd"), getattr(ops, prefix + "softmax_bwd")
+    for dtype, D, causal, masked in ((torch.float16, 64, 1, False), (torch.bfloat16, 128, 2, True), (torch.float16, 40, 0, True)):
+        q = torch.randn(1, 4, 150, D, device="cuda", dtype=dtype)
+        k = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
+        v = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
+        mask = (torch.rand(1, 1, 150, 130, device="cuda") > 0.2).expand(1, 4, 150, 130) if masked else None
+        out, _, stats = fwd(q, k, v, mask, D ** -0.5, causal)
+        grads = bwd(torch.randn_like(out), q, k, v, out, stats, mask, D ** -0.5, causal, True)
+        x = torch.randn(2, 3, 33, 1500 if masked else 100, device="cuda", dtype=dtype)
+        y = softmax_fwd(x, None, 0.5, causal)
+        softmax_bwd(torch.randn_like(y), y)
+    torch.cuda.synchronize()
+    print(prefix or "cuda ", "workload done")
 PY
 }
 
@@ -112,13 +125,14 @@ step_sanitize() {
   fi
   write_sanitize_py
   for tool in memcheck racecheck synccheck; do
-    run_step "sanitize_$tool" 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-      --kernel-name regex:fastattn python "$OUT/sanitize_workload.py"
+    run_step "sanitize_$tool" "${SANITIZE_LIMIT:-600}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      --kernel-name regex:'fastattn|_attn_|_softmax' python "$OUT/sanitize_workload.py"
   done
 }
 
 step_bench() {
-  run_step bench "${BENCH_LIMIT:-600}" python benchmarks/gpu.py --out "$OUT/gpu_bench.json"
+  # shellcheck disable=SC2086
+  run_step bench "${BENCH_LIMIT:-600}" python benchmarks/gpu.py --out "$OUT/gpu_bench.json" ${BENCH_ARGS:-}
 }
 
 step_suite() {  # the whole test suite with the GPU present (CPU tests included), in parallel

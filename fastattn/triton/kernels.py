@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-NEG_INF = tl.constexpr(float("-inf"))
+# -inf is written float("-inf") in the kernels, not as a module constant: torch.compile copies
+# module constants into its generated source by repr, and repr(-inf) is not Python.
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -81,9 +82,9 @@ def _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn,
         ok = (m2 < Sq) & (n2 < Sk)
         ptrs = mask_base + m2 * stride_mm + n2 * stride_mn
     if MASK_KIND == 1:
-        bias = tl.where(tl.load(ptrs, mask=ok, other=0) != 0, 0.0, NEG_INF)
+        bias = tl.where(tl.load(ptrs, mask=ok, other=0) != 0, 0.0, float("-inf"))
     else:
-        bias = tl.load(ptrs, mask=ok, other=NEG_INF).to(tl.float32)
+        bias = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32)
     return bias
 
 
@@ -91,7 +92,7 @@ def _mask_bias(mask_base, offs_m, offs_n, Sq, Sk, stride_mm, stride_mn,
 def _any_visible(bias):
     """Whether a tile's bias shows any key: an entry other than -inf (NaN counts, so that it
     reaches the output; the GPU's max would drop it)."""
-    return tl.max((bias != NEG_INF).to(tl.int32)) > 0
+    return tl.max((bias != float("-inf")).to(tl.int32)) > 0
 
 
 @triton.jit
@@ -107,12 +108,12 @@ def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND: 
     (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M)."""
     s = _dot(a, tl.trans(b), None, PRECISION) * sm_scale
     if MASK_KIND != 0:
-        s = tl.where(bias == NEG_INF, NEG_INF, s + bias)
+        s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
     m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
     keep = n2 < Sk
     if CAUSAL:
         keep = keep & (n2 <= m2 + causal_offset)
-    return tl.where(keep, s, NEG_INF)
+    return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
@@ -167,7 +168,7 @@ def _attn_fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
 
-    m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     for start_n in range(0, _key_end(start_m, Sk, causal_offset, BLOCK_M, CAUSAL), BLOCK_N):
@@ -181,7 +182,7 @@ def _attn_fwd_kernel(
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
             s = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoids -inf - -inf while a row is empty
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf while a row is empty
             p = _exp_shifted(s, m_safe[:, None])
             alpha = _exp_shifted(m_i, m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -195,7 +196,7 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD, PRECISION)
-    row_max = tl.where(empty, NEG_INF, m_i)
+    row_max = tl.where(empty, float("-inf"), m_i)
     in_range = offs_m < Sq
     tl.store(Lse + bh * Sq + offs_m, row_max + tl.log(l_i), mask=in_range)
     tl.store(RowMax + bh * Sq + offs_m, row_max, mask=in_range)
@@ -357,10 +358,10 @@ def _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stri
         ok = ok & (tl.load(m_ptrs, mask=ok, other=0) != 0)
     elif MASK_KIND == 2:
         bias = tl.load(m_ptrs, mask=ok, other=0.0).to(tl.float32)
-        z = tl.where(bias == NEG_INF, NEG_INF, z + bias)  # hidden whatever the score
+        z = tl.where(bias == float("-inf"), float("-inf"), z + bias)  # hidden whatever the score
     if CAUSAL:
         ok = ok & (cols[None, :] <= r[:, None] + causal_offset)
-    return tl.where(ok, z, NEG_INF)
+    return tl.where(ok, z, float("-inf"))
 
 
 @triton.jit
@@ -395,21 +396,21 @@ def _softmax_fwd_kernel(
         z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stride_mc, scale,
                             causal_offset, MASK_KIND, CAUSAL)
         m = tl.max(z, 1)
-        e = tl.exp(z - tl.where(m == NEG_INF, 0.0, m)[:, None])
+        e = tl.exp(z - tl.where(m == float("-inf"), 0.0, m)[:, None])
         total = tl.sum(e, 1)
         y = e / tl.where(total == 0.0, 1.0, total)[:, None]
         tl.store(y_ptrs + cols[None, :], y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < C))
     else:
-        m = tl.full([BLOCK_R], NEG_INF, tl.float32)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_R], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, c0 + cols, C, stride_xc, stride_mc, scale,
                                 causal_offset, MASK_KIND, CAUSAL)
             m_new = tl.maximum(m, tl.max(z, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
             m = m_new
-        m_safe = tl.where(m == NEG_INF, 0.0, m)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
         inv = 1.0 / tl.where(total == 0.0, 1.0, total)
         for c0 in range(0, C, BLOCK_C):
             z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, c0 + cols, C, stride_xc, stride_mc, scale,
