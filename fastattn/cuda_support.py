@@ -34,11 +34,15 @@ def _compiled_archs():
     return tuple(archs)
 
 
-@torch.compiler.assume_constant_result
 def device_reason(index):
     """None if the kernels run on CUDA device `index`, else why not. A constant of the machine:
     torch.compile evaluates it once while tracing instead of tracing the device queries."""
     return _device_reason(index)
+
+
+# What torch.compiler.assume_constant_result(device_reason) does, without importing dynamo
+# (and with it Triton and inductor) whenever fastattn is imported.
+device_reason._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=None)
