@@ -73,4 +73,8 @@ PYBIND11_MODULE(_C, m) {
   capabilities["cpu"] = cpu;
   capabilities["cuda"] = cuda;
   m.attr("capabilities") = capabilities;
+
+  m.def("cpu_fma_peak", &fastattn::cpu::fma_peak_all_threads, py::arg("iterations"),
+        "Runs a register-resident FMA loop (the CPU kernels' vectors) `iterations` times on every "
+        "intra-op thread at once and returns the FLOPs done: timed, the machine's peak FMA rate.");
 }

@@ -225,9 +225,19 @@ def test_attention_script_checks_the_targets_from_its_results(tmp_path):
         doc = json.load(f)
     assert doc["suites"] == ["targets"] and {r["suite"] for r in doc["results"]} == {"targets"}
     found = {(r["case"], r["pass"], r["impl"]): r for r in doc["results"]}
-    assert {r["params"]["dtype"] for r in doc["results"]} == {"float32", "bfloat16"}
-    masks = {r["params"]["mask"] for r in doc["results"]}
+    ceilings = [r for r in doc["results"] if "ceiling" in r["params"]]
+    attention = [r for r in doc["results"] if "ceiling" not in r["params"]]
+    assert {r["params"]["dtype"] for r in attention} == {"float32", "bfloat16"}
+    masks = {r["params"]["mask"] for r in attention}
     assert masks == {"none", "last half hidden"}
+    # The roofline: both ceilings measured in this run, every attention rate a fraction of each.
+    rates = {r["params"]["ceiling"]: r["throughput"] for r in ceilings}
+    assert set(rates) == ({"peak FMA rate", "sgemm"} if fastattn.ops._C is not None else {"sgemm"})
+    assert all(rate > 0 for rate in rates.values()) and "== roofline" in proc.stdout
+    assert doc["roofline"]["ceilings"] == pytest.approx(rates)
+    rows = {(r["case"], r["pass"], r["impl"]): r for r in doc["roofline"]["rows"]}
+    assert rows and all(rows[key]["of sgemm"] == pytest.approx(found[key]["throughput"] / rates["sgemm"])
+                        for key in rows)
     memory = [r for r in doc["results"] if r["case"].startswith("memory ")]
     assert memory and all(r["pass"] == FWD and r["reps"] == 1 for r in memory)  # one timed forward
     assert {r["impl"] for r in memory} <= {"fastattn-cpu", "eager"}
@@ -240,6 +250,9 @@ def test_attention_script_checks_the_targets_from_its_results(tmp_path):
         subject = found[tuple(target["subject"])]
         if target["quantity"] == "peak MB":
             assert target["value"] == pytest.approx(subject["peak_mem_bytes"] / 1e6)
+        elif target["quantity"] == "fraction":
+            reference = found[tuple(target["reference"])]
+            assert target["value"] == pytest.approx(subject["throughput"] / reference["throughput"])
         else:
             reference = found[tuple(target["reference"])]
             ratio = reference["ms"] / subject["ms"]
@@ -255,7 +268,7 @@ def _result(case, pass_, impl, ms, peak=None):
 def test_targets_block_is_computed_from_the_results():
     targets = suites.targets(["targets"], "cpu", "full")
     label = {t.text: t for t in targets}
-    assert len(targets) == 9 and len(label) == 9
+    assert len(targets) == 13 and len(label) == 13
     base = label["forward, no mask: fastattn / SDPA speed"]
     bf16 = label["base fwd: fastattn bf16 time / its fp32 time"]
     memory = label["one long forward: fastattn peak memory increase (MB)"]
@@ -269,9 +282,9 @@ def test_targets_block_is_computed_from_the_results():
         ]
         return {c["text"]: c for c in report.check_targets([base, bf16, memory], results)}
 
-    checked = check(base_ms=50.0, bf16_ms=55.0, peak_bytes=25 * 10**6)
+    checked = check(base_ms=50.0, bf16_ms=45.0, peak_bytes=25 * 10**6)
     assert checked[base.text]["value"] == pytest.approx(2.0) and checked[base.text]["met"] is True
-    assert checked[bf16.text]["value"] == pytest.approx(1.1) and checked[bf16.text]["met"] is True
+    assert checked[bf16.text]["value"] == pytest.approx(0.9) and checked[bf16.text]["met"] is True
     assert checked[memory.text]["value"] == pytest.approx(25.0) and checked[memory.text]["met"] is True
     checked = check(base_ms=80.0, bf16_ms=100.0, peak_bytes=100 * 10**6)
     assert checked[base.text]["value"] == pytest.approx(1.25) and checked[base.text]["met"] is False

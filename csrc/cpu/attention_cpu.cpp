@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -386,6 +387,17 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attn_bwd", &attn_bwd_cpu);
   m.impl("softmax_fwd", &softmax_fwd_cpu);
   m.impl("softmax_bwd", &softmax_bwd_cpu);
+}
+
+int64_t fma_peak_all_threads(int64_t iterations) {
+  TORCH_CHECK(iterations >= 0, "iterations must be >= 0, got ", iterations);
+  const KernelTable& kt = kernels();
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> flops{0};
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) flops += kt.fma_peak(iterations);
+  });
+  return flops.load();
 }
 
 }  // namespace cpu

@@ -105,12 +105,18 @@ struct KernelTable {
   void (*attn_bwd)(const AttnBwdParams&, int64_t begin, int64_t end, int64_t stride);
   void (*softmax_fwd)(const SoftmaxFwdParams&, int64_t row_begin, int64_t row_end);
   void (*softmax_bwd)(const SoftmaxBwdParams&, int64_t row_begin, int64_t row_end);
+  // Runs `iterations` of a register-resident FMA loop on this thread; returns its FLOPs.
+  int64_t (*fma_peak)(int64_t iterations);
 };
 
 // nullptr where the variant was not compiled (other architecture or compiler).
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_generic();
+
+// The FMA loop of the selected variant on every thread at once, `iterations` each; returns
+// the FLOPs done (the benchmark times it for the machine's peak FMA rate).
+int64_t fma_peak_all_threads(int64_t iterations);
 
 }  // namespace cpu
 }  // namespace fastattn

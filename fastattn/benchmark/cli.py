@@ -58,6 +58,9 @@ def run_and_report(cases, device, out_dir, timing, scale, suite_names, progress=
     print()
     print(report.format_table(results))
     meta = report.run_metadata(device, scale, suite_names, unavailable)
+    meta["roofline"] = report.roofline(results)
+    if meta["roofline"]:
+        print(report.format_roofline(meta["roofline"]))
     if targets:
         meta["targets"] = report.check_targets(targets, results)
         print(report.format_targets(meta["targets"]))

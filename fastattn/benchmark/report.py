@@ -141,7 +141,8 @@ class LiveRows:
 class Target:
     """A goal checked against a run's results. subject and reference name a result as
     (case label, pass, impl). quantity: "speedup" (reference ms / subject ms), "time ratio"
-    (subject ms / reference ms) or "peak MB" (subject's peak memory increase, 10^6 bytes).
+    (subject ms / reference ms), "fraction" (subject throughput / reference throughput: of a
+    ceiling) or "peak MB" (subject's peak memory increase, 10^6 bytes).
     Met when `value op bound` holds."""
 
     text: str
@@ -173,7 +174,38 @@ def _target_value(target, results):
         return reference.ms / subject.ms, None
     if target.quantity == "time ratio":
         return subject.ms / reference.ms, None
+    if target.quantity == "fraction":
+        return subject.throughput / reference.throughput, None
     raise ValueError(f"target {target.text!r}: unknown quantity {target.quantity!r}")
+
+
+def roofline(results):
+    """Each FLOP rate of a run that measured ceilings (cases with params["ceiling"]) as a
+    fraction of each ceiling: {"ceilings": {name: rate}, "rows": [...]}, or None."""
+    ceilings = {r.params["ceiling"]: r.throughput for r in results
+                if "ceiling" in r.params and r.status == "ok" and r.throughput}
+    if not ceilings:
+        return None
+    rows = [{"case": r.case, "pass": r.pass_, "impl": r.impl, "throughput": r.throughput,
+             **{f"of {name}": r.throughput / rate for name, rate in ceilings.items()}}
+            for r in results
+            if "ceiling" not in r.params and r.status == "ok" and r.flops and r.throughput]
+    return {"unit": next(r.unit for r in results if r.unit), "ceilings": ceilings, "rows": rows}
+
+
+def format_roofline(document):
+    """The roofline block: the ceilings, then every FLOP rate as a fraction of each."""
+    unit, names = document["unit"], list(document["ceilings"])
+    lines = ["== roofline (ceilings measured in this run) =="]
+    lines += [f"{name}: {_fmt(rate)} {unit}" for name, rate in document["ceilings"].items()]
+    header = ("case", "pass", "impl", unit, *(f"of {name}" for name in names))
+    table = [(r["case"], r["pass"], r["impl"], _fmt(r["throughput"]), *(f"{r[f'of {n}']:.2f}" for n in names))
+             for r in document["rows"]]
+    widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
+    for row in [header] + table:
+        lines.append("  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def check_targets(targets, results):
@@ -193,7 +225,7 @@ def format_targets(checked):
     """The targets block printed after the table: target, measured value, bound, verdict."""
     rows = []
     for record in checked:
-        fmt = "{:.1f}" if record["quantity"] == "peak MB" else "x{:.2f}"
+        fmt = {"peak MB": "{:.1f}", "fraction": "{:.2f}"}.get(record["quantity"], "x{:.2f}")
         value = "-" if record["value"] is None else fmt.format(record["value"])
         verdict = {True: "met", False: "NOT MET", None: f"not measured ({record['note']})"}[record["met"]]
         rows.append((record["text"], value, f"{record['op']} {record['bound']:g}", verdict))
