@@ -344,3 +344,17 @@ def test_softmax_rejects_bad_inputs():
 
 def test_eps_table_covers_kernel_dtypes():
     assert all(dt in EPS for dt in (F32, BF16, F16)) and math.isfinite(EPS[F32])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fma_peak_loop_counts_its_flops(isa, monkeypatch):
+    """The benchmark's ceiling: FLOPs are 2 per lane of 12 vector FMAs per iteration per thread."""
+    from fastattn import ops
+
+    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+    per_iteration = ops._C.cpu_fma_peak(1)
+    lanes = per_iteration // (2 * 12 * torch.get_num_threads())
+    assert per_iteration == 2 * 12 * lanes * torch.get_num_threads() and lanes in (8, 16)
+    assert ops._C.cpu_fma_peak(1000) == 1000 * per_iteration
+    with pytest.raises(RuntimeError, match="iterations must be >= 0"):
+        ops._C.cpu_fma_peak(-1)
