@@ -12,6 +12,7 @@
 #   test      pytest tests/test_cuda_kernels.py, tests/test_triton.py and tests/test_gpu_api.py
 #   sanitize  compute-sanitizer (memcheck, racecheck, synccheck) on a small forward/backward
 #   bench     benchmarks/gpu.py: TFLOP/s against every SDPA kernel, softmax GB/s against a copy
+#   sass      HGMMA (wgmma) / HMMA counts per compiled Triton kernel and in the CUDA library
 #   suite     the whole test suite with the GPU present
 # Each step has a time limit (BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT, SANITIZE_LIMIT, SUITE_LIMIT
 # seconds), all of them together TOTAL_LIMIT; BENCH_ARGS go to benchmarks/gpu.py. A summary table is
@@ -29,7 +30,7 @@ export OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(versions build ptxas test sanitize bench suite)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(versions build ptxas test sanitize bench sass suite)
 SUMMARY=()
 END=$((SECONDS + ${TOTAL_LIMIT:-86400}))
 
@@ -145,6 +146,19 @@ step_suite() {  # the whole test suite with the GPU present (CPU tests included)
   run_step suite "${SUITE_LIMIT:-600}" python -m pytest tests -q -rfEs -n "${PYTEST_WORKERS:-8}" -p no:cacheprovider
 }
 
+step_sass() {  # which matrix instructions the compiled kernels use: HGMMA (Hopper's wgmma) or
+  # HMMA (mma.sync), per Triton kernel in Triton's cache and for the CUDA library
+  run_step sass 300 bash -c '
+    for cubin in $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "*.cubin" 2>/dev/null); do
+      sass=$(cuobjdump --dump-sass "$cubin")
+      printf "%-40s HGMMA %5d  HMMA %5d\n" "$(basename "$cubin" .cubin)" \
+        "$(grep -c HGMMA <<<"$sass")" "$(grep -c HMMA <<<"$sass")"
+    done | sort | uniq -c
+    lib=$(ls fastattn/_C*.so | head -n 1)
+    sass=$(cuobjdump --dump-sass "$lib")
+    echo "CUDA library: HGMMA $(grep -c HGMMA <<<"$sass"), HMMA $(grep -c HMMA <<<"$sass")"'
+}
+
 step_pack() {  # at most a few files come back from the device machine: one archive of logs,
   # the built library in 15 MiB parts (cat them back together to reuse it without a rebuild)
   tar czf "$OUT/gpu_check_logs.tgz" -C "$OUT" --exclude='*.tgz' --exclude='_C.so.part*' --exclude='gpu_bench.json' \
@@ -157,8 +171,8 @@ step_pack() {  # at most a few files come back from the device machine: one arch
 
 for s in "${STEPS[@]}"; do
   case "$s" in
-    versions | build | prebuilt | ptxas | test | sanitize | bench | suite) "step_$s" ;;
-    *) echo "unknown step: $s (expected versions build prebuilt ptxas test sanitize bench suite)"; exit 2 ;;
+    versions | build | prebuilt | ptxas | test | sanitize | bench | sass | suite) "step_$s" ;;
+    *) echo "unknown step: $s (expected versions build prebuilt ptxas test sanitize bench sass suite)"; exit 2 ;;
   esac
 done
 
