@@ -92,19 +92,17 @@ fc::MaskView mask_view(const std::optional<at::Tensor>& mask, const at::Tensor& 
   return view;
 }
 
-void check_causal(int64_t causal) {
-  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, "fastattn CUDA: causal must be 0, 1 or 2, got ",
-                    causal);
-}
-
 fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const std::optional<at::Tensor>& mask, double scale, int64_t causal,
-                              int max_head_dim) {
+                              const std::optional<at::Tensor>& mask, double scale,
+                              int64_t window_left, int64_t window_right, bool window_top_left,
+                              double softcap, int max_head_dim) {
   TORCH_CHECK_VALUE(q.is_cuda(), "fastattn CUDA: q must be a CUDA tensor");
   check_attn_operand(q, "q", q);
   check_attn_operand(k, "k", q);
   check_attn_operand(v, "v", q);
-  check_causal(causal);
+  TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
+  TORCH_CHECK_VALUE(softcap == 0 || !mask.has_value(),
+                    "fastattn CUDA: softcap cannot be combined with a mask (the kernels fold the mask into the scores)");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, "fastattn CUDA: q, k, v batch sizes differ");
@@ -130,7 +128,8 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_s = v.stride(2);
   p.b = B, p.hq = Hq, p.hkv = Hkv, p.sq = Sq, p.sk = Sk, p.d = D;
   p.scale = static_cast<float>(scale);
-  p.causal = static_cast<int>(causal);
+  p.vis = fc::visibility(window_left, window_right, window_top_left, Sq, Sk);
+  p.softcap = static_cast<float>(softcap);
   p.dtype = dtype_of(q, "q", /*allow_fp32=*/false);
   p.mask = mask_view(mask, q, {B, Hq, Sq, Sk});
   return p;
@@ -142,8 +141,11 @@ constexpr int64_t kSoftmaxStats = 2;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v,
                                                         const std::optional<at::Tensor>& mask,
-                                                        double scale, int64_t causal) {
-  fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, causal, fc::kMaxHeadDimFwd);
+                                                        double scale, int64_t window_left,
+                                                        int64_t window_right, bool window_top_left,
+                                                        double softcap) {
+  fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left,
+                                    softcap, fc::kMaxHeadDimFwd);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({p.b, p.hq, p.sq, p.d}, q.options());
   at::Tensor lse = at::empty({p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));
@@ -160,9 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& stats_in, const std::optional<at::Tensor>& mask,
-    double scale, int64_t causal, bool mask_grad) {
+    double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
+    double softcap) {
   fc::AttnBwdParams p;
-  p.fwd = attn_params(q, k, v, mask, scale, causal, fc::kMaxHeadDimBwd);
+  p.fwd = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left, softcap,
+                      fc::kMaxHeadDimBwd);
   fc::AttnFwdParams& f = p.fwd;
   check_attn_operand(grad_out, "grad_out", q);
   check_attn_operand(out, "out", q);
@@ -203,11 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
 }
 
 at::Tensor softmax_fwd(const at::Tensor& x_in, const std::optional<at::Tensor>& mask,
-                       double scale, int64_t causal) {
+                       double scale, int64_t window_left, int64_t window_right,
+                       bool window_top_left) {
   TORCH_CHECK_VALUE(x_in.is_cuda(), "fastattn CUDA: x must be a CUDA tensor");
   TORCH_CHECK_VALUE(x_in.dim() == 4, "fastattn CUDA: x must be 4-d (B, H, R, C), got ",
                     x_in.sizes());
-  check_causal(causal);
   const c10::cuda::CUDAGuard guard(x_in.device());
   // The kernels read rows through strides but need contiguous rows.
   const at::Tensor x = x_in.size(3) <= 1 || x_in.stride(3) == 1 ? x_in : x_in.contiguous();
@@ -219,7 +223,7 @@ at::Tensor softmax_fwd(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   p.x_stride_b = x.stride(0), p.x_stride_h = x.stride(1), p.x_stride_r = x.stride(2);
   p.b = x.size(0), p.h = x.size(1), p.rows = x.size(2), p.cols = x.size(3);
   p.scale = static_cast<float>(scale);
-  p.causal = static_cast<int>(causal);
+  p.vis = fc::visibility(window_left, window_right, window_top_left, p.rows, p.cols);
   p.mask = mask_view(mask, x, x.sizes());
   check_launch(fc::softmax_fwd(p, c10::cuda::getCurrentCUDAStream()), "softmax_fwd");
   return y;

@@ -5,7 +5,11 @@
 //   q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), Hq % Hkv == 0, last dim contiguous.
 //   mask: None, or a bool (true = attend) / additive float tensor already expanded to
 //         (B, Hq, Sq, Sk) (broadcast dims have stride 0).
-//   causal: 0 none, 1 top-left (SDPA), 2 bottom-right (query i sees keys <= i + Sk - Sq).
+//   window_left, window_right, window_top_left: query i sees key j iff
+//         i' - window_left <= j <= i' + window_right, i' = i + Sk - Sq (or i' = i with
+//         window_top_left); a negative side is unbounded. Causal is (-1, 0).
+//   softcap: > 0 caps the scaled scores, softcap * tanh(scale * q.k / softcap), before the mask;
+//         0 leaves them as they are.
 //   lse: float32 (B, Hq, Sq), natural log; -inf for rows that see no key (their output is 0).
 //   softmax_stats: float32 (2, B, Hq, Sq): [0] the row max of the scores (scale*q.k + mask),
 //         [1] the row sum of exp(score - row max); lse = [0] + log([1]). The backward
@@ -21,17 +25,21 @@
 #include "cuda/limits.h"
 
 TORCH_LIBRARY(fastattn, m) {
-  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int causal)"
+  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int window_left=-1,"
+        " int window_right=-1, bool window_top_left=False, float softcap=0.0)"
         " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
-        " Tensor? mask, float scale, int causal, bool mask_grad)"
+        " Tensor? mask, float scale, bool mask_grad, int window_left=-1, int window_right=-1,"
+        " bool window_top_left=False, float softcap=0.0)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Forward against a KV cache: k_cache/v_cache contiguous (B, Hkv, S_max, D) or, with an
   // int32 block_table (B, max_blocks), pages (num_blocks, Hkv, block_size, D); batch b sees its
-  // first cache_seqlens[b] keys (causal bottom-right per batch).
+  // first cache_seqlens[b] keys (the window aligned bottom-right per batch).
   m.def("attn_fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
-        " Tensor? block_table, float scale, int causal) -> (Tensor out, Tensor lse)");
-  m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int causal) -> Tensor");
+        " Tensor? block_table, float scale, int window_left=-1, int window_right=-1,"
+        " float softcap=0.0) -> (Tensor out, Tensor lse)");
+  m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int window_left=-1, int window_right=-1,"
+        " bool window_top_left=False) -> Tensor");
   m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
   // The dropout decisions (csrc/philox.h) of a (batch, heads, rows, cols) score tensor under
   // rng_state (int64 (seed, offset)); true = kept.
@@ -61,7 +69,7 @@ PYBIND11_MODULE(_C, m) {
   cpu["max_head_dim_bwd"] = fastattn::cpu::kMaxHeadDim;
   cpu["head_dim_multiple"] = 1;
   cpu["v_head_dim_may_differ"] = true;
-  cpu["extra_features"] = py::make_tuple("kv_cache");  // attn_fwd_kvcache
+  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap");  // kv_cache: attn_fwd_kvcache
   cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
   cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
   cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;
@@ -69,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
   cuda["head_dim_multiple"] = fastattn::cuda::kHeadDimMultiple;
   cuda["v_head_dim_may_differ"] = false;
   cuda["min_compute_capability"] = fastattn::cuda::kMinComputeCapability;
+  cuda["extra_features"] = py::make_tuple("window", "softcap");
   py::dict capabilities;
   capabilities["cpu"] = cpu;
   capabilities["cuda"] = cuda;

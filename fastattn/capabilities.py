@@ -16,6 +16,8 @@ from .triton import capabilities as triton_capabilities
 # the log-sum-exp output, backward. Beyond these, a backend may declare:
 #   kv_cache  an attention op that reads a (paged) KV cache in place and stops at each row's
 #             length (the others get the cache through `attention` with a mask)
+#   window    sliding windows (attention(window=...)), key blocks outside them skipped
+#   softcap   the logit cap c * tanh(s / c) (attention(softcap=...)), forward and backward
 COMMON_FEATURES = frozenset({"gqa", "mask", "mask_grad", "causal", "lse", "backward", "softmax"})
 
 
@@ -43,6 +45,11 @@ class Capabilities:
             if limit is not None and max(d, dv) > limit:
                 return f"the {backend} attention {direction} takes head dims up to {limit}, got {d} and {dv}"
         return None
+
+    def feature_reason(self, backend, needed):
+        """None if the kernels have every feature in `needed`, else which they lack."""
+        missing = sorted(set(needed) - self.features)
+        return f"the {backend} kernels do not support {', '.join(missing)}" if missing else None
 
     def softmax_reason(self, backend, x):
         if x.dtype not in self.softmax_dtypes:
@@ -79,10 +86,11 @@ def _from_compiled(table):
 def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
-        "reference": Capabilities(float64, float64, None, None),
+        "reference": Capabilities(float64, float64, None, None, features=COMMON_FEATURES | {"window", "softcap"}),
         "triton": Capabilities(
             triton_capabilities.DTYPES, triton_capabilities.DTYPES,
             triton_capabilities.MAX_HEAD_DIM, triton_capabilities.MAX_HEAD_DIM,
+            features=COMMON_FEATURES | triton_capabilities.FEATURES,
         ),
     }
     try:

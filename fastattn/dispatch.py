@@ -19,6 +19,7 @@ import torch
 
 from . import cuda_support, ops
 from .capabilities import CAPABILITIES
+from .reference import UNBOUNDED
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Order for CUDA tensors, from H200 measurements (bf16, benchmarks/results/gpu_h200_attention.json):
@@ -125,19 +126,23 @@ def _common_reason(backend, t):
     return reason
 
 
-def attention_reason(backend, q, k, v, mask, scale):
+def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.0):
     """None if `backend` can run this attention call, else why not."""
     reason = _common_reason(backend, q)
     if reason is not None:
         return reason
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))
-    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad)
+    needed = {"window"} if window[:2] not in ((-1, -1), (-1, 0)) else set()
+    needed |= {"softcap"} if softcap else set()
+    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad) or CAPABILITIES[backend].feature_reason(
+        backend, needed
+    )
     if reason is not None:
         return reason
     if backend == "triton":
         return ops.triton_backend.supports(q, k, v, mask)
     if backend == "cuda":
-        return cuda_support.supports(q, k, v, mask, scale=scale)
+        return cuda_support.supports(q, k, v, mask, scale=scale, softcap=softcap)
     return None
 
 

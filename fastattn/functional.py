@@ -5,14 +5,14 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import dispatch, ops, reference
-from .reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from .reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
 
 
 def _ops_for(backend):
     return ops.TRITON_OPS if backend == "triton" else ops.NATIVE_OPS
 
 
-def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
+def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
         scale = reference.default_scale(q.shape[-1])
@@ -21,12 +21,14 @@ def _attention(q, k, v, mask, scale, causal, backend, dropout_p=0.0):
         # for a block or the process (use_backend, FASTATTN_BACKEND), so training still runs.
         # Empty inputs have nothing to compute: the reference gives their (empty or zero)
         # results and gradients in every shape.
-        return reference.attention(q, k, v, mask, scale, causal, dropout_p)
-    chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, k, v, mask, scale), q.device, backend)
+        return reference.attention(q, k, v, mask, scale, window, dropout_p, softcap=softcap)
+    chosen = dispatch.choose(
+        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap), q.device, backend
+    )
     if chosen == "reference":
-        return reference.attention(q, k, v, mask, scale, causal)
+        return reference.attention(q, k, v, mask, scale, window, softcap=softcap)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), causal)
+    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap)
     return out, lse
 
 
@@ -52,35 +54,41 @@ def block_ops(q, k, v, scale, backend=None):
     family = None if chosen == "reference" else _ops_for(chosen)
 
     def forward(q, k, v, causal):
-        causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+        window = CAUSAL if causal else UNBOUNDED
         if family is None:
-            return reference.attention(q, k, v, None, scale, causal)
+            return reference.attention(q, k, v, None, scale, window)
         q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-        out, lse, _ = family.attn_fwd(q, k, v, None, float(scale), causal)
+        out, lse, _ = family.attn_fwd(q, k, v, None, float(scale), *window)
         return out, lse
 
     def backward(grad_out, q, k, v, out, lse, causal):
-        causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+        window = CAUSAL if causal else UNBOUNDED
         if family is None:
-            return reference.attention_backward(grad_out, q, k, v, out, lse, None, scale, causal)
+            return reference.attention_backward(grad_out, q, k, v, out, lse, None, scale, window)
         grad_out, q, k, v, out = (ops.last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
         # The kernels' softmax statistics of whole rows from their lse: row max lse, row sum 1
         # (0 for rows that see no key).
         stats = torch.stack([lse, (~torch.isneginf(lse)).float()])
-        dq, dk, dv, _ = family.attn_bwd(grad_out, q, k, v, out, stats, None, float(scale), causal, False)
+        dq, dk, dv, _ = family.attn_bwd(grad_out, q, k, v, out, stats, None, float(scale), False, *window)
         return dq, dk, dv
 
     return BlockOps(forward, backward)
 
 
-def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None):
-    """Fused attention softmax(scale * q @ k^T + mask) @ v.
+def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None, window=None,
+              softcap=None):
+    """Fused attention softmax(cap(scale * q @ k^T) + mask) @ v.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (GQA/MQA:
     query head h reads key/value head h // (Hq // Hkv), without copies).
     attn_mask: broadcastable to (B, Hq, Sq, Sk); bool (True = attend) or float (added).
     causal: query i sees keys j <= i + Sk - Sq (bottom-right alignment, as KV-cache decoding
     needs; equal to the usual rule when Sq == Sk).
+    window: (left, right) sliding window: query i sees keys j with i' - left <= j <= i' + right,
+    i' = i + Sk - Sq (the causal alignment); None or a negative side is unbounded. With
+    causal=True the right side is 0. Key blocks outside the window are skipped, so a window
+    of width W costs O(S * W) rather than O(S^2).
+    softcap: c > 0 caps the scaled scores at c * tanh(s / c) before the mask is added (Gemma 2).
     return_lse: also return the natural-log sum-exp of each row's scores, float32 (B, Hq, Sq),
     -inf for rows that see no key (their output is zero).
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
@@ -89,7 +97,9 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     ops.check_flag("causal", causal)
     ops.check_scale("scale", scale, optional=True)
     ops.check_flag("return_lse", return_lse)
-    out, lse = _attention(q, k, v, mask, scale, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, backend)
+    left, right = ops.check_window(window)
+    softcap = ops.check_softcap(softcap)
+    out, lse = _attention(q, k, v, mask, scale, Window(left, 0 if causal else right), backend, softcap=softcap)
     return (out, lse) if return_lse else out
 
 
@@ -110,17 +120,17 @@ def scaled_dot_product_attention(
     ops.check_probability("dropout_p", dropout_p)
     ops.check_flag("is_causal", is_causal)
     ops.check_scale("scale", scale, optional=True)
-    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
-    out, _ = _attention(query, key, value, mask, scale, causal, None, dropout_p)
+    window = CAUSAL_TOP_LEFT if is_causal else UNBOUNDED
+    out, _ = _attention(query, key, value, mask, scale, window, None, dropout_p)
     return out.squeeze(1) if squeeze else out
 
 
-def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
+def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None, window=None):
     """Fused softmax(scale * x + mask) along `dim`, forward and backward, any row length.
 
     mask: broadcastable to x; bool (True = keep) or float (added after scaling).
-    causal: x's last two dims are (queries, keys), with attention()'s bottom-right rule; needs
-    dim == -1. Rows with nothing visible give zeros.
+    causal, window: x's last two dims are (queries, keys), with attention()'s bottom-right
+    rules; need dim == -1. Rows with nothing visible give zeros.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -132,10 +142,11 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
     ops.check_flag("causal", causal)
     ops.check_dim("dim", dim, x)
     dim = dim % x.dim()
-    if causal and (x.dim() < 2 or dim != x.dim() - 1):
-        raise ValueError("causal=True needs x with (..., queries, keys) dims and dim=-1")
+    left, right = ops.check_window(window)
+    if (causal or window is not None) and (x.dim() < 2 or dim != x.dim() - 1):
+        raise ValueError("causal=True and window need x with (..., queries, keys) dims and dim=-1")
     mask = ops.prepare_mask(mask, x.shape, x, "mask")
-    causal_code = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+    rule = Window(left, 0 if causal else right)
     if dim != x.dim() - 1:
         x = x.movedim(dim, -1)
         mask = None if mask is None else mask.movedim(dim, -1)
@@ -144,9 +155,9 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None):
     mask4 = None if mask is None else _as_4d(mask)
     chosen = dispatch.choose(lambda name: dispatch.softmax_reason(name, x4, mask4), x.device, backend)
     if chosen == "reference" or _is_empty(x4):
-        y = reference.softmax(x4, mask4, scale, causal_code)
+        y = reference.softmax(x4, mask4, scale, rule)
     else:
-        y = _ops_for(chosen).softmax_fwd(x4, mask4, float(scale), causal_code)
+        y = _ops_for(chosen).softmax_fwd(x4, mask4, float(scale), *rule)
     y = y.reshape(shape)
     return y.movedim(-1, dim) if dim != y.dim() - 1 else y
 

@@ -132,7 +132,7 @@ def attention_with_kvcache(
         out, lse = torch.ops.fastattn.attn_fwd_kvcache(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.to(torch.int32), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),
-            reference.CAUSAL_BOTTOM_RIGHT if causal else reference.CAUSAL_NONE,
+            *(reference.CAUSAL if causal else reference.UNBOUNDED)[:2],
         )
         return (out, lse) if return_lse else out
     return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, causal, scale, return_lse, chosen)

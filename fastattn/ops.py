@@ -69,6 +69,32 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
+def check_window(window):
+    """window=(left, right), each side an int or None (None or negative: unbounded), or None
+    for no window. Returns (left, right) with -1 for an unbounded side."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None or a pair (left, right) of ints or None, got {type(window).__name__} {window!r}")
+    sides = []
+    for name, side in zip(("left", "right"), window):
+        if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral)):
+            raise TypeError(f"window's {name} side must be an int or None, got {type(side).__name__} {side!r}")
+        sides.append(-1 if side is None else max(int(side), -1))
+    return tuple(sides)
+
+
+def check_softcap(softcap):
+    """softcap: None (no cap) or a positive finite float. Returns the kernels' value (0.0: no cap)."""
+    if softcap is None:
+        return 0.0
+    if not _is_real_number(softcap):
+        raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__} {softcap!r}")
+    if not 0.0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be a positive finite float, got {softcap}")
+    return float(softcap)
+
+
 def check_dim(name, dim, t):
     """A dimension index of `t`: an int in [-t.dim(), t.dim()) (IndexError otherwise, like torch)."""
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
@@ -144,7 +170,7 @@ def last_dim_contiguous(t):
 # Shapes and dtypes of each op's outputs, for torch.compile / FakeTensor tracing.
 
 
-def _fake_attn_fwd(q, k, v, mask, scale, causal):
+def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0):
     B, Hq, Sq, _ = q.shape
     return (
         q.new_empty(B, Hq, Sq, v.shape[-1]),
@@ -153,13 +179,14 @@ def _fake_attn_fwd(q, k, v, mask, scale, causal):
     )
 
 
-def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, causal, mask_grad):
+def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, mask_grad, window_left=-1, window_right=-1,
+                   window_top_left=False, softcap=0.0):
     B, Hq, Sq, _ = q.shape
     dmask_shape = (B, Hq, Sq, k.shape[2]) if mask_grad else (0,)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
-def _fake_softmax_fwd(x, mask, scale, causal):
+def _fake_softmax_fwd(x, mask, scale, window_left=-1, window_right=-1, window_top_left=False):
     return x.new_empty(x.shape)
 
 
@@ -171,7 +198,8 @@ def _fake_dropout_keep_mask(rng_state, batch, heads, rows, cols, p):
     return rng_state.new_empty((batch, heads, rows, cols), dtype=torch.bool)
 
 
-def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal):
+def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left=-1, window_right=-1,
+                           softcap=0.0):
     B, Hq, Sq, _ = q.shape
     return q.new_empty(B, Hq, Sq, v_cache.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
@@ -179,17 +207,21 @@ def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scal
 # ----------------------------------------------------------------------------- autograd
 
 
-def _lse_gradient_terms(g_lse, q, k, mask, scale, causal):
+def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap):
     """Extra dq, dk, dmask when the caller differentiates the returned log-sum-exp
     (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss.
     P is the softmax of these very scores, not exp(scores - lse): an fp32 lse keeps the row
     sum only to |lse| * 2^-24, and the kernel's row max may differ from these scores by an
     ulp, either of which costs P many times PyTorch's accuracy at large logits."""
-    scores, k32 = reference.masked_scores(q, k, mask, scale, causal, torch.float32)
+    scores, k32 = reference.masked_scores(q, k, mask, scale, window, torch.float32, softcap)
     probs, _ = reference._safe_softmax(scores)
-    dscores = probs * g_lse.unsqueeze(-1)
-    dq = torch.matmul(dscores, k32) * scale
-    dk = reference.sum_query_groups(torch.matmul(dscores.transpose(-2, -1), q.float()) * scale, k.shape[1])
+    dscores = probs * g_lse.unsqueeze(-1)  # the mask's gradient: it is added after the cap
+    dlogits = dscores
+    if softcap:  # through the cap: d (c tanh(s / c)) / ds = 1 - tanh(s / c)^2
+        logits = torch.matmul(q.float(), k32.transpose(-2, -1)) * scale
+        dlogits = dscores * (1 - torch.tanh(logits / softcap).square())
+    dq = torch.matmul(dlogits, k32) * scale
+    dk = reference.sum_query_groups(torch.matmul(dlogits.transpose(-2, -1), q.float()) * scale, k.shape[1])
     return dq, dk, dscores
 
 
@@ -199,16 +231,19 @@ def _differentiable_attention_backward(ctx, inputs, grad_out, grad_lse):
     q, k, v, mask = inputs
     wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:4]) if needed]
     with torch.enable_grad():
-        out, lse = reference.attention(q, k, v, mask, ctx.scale, ctx.causal)
+        out, lse = reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap)
         pairs = [(t, g) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
         grads = torch.autograd.grad(
             [t for t, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
             create_graph=True, allow_unused=True,
         )
-    result = [None] * 6
+    result = [None] * _ATTN_FWD_INPUTS
     for i, grad in zip(wanted, grads):
         result[i] = torch.zeros_like(inputs[i]) if grad is None else grad
     return tuple(result)
+
+
+_ATTN_FWD_INPUTS = 9  # q, k, v, mask, scale, window_left, window_right, window_top_left, softcap
 
 
 class OpFamily:
@@ -228,10 +263,11 @@ class OpFamily:
 
     @staticmethod
     def _attention_setup(ctx, inputs, output):
-        q, k, v, mask, scale, causal = inputs
+        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap = inputs
         out, _, softmax_stats = output
         ctx.save_for_backward(q, k, v, mask, out, softmax_stats)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.softcap = scale, softcap
+        ctx.window = reference.Window(window_left, window_right, window_top_left)
         ctx.set_materialize_grads(False)
 
     def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
@@ -242,14 +278,15 @@ class OpFamily:
         if grad_out is None:  # only the lse was used
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dmask = self.attn_bwd(
-            last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, mask, ctx.scale, ctx.causal, mask_grad
+            last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, mask, ctx.scale, mask_grad, *ctx.window,
+            ctx.softcap,
         )
         if grad_lse is not None:
-            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.causal)
+            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.window, ctx.softcap)
             dq, dk = dq + dq_lse.to(dq.dtype), dk + dk_lse.to(dk.dtype)
             if mask_grad:
                 dmask = dmask + dmask_lse
-        return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None
+        return (dq, dk, dv, dmask.to(mask.dtype) if mask_grad else None) + (None,) * (_ATTN_FWD_INPUTS - 4)
 
     @staticmethod
     def _softmax_setup(ctx, inputs, output):
@@ -266,7 +303,7 @@ class OpFamily:
             grad_scores = self.softmax_bwd(last_dim_contiguous(grad_y), y)  # d loss / d (scale*x + mask)
         grad_x = grad_scores * ctx.scale if ctx.needs_input_grad[0] else None
         grad_mask = grad_scores if ctx.needs_input_grad[1] else None
-        return grad_x, grad_mask, None, None
+        return grad_x, grad_mask, None, None, None, None  # scale and the window take none
 
 
 NATIVE_OPS = OpFamily("", register_fakes=True) if _C is not None else None

@@ -4,14 +4,31 @@ Everything here is differentiable with plain autograd and materialises the full 
 matrix, so it is simple rather than fast. Low-precision inputs are computed in float32 and
 cast back, like the fused kernels do.
 """
+from typing import NamedTuple
+
 import torch
 
 from . import philox
 
-# Causal alignment codes shared by every backend (and passed to the compiled ops).
-CAUSAL_NONE = 0
-CAUSAL_TOP_LEFT = 1  # SDPA's rule: query i sees keys <= i
-CAUSAL_BOTTOM_RIGHT = 2  # flash-attention's rule: query i sees keys <= i + Sk - Sq
+
+class Window(NamedTuple):
+    """Which keys each query sees, the one visibility rule of every backend: query i sees key j
+    iff i' - left <= j <= i' + right, with i' = i + Sk - Sq (bottom-right alignment, as KV-cache
+    decoding needs) or i' = i (top_left, SDPA's causal rule). A negative side is unbounded.
+    Causal attention is right = 0 with left unbounded."""
+
+    left: int = -1
+    right: int = -1
+    top_left: bool = False
+
+    def offset(self, sq, sk):
+        """i' - i: where the diagonal of query 0 lies among the keys."""
+        return 0 if self.top_left else sk - sq
+
+
+UNBOUNDED = Window()  # every key
+CAUSAL = Window(-1, 0)  # flash-attention's rule: query i sees keys <= i + Sk - Sq
+CAUSAL_TOP_LEFT = Window(-1, 0, True)  # SDPA's rule: query i sees keys <= i
 
 # The fused forwards' third output, softmax_stats (SOFTMAX_STATS, B, Hq, Sq) float32: [0] the
 # row max of the scores, [1] the row sum of exp(score - row max), so lse = [0] + log([1]); rows
@@ -21,12 +38,16 @@ CAUSAL_BOTTOM_RIGHT = 2  # flash-attention's rule: query i sees keys <= i + Sk -
 SOFTMAX_STATS = 2
 
 
-def causal_visibility(sq: int, sk: int, causal: int, device) -> torch.Tensor:
-    """Boolean (sq, sk) matrix, True where a query may see a key under `causal`."""
-    offset = 0 if causal == CAUSAL_TOP_LEFT else sk - sq
-    rows = torch.arange(sq, device=device).unsqueeze(1)
+def window_visibility(sq: int, sk: int, window: Window, device) -> torch.Tensor:
+    """Boolean (sq, sk) matrix, True where a query may see a key under `window`."""
+    diagonal = torch.arange(sq, device=device).unsqueeze(1) + window.offset(sq, sk)
     cols = torch.arange(sk, device=device).unsqueeze(0)
-    return cols <= rows + offset
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window.left >= 0:
+        visible &= cols >= diagonal - window.left
+    if window.right >= 0:
+        visible &= cols <= diagonal + window.right
+    return visible
 
 
 def default_scale(head_dim: int) -> float:
@@ -34,15 +55,18 @@ def default_scale(head_dim: int) -> float:
     return head_dim**-0.5 if head_dim > 0 else 1.0
 
 
-def _masked_scores(scores, mask, causal):
-    """Adds/applies `mask` and the causal rule to float scores (..., Sq, Sk)."""
+def _masked_scores(scores, mask, window, softcap=0.0):
+    """Caps scaled float scores (..., Sq, Sk) (softcap * tanh(scores / softcap) when softcap > 0),
+    then adds/applies `mask` and hides the keys outside `window`."""
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(scores.dtype)
-    if causal != CAUSAL_NONE:
-        visible = causal_visibility(scores.shape[-2], scores.shape[-1], causal, scores.device)
+    if window != UNBOUNDED:
+        visible = window_visibility(scores.shape[-2], scores.shape[-1], window, scores.device)
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores
 
@@ -83,24 +107,26 @@ def repeat_to_query_heads(t, query_heads):
     return t.repeat_interleave(group, dim=1) if group > 1 else t
 
 
-def masked_scores(q, k, mask, scale, causal, compute_dtype):
-    """The scaled scores q.k^T (B, Hq, Sq, Sk) in compute_dtype with `mask` and the causal
-    rule applied, and k repeated to q's heads (GQA) in compute_dtype."""
+def masked_scores(q, k, mask, scale, window, compute_dtype, softcap=0.0):
+    """The scaled scores q.k^T (B, Hq, Sq, Sk) in compute_dtype, capped by `softcap`, with
+    `mask` and `window` applied, and k repeated to q's heads (GQA) in compute_dtype."""
     k_wide = repeat_to_query_heads(k.to(compute_dtype), q.shape[1])
     scores = torch.matmul(q.to(compute_dtype), k_wide.transpose(-2, -1)) * scale
-    return _masked_scores(scores, mask, causal), k_wide
+    return _masked_scores(scores, mask, window, softcap), k_wide
 
 
-def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0, upcast=True, rng_state=None):
+def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, upcast=True, rng_state=None,
+              softcap=0.0):
     """Reference attention. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv) with
-    Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive.
+    Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive;
+    window: a Window; softcap > 0 caps the scaled scores at +-softcap (before the mask).
     upcast=False computes in the input dtype: the low-precision baseline of the tests.
     dropout_p > 0 drops probabilities as the fused kernels do under rng_state (int64 (seed,
     offset); drawn from torch's generator when None).
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    scores, _ = masked_scores(q, k, mask, scale, causal, compute_dtype)
+    scores, _ = masked_scores(q, k, mask, scale, window, compute_dtype, softcap)
     probs, lse = _safe_softmax(scores)
     if dropout_p > 0.0:
         rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
@@ -110,23 +136,23 @@ def attention(q, k, v, mask=None, scale=None, causal=CAUSAL_NONE, dropout_p=0.0,
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
 
 
-def probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype):
+def probabilities_from_lse(q, k, lse, mask, scale, window, compute_dtype):
     """exp(scores - lse): the attention probabilities of q against k given each row's log-sum-exp
     (zero for rows whose lse is -inf). With the lse of whole rows and k one block of their keys,
     these are the block's share of the row's probabilities. Returns (probs (B, Hq, Sq, Sk),
     k repeated to Hq heads), both in compute_dtype."""
-    scores, k_wide = masked_scores(q, k, mask, scale, causal, compute_dtype)
+    scores, k_wide = masked_scores(q, k, mask, scale, window, compute_dtype)
     finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(compute_dtype)
     return torch.exp(scores - finite_lse.unsqueeze(-1)), k_wide
 
 
-def attention_backward(grad_out, q, k, v, out, lse, mask=None, scale=None, causal=CAUSAL_NONE):
+def attention_backward(grad_out, q, k, v, out, lse, mask=None, scale=None, window=UNBOUNDED):
     """dq, dk, dv of attention from its output and lse, as the fused backward kernels compute
     them (float32, float64 for float64 inputs). Given the out and lse of whole rows while k, v
     are one block of their keys, returns that block's share of dq and the block's dk, dv."""
     compute_dtype = _compute_dtype(q.dtype, upcast=True)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    probs, k_wide = probabilities_from_lse(q, k, lse, mask, scale, causal, compute_dtype)
+    probs, k_wide = probabilities_from_lse(q, k, lse, mask, scale, window, compute_dtype)
     v_wide = repeat_to_query_heads(v.to(compute_dtype), q.shape[1])
     grad_out = grad_out.to(compute_dtype)
     delta = (grad_out * out.to(compute_dtype)).sum(dim=-1, keepdim=True)
@@ -143,10 +169,11 @@ def sum_query_groups(t, kv_heads):
     return t.unflatten(1, (kv_heads, t.shape[1] // kv_heads)).sum(2)
 
 
-def softmax(x, mask=None, scale=1.0, causal=CAUSAL_NONE, upcast=True):
-    """Reference fused softmax over the last dim of `scale * x (+ mask)`; rows with no
-    visible entry give zeros. upcast=False computes in x's dtype."""
+def softmax(x, mask=None, scale=1.0, window=UNBOUNDED, upcast=True):
+    """Reference fused softmax over the last dim of `scale * x (+ mask)`, x's last two dims
+    (queries, keys) under `window`; rows with no visible entry give zeros. upcast=False
+    computes in x's dtype."""
     compute_dtype = _compute_dtype(x.dtype, upcast)
     scores = x.to(compute_dtype) * scale
-    probs, _ = _safe_softmax(_masked_scores(scores, mask, causal))
+    probs, _ = _safe_softmax(_masked_scores(scores, mask, window))
     return probs.to(x.dtype)

@@ -37,7 +37,7 @@ def check_against_reference(backend, q, k, v, mask=None, causal=False, scale=Non
     else:
         mask_arg = mask
     out = fastattn.attention(*inputs[:3], attn_mask=mask_arg, causal=causal, scale=scale, backend=backend)
-    code = reference.CAUSAL_BOTTOM_RIGHT if causal else reference.CAUSAL_NONE
+    code = reference.CAUSAL if causal else reference.UNBOUNDED
     ref_inputs = [t.detach().double().requires_grad_(check_grad) for t in inputs]
     ref_mask = ref_inputs[3] if len(ref_inputs) > 3 else mask
     ref, _ = reference.attention(*ref_inputs[:3], ref_mask, scale, code)
@@ -230,7 +230,7 @@ def test_softmax_causal_additive_mask_grad_and_dim(backend):
     bias = rand(6, 9, requires_grad=True)
     y = fastattn.softmax(x, mask=bias, causal=True, backend=backend)
     x64, bias64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
-    ref = reference.softmax(x64, bias64, 1.0, reference.CAUSAL_BOTTOM_RIGHT)
+    ref = reference.softmax(x64, bias64, 1.0, reference.CAUSAL)
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     grad_y = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, bias), grad_y)

@@ -18,20 +18,21 @@ def _attention_samples(dtype=torch.float32):
     v = torch.randn(B, Hkv, Sk, D, dtype=dtype, requires_grad=True)
     padding = (torch.rand(B, 1, 1, Sk) > 0.3).expand(B, Hq, Sq, Sk)
     bias = torch.randn(1, Hq, Sq, Sk, dtype=dtype, requires_grad=True)
-    yield (q, k, v, None, 0.2, reference.CAUSAL_NONE)
-    yield (q, k, v, padding, 0.2, reference.CAUSAL_BOTTOM_RIGHT)
-    yield (q, k, v, bias.expand(B, Hq, Sq, Sk), 0.2, reference.CAUSAL_TOP_LEFT)
+    yield (q, k, v, None, 0.2, *reference.UNBOUNDED, 0.0)
+    yield (q, k, v, padding, 0.2, *reference.CAUSAL, 0.0)
+    yield (q, k, v, bias.expand(B, Hq, Sq, Sk), 0.2, *reference.CAUSAL_TOP_LEFT, 0.0)
+    yield (q, k, v, bias.expand(B, Hq, Sq, Sk), 0.2, 3, 1, False, 1.5)  # window and softcap
 
 
 @needs_cpu_kernels
 def test_opcheck_attention_ops():
     for args in _attention_samples():
         torch.library.opcheck(ops.NATIVE_OPS.attn_fwd, args)
-        q, k, v, mask, scale, causal = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        out, lse, stats = ops.NATIVE_OPS.attn_fwd(q, k, v, mask, scale, causal)
+        q, k, v, mask, scale, *rule = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        out, lse, stats = ops.NATIVE_OPS.attn_fwd(q, k, v, mask, scale, *rule)
         mask_grad = mask is not None and mask.is_floating_point()
         torch.library.opcheck(
-            ops.NATIVE_OPS.attn_bwd, (torch.randn_like(out), q, k, v, out, stats, mask, scale, causal, mask_grad)
+            ops.NATIVE_OPS.attn_bwd, (torch.randn_like(out), q, k, v, out, stats, mask, scale, mask_grad, *rule)
         )
 
 
@@ -39,9 +40,9 @@ def test_opcheck_attention_ops():
 def test_opcheck_softmax_ops():
     x = torch.randn(2, 3, 5, 70, requires_grad=True)
     mask = (torch.rand(2, 1, 1, 70) > 0.5).expand(x.shape)
-    for args in ((x, None, 0.5, 0), (x, mask, 1.0, 2)):
+    for args in ((x, None, 0.5), (x, mask, 1.0, *reference.CAUSAL), (x, mask, 1.0, 4, 2, True)):
         torch.library.opcheck(ops.NATIVE_OPS.softmax_fwd, args)
-    y = ops.NATIVE_OPS.softmax_fwd(x.detach(), mask, 1.0, 2)
+    y = ops.NATIVE_OPS.softmax_fwd(x.detach(), mask, 1.0, *reference.CAUSAL)
     torch.library.opcheck(ops.NATIVE_OPS.softmax_bwd, (torch.randn_like(y), y))
 
 
@@ -51,9 +52,9 @@ def test_opcheck_kvcache_and_dropout_ops():
     pages = torch.randn(6, 2, 8, 16), torch.randn(6, 2, 8, 16)
     table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32)
     lengths = torch.tensor([5, 24], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.fastattn.attn_fwd_kvcache.default, (q, *pages, lengths, table, 0.25, 2))
+    torch.library.opcheck(torch.ops.fastattn.attn_fwd_kvcache.default, (q, *pages, lengths, table, 0.25, -1, 0))
     contiguous = torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
-    torch.library.opcheck(torch.ops.fastattn.attn_fwd_kvcache.default, (q, *contiguous, lengths, None, 0.25, 0))
+    torch.library.opcheck(torch.ops.fastattn.attn_fwd_kvcache.default, (q, *contiguous, lengths, None, 0.25, 5, -1, 1.5))
     torch.library.opcheck(torch.ops.fastattn.dropout_keep_mask.default, (torch.tensor([3, 4]), 2, 3, 5, 9, 0.2))
 
 

@@ -13,7 +13,7 @@ from tolerance import EPS, assert_within_baseline, max_error  # noqa: E402
 
 ops = torch.ops.fastattn
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-NONE, TOP_LEFT, BOTTOM_RIGHT = reference.CAUSAL_NONE, reference.CAUSAL_TOP_LEFT, reference.CAUSAL_BOTTOM_RIGHT
+NONE, TOP_LEFT, BOTTOM_RIGHT = reference.UNBOUNDED, reference.CAUSAL_TOP_LEFT, reference.CAUSAL
 
 
 def _isa_available(name):
@@ -21,7 +21,7 @@ def _isa_available(name):
     mp.setenv("FASTATTN_CPU_ISA", name)
     try:
         x = torch.randn(1, 1, 1, 4)
-        ops.softmax_fwd(x, None, 1.0, 0)
+        ops.softmax_fwd(x, None, 1.0)
         return True
     except RuntimeError:
         return False
@@ -155,10 +155,10 @@ def test_attention_forward_backward(case, isa):
     mask_grad = mask is not None and mask.dtype != torch.bool
 
     poison_allocator()
-    out, lse, stats = ops.attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = ops.attn_fwd(q, k, v, mask, scale, *causal)
     grad_out = torch.randn_like(out)
     poison_allocator()
-    dq, dk, dv, dmask = ops.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, causal, mask_grad)
+    dq, dk, dv, dmask = ops.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *causal)
 
     ref_out, ref_lse, ref_grads = reference_grads(q, k, v, mask, scale, causal, grad_out, torch.float64)
     base_out, base_lse, base_grads = reference_grads(q, k, v, mask, scale, causal, grad_out, dtype)
@@ -210,7 +210,7 @@ def test_attention_forward_few_queries(case, isa):
     mask = make_mask(mask_kind, B, Hq, Sq, Sk, dtype)
     scale = D ** -0.5 * 1.3
     poison_allocator()
-    out, lse, stats = ops.attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = ops.attn_fwd(q, k, v, mask, scale, *causal)
     leaves64 = [t.double() for t in (q, k, v)]
     mask64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
     ref_out, ref_lse = reference.attention(*leaves64, mask64, scale, causal)
@@ -226,8 +226,8 @@ def test_rows_without_keys_are_zero(isa):
     keep = torch.ones(2, 1, 1, 90, dtype=torch.bool)
     keep[0] = False
     mask = keep.expand(2, 2, 70, 90)
-    out, lse, stats = ops.attn_fwd(q, k, v, mask, 0.125, 0)
-    dq, dk, dv, _ = ops.attn_bwd(torch.randn_like(out), q, k, v, out, stats, mask, 0.125, 0, False)
+    out, lse, stats = ops.attn_fwd(q, k, v, mask, 0.125)
+    dq, dk, dv, _ = ops.attn_bwd(torch.randn_like(out), q, k, v, out, stats, mask, 0.125, False)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     assert torch.isfinite(lse[1]).all() and not out[1].eq(0).all()
     for g in (dq, dk, dv):
@@ -236,10 +236,10 @@ def test_rows_without_keys_are_zero(isa):
 
 def test_backward_is_deterministic(isa):
     q, k, v = make_qkv(1, 4, 1, 300, 300, 64, 64, F32, False)  # GQA, key chunks split over threads
-    out, lse, stats = ops.attn_fwd(q, k, v, None, 0.125, 1)
+    out, lse, stats = ops.attn_fwd(q, k, v, None, 0.125, *reference.CAUSAL_TOP_LEFT)
     grad_out = torch.randn_like(out)
-    first = ops.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, 1, False)
-    second = ops.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, 1, False)
+    first = ops.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, False, *reference.CAUSAL_TOP_LEFT)
+    second = ops.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, False, *reference.CAUSAL_TOP_LEFT)
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a, b)
 
@@ -254,7 +254,7 @@ def test_isa_variants_agree():
     try:
         for name in ISAS:
             mp.setenv("FASTATTN_CPU_ISA", name)
-            outs.append(ops.attn_fwd(q, k, v, None, 0.1, 2)[0])
+            outs.append(ops.attn_fwd(q, k, v, None, 0.1, *reference.CAUSAL)[0])
     finally:
         mp.undo()
     for o in outs[1:]:
@@ -286,7 +286,7 @@ def test_softmax_forward_backward(case, isa):
     mask = make_mask(mask_kind, B, H, R, C, dtype)
     scale = 0.7
     poison_allocator()
-    y = ops.softmax_fwd(x, mask, scale, causal)
+    y = ops.softmax_fwd(x, mask, scale, *causal)
     ref = reference.softmax(x.double(), mask if mask is None or mask.dtype == torch.bool else mask.double(), scale, causal)
     assert y.dtype == dtype and y.shape == x.shape
     assert_within_baseline("y", y, ref, reference.softmax(x, mask, scale, causal))
@@ -306,7 +306,7 @@ def test_softmax_fully_masked_rows_are_zero(isa):
     x = torch.randn(1, 1, 4, 2000)
     keep = torch.ones(1, 1, 4, 1, dtype=torch.bool)
     keep[0, 0, 1] = False
-    y = ops.softmax_fwd(x, keep.expand(1, 1, 4, 2000), 1.0, 0)
+    y = ops.softmax_fwd(x, keep.expand(1, 1, 4, 2000), 1.0)
     assert torch.equal(y[0, 0, 1], torch.zeros(2000))
     torch.testing.assert_close(y.sum(-1)[0, 0, [0, 2, 3]], torch.ones(3))
 
@@ -315,29 +315,29 @@ def test_softmax_fully_masked_rows_are_zero(isa):
 def test_attention_rejects_bad_inputs():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, F32, False)
     with pytest.raises(RuntimeError, match="q must be 4-d"):
-        ops.attn_fwd(q[0], k, v, None, 1.0, 0)
+        ops.attn_fwd(q[0], k, v, None, 1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        ops.attn_fwd(q, k.double(), v, None, 1.0, 0)
-    with pytest.raises(RuntimeError, match="causal must be"):
-        ops.attn_fwd(q, k, v, None, 1.0, 3)
+        ops.attn_fwd(q, k.double(), v, None, 1.0)
+    with pytest.raises(RuntimeError, match="softcap must be >= 0"):
+        ops.attn_fwd(q, k, v, None, 1.0, softcap=-1.0)
     with pytest.raises(RuntimeError, match="mask must be expanded"):
-        ops.attn_fwd(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool), 1.0, 0)
+        ops.attn_fwd(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool), 1.0)
     with pytest.raises(RuntimeError, match="head dim"):
-        ops.attn_fwd(q, k[..., :8], v, None, 1.0, 0)
+        ops.attn_fwd(q, k[..., :8], v, None, 1.0)
     with pytest.raises(RuntimeError, match="dividing"):
-        ops.attn_fwd(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None, 1.0, 0)
+        ops.attn_fwd(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None, 1.0)
     with pytest.raises(RuntimeError, match="contiguous last dim"):
-        ops.attn_fwd(q.transpose(2, 3), k, v, None, 1.0, 0)
-    out, lse, stats = ops.attn_fwd(q, k, v, None, 1.0, 0)
+        ops.attn_fwd(q.transpose(2, 3), k, v, None, 1.0)
+    out, lse, stats = ops.attn_fwd(q, k, v, None, 1.0)
     with pytest.raises(RuntimeError, match="softmax_stats must be"):
-        ops.attn_bwd(out, q, k, v, out, stats.double(), None, 1.0, 0, False)
+        ops.attn_bwd(out, q, k, v, out, stats.double(), None, 1.0, False)
 
 
 def test_softmax_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="x must be 4-d"):
-        ops.softmax_fwd(torch.randn(3, 4), None, 1.0, 0)
+        ops.softmax_fwd(torch.randn(3, 4), None, 1.0)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ops.softmax_fwd(torch.randn(1, 1, 3, 4).double(), None, 1.0, 0)
+        ops.softmax_fwd(torch.randn(1, 1, 3, 4).double(), None, 1.0)
     with pytest.raises(RuntimeError, match="grad_y must have y's shape"):
         ops.softmax_bwd(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 5))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastattn import reference
-from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tolerance import assert_within_baseline  # noqa: E402
@@ -103,17 +103,17 @@ def _run_reference(q, k, v, mask, scale, causal, grad_out, dtype):
 
 # (B, Hq, Hkv, Sq, Sk, D, causal, mask kind, dtype, strided)
 ATTENTION_CASES = [
-    (2, 4, 4, 128, 128, 64, CAUSAL_NONE, None, torch.float16, False),
-    (2, 4, 2, 113, 203, 40, CAUSAL_NONE, None, torch.bfloat16, True),
-    (1, 2, 1, 1, 1, 32, CAUSAL_NONE, None, torch.float16, False),
+    (2, 4, 4, 128, 128, 64, UNBOUNDED, None, torch.float16, False),
+    (2, 4, 2, 113, 203, 40, UNBOUNDED, None, torch.bfloat16, True),
+    (1, 2, 1, 1, 1, 32, UNBOUNDED, None, torch.float16, False),
     (2, 2, 2, 1023, 1024, 128, CAUSAL_TOP_LEFT, None, torch.bfloat16, False),
     (1, 4, 1, 512, 256, 96, CAUSAL_TOP_LEFT, "bool", torch.float16, True),
-    (2, 2, 1, 203, 113, 80, CAUSAL_BOTTOM_RIGHT, None, torch.float16, False),
-    (1, 3, 3, 256, 512, 128, CAUSAL_BOTTOM_RIGHT, "additive", torch.float16, False),
-    (3, 2, 2, 77, 300, 64, CAUSAL_NONE, "padding_bool", torch.bfloat16, True),
-    (2, 4, 2, 130, 190, 128, CAUSAL_NONE, "additive_f32_row", torch.bfloat16, False),
-    (1, 2, 2, 200, 333, 256, CAUSAL_NONE, None, torch.float16, False),
-    (1, 2, 1, 257, 257, 256, CAUSAL_BOTTOM_RIGHT, "bool", torch.bfloat16, True),
+    (2, 2, 1, 203, 113, 80, CAUSAL, None, torch.float16, False),
+    (1, 3, 3, 256, 512, 128, CAUSAL, "additive", torch.float16, False),
+    (3, 2, 2, 77, 300, 64, UNBOUNDED, "padding_bool", torch.bfloat16, True),
+    (2, 4, 2, 130, 190, 128, UNBOUNDED, "additive_f32_row", torch.bfloat16, False),
+    (1, 2, 2, 200, 333, 256, UNBOUNDED, None, torch.float16, False),
+    (1, 2, 1, 257, 257, 256, CAUSAL, "bool", torch.bfloat16, True),
     (2, 8, 1, 64, 64, 32, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, False),
 ]
 
@@ -129,7 +129,7 @@ def test_attention_matches_reference(case):
     with_backward = D <= 128
 
     _poison_allocator()
-    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *causal)
     ref = _run_reference(q, k, v, mask, scale, causal, grad_out, torch.float64)
     base = _run_reference(q, k, v, mask, scale, causal, grad_out, dtype)
 
@@ -146,7 +146,7 @@ def test_attention_matches_reference(case):
 
     _poison_allocator()
     mask_grad = kind is not None and mask.dtype != torch.bool
-    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, causal, mask_grad)
+    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *causal)
     for name, got, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:5], base[2:5]):
         assert got.is_contiguous() and got.dtype == dtype, name
         assert_within_baseline(name, got, r, b)
@@ -165,8 +165,8 @@ def test_dmask_without_mask_is_ds():
     B, H, Sq, Sk, D = 1, 2, 70, 90, 64
     q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.float16, False)
     grad_out = torch.randn(B, H, Sq, D, device=DEVICE, dtype=torch.float16)
-    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_TOP_LEFT)
-    dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, CAUSAL_TOP_LEFT, True)[3]
+    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.125, *CAUSAL_TOP_LEFT)
+    dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.125, True, *CAUSAL_TOP_LEFT)[3]
     ref = _run_reference(q, k, v, None, 0.125, CAUSAL_TOP_LEFT, grad_out, torch.float64)
     base = _run_reference(q, k, v, None, 0.125, CAUSAL_TOP_LEFT, grad_out, torch.float16)
     assert_within_baseline("dmask", dmask, ref[5], base[5].float())
@@ -181,12 +181,12 @@ def test_key_padding_skips_hidden_blocks():
     k[:, :, 128:] = float("nan")
     v[:, :, 128:] = float("nan")
     mask = (torch.arange(Sk, device=DEVICE) < 128)[None, None, None, :].expand(B, H, Sq, Sk)
-    out, lse, stats = OPS.attn_fwd(q, k, v, mask, 0.125, CAUSAL_NONE)
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, 0.125, *UNBOUNDED)
     grad_out = torch.randn_like(out)
-    dq, dk, dv, _ = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, 0.125, CAUSAL_NONE, False)
+    dq, dk, dv, _ = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, 0.125, False, *UNBOUNDED)
     kk, vv = k[:, :, :128], v[:, :, :128]
-    ref = _run_reference(q, kk, vv, None, 0.125, CAUSAL_NONE, grad_out, torch.float64)
-    base = _run_reference(q, kk, vv, None, 0.125, CAUSAL_NONE, grad_out, torch.bfloat16)
+    ref = _run_reference(q, kk, vv, None, 0.125, UNBOUNDED, grad_out, torch.float64)
+    base = _run_reference(q, kk, vv, None, 0.125, UNBOUNDED, grad_out, torch.bfloat16)
     assert_within_baseline("out", out, ref[0], base[0])
     assert_within_baseline("dq", dq, ref[2], base[2])
     assert_within_baseline("dk", dk[:, :, :128], ref[3], base[3])
@@ -198,9 +198,9 @@ def test_rows_that_see_nothing_are_zero():
     torch.manual_seed(3)
     B, H, Sq, Sk, D = 1, 2, 150, 40, 64
     q, k, v = _qkv(B, H, H, Sq, Sk, D, torch.float16, False)
-    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.125, CAUSAL_BOTTOM_RIGHT)
-    dq, dk, dv, _ = OPS.attn_bwd(torch.ones_like(out), q, k, v, out, stats, None, 0.125,
-                                 CAUSAL_BOTTOM_RIGHT, False)
+    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.125, *CAUSAL)
+    dq, dk, dv, _ = OPS.attn_bwd(torch.ones_like(out), q, k, v, out, stats, None, 0.125, False,
+                                 *CAUSAL)
     hidden = Sq - Sk
     assert torch.isneginf(lse[:, :, :hidden]).all() and torch.isfinite(lse[:, :, hidden:]).all()
     assert out[:, :, :hidden].abs().max() == 0 and dq[:, :, :hidden].abs().max() == 0
@@ -211,10 +211,10 @@ def test_rows_that_see_nothing_are_zero():
 def test_backward_is_deterministic():
     torch.manual_seed(4)
     q, k, v = _qkv(2, 8, 2, 300, 300, 128, torch.bfloat16, False)
-    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.09, CAUSAL_TOP_LEFT)
+    out, lse, stats = OPS.attn_fwd(q, k, v, None, 0.09, *CAUSAL_TOP_LEFT)
     grad_out = torch.randn_like(out)
-    first = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, CAUSAL_TOP_LEFT, False)
-    second = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, CAUSAL_TOP_LEFT, False)
+    first = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, False, *CAUSAL_TOP_LEFT)
+    second = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, False, *CAUSAL_TOP_LEFT)
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a, b)
 
@@ -222,18 +222,18 @@ def test_backward_is_deterministic():
 def test_unsupported_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.float16)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        OPS.attn_fwd(q.float(), q.float(), q.float(), None, 0.125, 0)
+        OPS.attn_fwd(q.float(), q.float(), q.float(), None, 0.125)
     big = torch.randn(1, 2, 16, 264, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="head dim"):
-        OPS.attn_fwd(big, big, big, None, 0.125, 0)
+        OPS.attn_fwd(big, big, big, None, 0.125)
     wide = torch.randn(1, 2, 16, 256, device=DEVICE, dtype=torch.float16)
-    out, lse, stats = OPS.attn_fwd(wide, wide, wide, None, 0.0625, 0)
+    out, lse, stats = OPS.attn_fwd(wide, wide, wide, None, 0.0625)
     with pytest.raises(ValueError, match="head dim"):
-        OPS.attn_bwd(out, wide, wide, wide, out, stats, None, 0.0625, 0, False)
+        OPS.attn_bwd(out, wide, wide, wide, out, stats, None, 0.0625, False)
     with pytest.raises(ValueError, match="scale"):
-        OPS.attn_fwd(q, q, q, None, 0.0, 0)
+        OPS.attn_fwd(q, q, q, None, 0.0)
     with pytest.raises(ValueError, match="mask"):
-        OPS.attn_fwd(q, q, q, torch.ones(1, 2, 16, 15, device=DEVICE, dtype=torch.bool), 0.1, 0)
+        OPS.attn_fwd(q, q, q, torch.ones(1, 2, 16, 15, device=DEVICE, dtype=torch.bool), 0.1)
 
 
 def test_dispatch_reasons_follow_the_capability_table():
@@ -257,13 +257,13 @@ def test_dispatch_reasons_follow_the_capability_table():
 
 # (B, H, R, C, dtype, mask kind, causal, strided x)
 SOFTMAX_CASES = [
-    (2, 3, 5, 1, torch.float32, None, CAUSAL_NONE, False),
+    (2, 3, 5, 1, torch.float32, None, UNBOUNDED, False),
     (2, 3, 17, 17, torch.float16, "bool", CAUSAL_TOP_LEFT, False),
-    (1, 4, 33, 128, torch.bfloat16, "additive", CAUSAL_NONE, True),
-    (2, 2, 64, 1000, torch.float16, "padding_bool", CAUSAL_BOTTOM_RIGHT, False),
+    (1, 4, 33, 128, torch.bfloat16, "additive", UNBOUNDED, True),
+    (2, 2, 64, 1000, torch.float16, "padding_bool", CAUSAL, False),
     (1, 2, 40, 2048, torch.bfloat16, None, CAUSAL_TOP_LEFT, False),
-    (1, 2, 9, 3001, torch.float32, "additive_f32_row", CAUSAL_NONE, False),
-    (1, 1, 8, 8192, torch.float16, "bool", CAUSAL_BOTTOM_RIGHT, False),
+    (1, 2, 9, 3001, torch.float32, "additive_f32_row", UNBOUNDED, False),
+    (1, 1, 8, 8192, torch.float16, "bool", CAUSAL, False),
     (2, 2, 24, 777, torch.float32, "bool", CAUSAL_TOP_LEFT, True),
 ]
 
@@ -279,7 +279,7 @@ def test_softmax_matches_reference(case):
     mask = _mask(kind, B, H, R, C, dtype)
     scale = 0.7
     _poison_allocator()
-    y = OPS.softmax_fwd(x, mask, scale, causal)
+    y = OPS.softmax_fwd(x, mask, scale, *causal)
     ref64 = reference.softmax(x.double(), mask, scale, causal)
     # Low-precision baseline: the softmax of the dtype-rounded scores, in the dtype.
     base = reference.softmax(x, mask, scale, causal)

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import fastattn
 from fastattn import functional, reference, use_backend
 from fastattn.distributed import merge_partial, ring_attention, shard, unshard
-from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from fastattn.reference import CAUSAL, UNBOUNDED
 from tolerance import assert_within_baseline
 
 WORLD_SIZE = 4
@@ -63,7 +63,7 @@ CASES = [
 def _attention_with_grads(q, k, v, grad_out, case, dtype, upcast):
     """Single-process reference attention on the whole sequence: out, lse, (dq, dk, dv)."""
     inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    causal = CAUSAL_BOTTOM_RIGHT if case.causal else CAUSAL_NONE
+    causal = CAUSAL if case.causal else UNBOUNDED
     out, lse = reference.attention(*inputs, None, case.scale, causal, upcast=upcast)
     grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
     return out, lse, grads

@@ -136,7 +136,7 @@ def test_torch_func_grad_and_vmap():
         return fastattn.attention(q, k, v, causal=True).pow(2).sum()
 
     def reference_loss(q):
-        return reference.attention(q, k, v, causal=reference.CAUSAL_BOTTOM_RIGHT)[0].pow(2).sum()
+        return reference.attention(q, k, v, window=reference.CAUSAL)[0].pow(2).sum()
 
     torch.testing.assert_close(torch.func.grad(loss)(q), torch.func.grad(reference_loss)(q))
     batched = torch.func.vmap(lambda q: fastattn.attention(q, k, v))(q.unsqueeze(0).expand(3, -1, -1, -1, -1))

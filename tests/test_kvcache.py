@@ -14,11 +14,11 @@ BACKENDS = [name for name in ("cpu", "triton", "reference") if dispatch.backends
 
 def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast):
     """Row by row: attention of q[b] to the first lengths[b] keys, bottom-right causal."""
-    rule = reference.CAUSAL_BOTTOM_RIGHT if causal else reference.CAUSAL_NONE
+    rule = reference.CAUSAL if causal else reference.UNBOUNDED
     outs = []
     for b, length in enumerate(lengths):
         k, v = keys[b : b + 1, :, :length].to(dtype), values[b : b + 1, :, :length].to(dtype)
-        outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, causal=rule, upcast=upcast)[0])
+        outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, window=rule, upcast=upcast)[0])
     return torch.cat(outs)
 
 

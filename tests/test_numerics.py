@@ -35,9 +35,9 @@ def is_triton(family):
     return family is ops.TRITON_OPS
 
 
-def attention(family, q, k, v, mask, scale, causal=reference.CAUSAL_NONE):
+def attention(family, q, k, v, mask, scale, causal=reference.UNBOUNDED):
     """(out, lse) of a backend's attention op."""
-    return family.attn_fwd(q, k, v, mask, scale, causal)[:2]
+    return family.attn_fwd(q, k, v, mask, scale, *causal)[:2]
 
 
 def run_with_grads(fn, inputs, grad_out, grad_lse):
@@ -127,7 +127,7 @@ def test_softmax_nan_propagates(family, cols):
     x[0, 0, 3, 7] = math.nan
     keep[0, 0, 4, 9] = False  # a hidden NaN is hidden
     x[0, 0, 4, 9] = math.nan
-    y = family.softmax_fwd(x, keep, 1.0, 0)
+    y = family.softmax_fwd(x, keep, 1.0)
     expected = reference.softmax(x, keep)
     assert torch.equal(y.isnan(), expected.isnan())
     assert expected[0, 0, :3].isnan().all() and y[0, 0, 3].abs().max() == 0
@@ -166,7 +166,7 @@ def test_softmax_finfo_min_is_finite(family, dtype):
     mask = torch.zeros(1, 2, 6, 50, dtype=dtype)
     mask[:, :, :3] = lowest
     x[:, :, 4] = lowest  # scores themselves at the padding value
-    y = family.softmax_fwd(x, mask, 1.0, 0)
+    y = family.softmax_fwd(x, mask, 1.0)
     ref = reference.softmax(x.double(), mask.double())
     base = reference.softmax(x, mask, upcast=False)
     assert_within_baseline("y", y, ref, base)
@@ -201,7 +201,7 @@ def test_large_logits_fp32(family, logit_scale, lse_in_loss):
     # A fused backward sees only its own rounded output (delta = rowsum(dO * out)); on nearly
     # one-hot rows dP - delta cancels, so the gradients' baseline is the worse of PyTorch's and
     # the exact gradients given that output (plus the exact lse term).
-    given = grads_from_given_out(q, k, v, None, 1.0, reference.CAUSAL_NONE, grad_out, got[0])[:3]
+    given = grads_from_given_out(q, k, v, None, 1.0, reference.UNBOUNDED, grad_out, got[0])[:3]
     if grad_lse is not None:
         lse_term = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, 1.0),
                                   [t.double() for t in (q, k, v)], torch.zeros_like(grad_out), grad_lse)[2:]

@@ -52,7 +52,7 @@ class FakeModule(torch.nn.Module):
 def test_attention_function_against_reference(case):
     """attention_forward on each kind of input transformers sends, against fastattn's float64
     reference given the equivalent explicit mask."""
-    from fastattn.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT, attention as reference
+    from fastattn.reference import UNBOUNDED, CAUSAL_TOP_LEFT, attention as reference
 
     g = torch.Generator().manual_seed(3)
     sq = 1 if case == "decode" else 6
@@ -62,7 +62,7 @@ def test_attention_function_against_reference(case):
     keep = torch.rand(2, 1, sq, sk, generator=g) > 0.3
     keep[..., 0] = True
     bias = torch.randn(1, 4, sq, sk, generator=g)
-    kwargs, mask, causal, module = {}, None, CAUSAL_NONE, FakeModule(is_causal=True)
+    kwargs, mask, causal, module = {}, None, UNBOUNDED, FakeModule(is_causal=True)
     if case == "bool":
         mask = keep
     elif case == "float":  # eager-style additive mask with finfo.min

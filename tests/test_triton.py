@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must happen before triton is first imported
 
 import fastattn.triton as ftriton  # noqa: E402
 from fastattn import reference  # noqa: E402
-from fastattn.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT  # noqa: E402
+from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerance import assert_within_baseline  # noqa: E402
@@ -59,13 +59,13 @@ def _mask(kind, B, Hq, Sq, Sk, dtype):
 
 # (B, Hq, Hkv, Sq, Sk, D, Dv, causal, mask kind, dtype, strided inputs)
 ATTENTION_CASES = [
-    (2, 4, 2, 113, 203, 40, 40, CAUSAL_NONE, None, torch.float32, True),
-    (2, 2, 1, 113, 203, 80, 80, CAUSAL_BOTTOM_RIGHT, "additive", torch.bfloat16, False),
+    (2, 4, 2, 113, 203, 40, 40, UNBOUNDED, None, torch.float32, True),
+    (2, 2, 1, 113, 203, 80, 80, CAUSAL, "additive", torch.bfloat16, False),
     (1, 2, 2, 64, 64, 64, 64, CAUSAL_TOP_LEFT, "bool", torch.float32, False),
-    (1, 2, 2, 1, 1, 64, 64, CAUSAL_NONE, None, torch.bfloat16, False),
-    (3, 4, 2, 113, 203, 40, 40, CAUSAL_NONE, "padding_bool", torch.float32, True),
+    (1, 2, 2, 1, 1, 64, 64, UNBOUNDED, None, torch.bfloat16, False),
+    (3, 4, 2, 113, 203, 40, 40, UNBOUNDED, "padding_bool", torch.float32, True),
     (2, 2, 2, 113, 203, 64, 40, CAUSAL_TOP_LEFT, "padding_additive", torch.bfloat16, False),
-    (1, 2, 1, 203, 113, 80, 64, CAUSAL_BOTTOM_RIGHT, None, torch.float16, False),
+    (1, 2, 1, 203, 113, 80, 64, CAUSAL, None, torch.float16, False),
 ]
 
 
@@ -83,9 +83,9 @@ def test_attention_forward_backward(case):
     mask_grad = mask is not None and mask.is_floating_point()
     scale = D ** -0.5
 
-    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, scale, causal)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, scale, *causal)
     grad_out = torch.randn_like(out)
-    dq, dk, dv, dmask = OPS.triton_attn_bwd(grad_out, q, k, v, out, stats, mask, scale, causal, mask_grad)
+    dq, dk, dv, dmask = OPS.triton_attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *causal)
 
     def run_reference(to_dtype):
         leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
@@ -125,20 +125,20 @@ def test_key_padding_skips_hidden_blocks():
     k[:, :, 128:] = float("nan")
     v[:, :, 128:] = float("nan")
     mask = (torch.arange(300, device=DEVICE) < 128)[None, None, None, :].expand(2, 2, 40, 300)
-    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, 0.2, CAUSAL_NONE)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, 0.2, *UNBOUNDED)
     ref_out, _ = reference.attention(q.double(), k[:, :, :128].double(), v[:, :, :128].double(), None, 0.2)
     assert (out.double() - ref_out).abs().max() < 1e-5
-    dq, dk, dv, _ = OPS.triton_attn_bwd(torch.ones_like(out), q, k, v, out, stats, mask, 0.2, CAUSAL_NONE, False)
+    dq, dk, dv, _ = OPS.triton_attn_bwd(torch.ones_like(out), q, k, v, out, stats, mask, 0.2, False, *UNBOUNDED)
     assert torch.isfinite(dq).all() and torch.isfinite(dk[:, :, :128]).all()
     assert dk[:, :, 128:].abs().max() == 0 and dv[:, :, 128:].abs().max() == 0
 
 
 # (shape (B, H, R, C), mask kind, causal, scale, dtype, strided)
 SOFTMAX_CASES = [
-    ((2, 3, 17, 300), "padding_bool", CAUSAL_NONE, 1.0, torch.float32, False),  # rows > one block
-    ((2, 2, 33, 77), "additive", CAUSAL_BOTTOM_RIGHT, 0.3, torch.bfloat16, True),
+    ((2, 3, 17, 300), "padding_bool", UNBOUNDED, 1.0, torch.float32, False),  # rows > one block
+    ((2, 2, 33, 77), "additive", CAUSAL, 0.3, torch.bfloat16, True),
     ((1, 2, 40, 24), "bool", CAUSAL_TOP_LEFT, 0.125, torch.float32, False),
-    ((1, 1, 5, 129), None, CAUSAL_NONE, 2.0, torch.float16, False),
+    ((1, 1, 5, 129), None, UNBOUNDED, 2.0, torch.float16, False),
 ]
 
 
@@ -151,7 +151,7 @@ def test_softmax_forward_backward(case):
     else:
         x = torch.randn(B, H, R, C, device=DEVICE, dtype=dtype)
     mask = _mask(kind, B, H, R, C, dtype)
-    y = OPS.triton_softmax_fwd(x, mask, scale, causal)
+    y = OPS.triton_softmax_fwd(x, mask, scale, *causal)
     assert_within_baseline("y", y, reference.softmax(x.double(), mask, scale, causal),
                            reference.softmax(x, mask, scale, causal))
     if kind == "padding_bool":  # batch 0 sees nothing: its rows are zeros
@@ -170,23 +170,23 @@ def test_softmax_forward_backward(case):
 
 def test_empty_and_degenerate_shapes():
     q, k, v = _qkv(1, 2, 1, 5, 0, 16, 16, torch.float32, False)
-    out, lse, stats = OPS.triton_attn_fwd(q, k, v, None, 0.25, CAUSAL_NONE)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, None, 0.25, *UNBOUNDED)
     assert out.abs().max() == 0 and torch.isneginf(lse).all()
     q, k, v = _qkv(1, 2, 1, 0, 7, 16, 16, torch.float32, False)
-    out, lse, stats = OPS.triton_attn_fwd(q, k, v, None, 0.25, CAUSAL_NONE)
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, None, 0.25, *UNBOUNDED)
     assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
 
 
 def test_argument_errors_name_the_argument():
     q, k, v = _qkv(1, 2, 1, 8, 8, 16, 16, torch.float32, False)
     with pytest.raises(ValueError, match="mask"):
-        OPS.triton_attn_fwd(q, k, v, torch.ones(1, 2, 8, 9, dtype=torch.bool, device=DEVICE), 1.0, 0)
-    with pytest.raises(ValueError, match="causal"):
-        OPS.triton_attn_fwd(q, k, v, None, 1.0, 3)
+        OPS.triton_attn_fwd(q, k, v, torch.ones(1, 2, 8, 9, dtype=torch.bool, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        OPS.triton_attn_fwd(q, k, v, None, 1.0, softcap=-1.0)
     with pytest.raises(TypeError, match="k must have dtype"):
-        OPS.triton_attn_fwd(q, k.half(), v, None, 1.0, 0)
+        OPS.triton_attn_fwd(q, k.half(), v, None, 1.0)
     with pytest.raises(ValueError, match="head dims"):
-        OPS.triton_attn_fwd(*_qkv(1, 1, 1, 2, 2, 320, 320, torch.float32, False), None, 1.0, 0)
+        OPS.triton_attn_fwd(*_qkv(1, 1, 1, 2, 2, 320, 320, torch.float32, False), None, 1.0)
 
 
 def test_supports():
@@ -200,12 +200,12 @@ def test_opcheck_all_ops():
     torch.manual_seed(0)
     q, k, v = _qkv(1, 2, 1, 20, 36, 16, 24, torch.float32, True)
     mask = _mask("additive", 1, 2, 20, 36, torch.float32)
-    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, 0.3, CAUSAL_BOTTOM_RIGHT)
-    torch.library.opcheck(OPS.triton_attn_fwd.default, (q, k, v, mask, 0.3, CAUSAL_BOTTOM_RIGHT))
+    out, lse, stats = OPS.triton_attn_fwd(q, k, v, mask, 0.3, *CAUSAL)
+    torch.library.opcheck(OPS.triton_attn_fwd.default, (q, k, v, mask, 0.3, *CAUSAL))
     torch.library.opcheck(OPS.triton_attn_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, stats, mask, 0.3, CAUSAL_BOTTOM_RIGHT, True))
+                          (torch.randn_like(out), q, k, v, out, stats, mask, 0.3, True, 7, 0, False, 2.5))
     x = torch.randn(1, 2, 6, 36, device=DEVICE)
-    torch.library.opcheck(OPS.triton_softmax_fwd.default, (x, mask[..., :6, :] > 0, 0.5, CAUSAL_TOP_LEFT))
+    torch.library.opcheck(OPS.triton_softmax_fwd.default, (x, mask[..., :6, :] > 0, 0.5, *CAUSAL_TOP_LEFT))
     torch.library.opcheck(OPS.triton_softmax_bwd.default, (torch.randn_like(x), torch.softmax(x, -1)))
 
 

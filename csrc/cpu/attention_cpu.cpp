@@ -94,8 +94,14 @@ MaskView mask_view(const std::optional<at::Tensor>& mask, at::IntArrayRef shape,
   return m;
 }
 
-void check_causal(int64_t causal) {
-  TORCH_CHECK(causal >= 0 && causal <= 2, "causal must be 0, 1 or 2, got ", causal);
+WindowParams window_params(int64_t left, int64_t right, bool top_left) {
+  WindowParams w;
+  w.left = left, w.right = right, w.top_left = top_left;
+  return w;
+}
+
+void check_softcap(double softcap) {
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: no cap), got ", softcap);
 }
 
 // Runs items [0, n) round-robin over the intra-op threads.
@@ -122,7 +128,7 @@ struct AttnShapes {
 };
 
 AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  int64_t causal) {
+                                  double softcap) {
   check_input(q, "q", 4);
   check_input(k, "k", 4);
   check_input(v, "v", 4);
@@ -140,15 +146,16 @@ AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(s.Dv > 0, "v must have a non-empty head dim");
   TORCH_CHECK(s.D <= kMaxHeadDim && s.Dv <= kMaxHeadDim, "the cpu kernels take head dims up to ",
               kMaxHeadDim, ", got ", s.D, " (q, k) and ", s.Dv, " (v)");
-  check_causal(causal);
+  check_softcap(softcap);
   return s;
 }
 
-// The fields the forward and backward parameter structs share: inputs, shapes, mask, rule.
+// The fields the forward and backward parameter structs share: inputs, shapes, mask, window,
+// score modifiers.
 template <class Params>
 void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const AttnShapes& s, const std::optional<at::Tensor>& mask, double scale,
-                          int64_t causal) {
+                          const WindowParams& window, double softcap) {
   p.q = view4(q);
   p.k = view4(k);
   p.v = view4(v);
@@ -156,7 +163,8 @@ void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Sq = s.Sq, p.Sk = s.Sk, p.D = s.D, p.Dv = s.Dv;
   p.mask = mask_view(mask, {s.B, s.Hq, s.Sq, s.Sk}, q.scalar_type());
   p.scale = float(scale);
-  p.causal = int(causal);
+  p.window = window;
+  p.softcap = float(softcap);
 }
 
 // Merges the key splits' normalised partial outputs (nsplit, B, Hq, Sq, Dv) and statistics
@@ -224,25 +232,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v,
                                                             const std::optional<at::Tensor>& mask,
-                                                            double scale, int64_t causal) {
-  const AttnShapes s = check_attention_inputs(q, k, v, causal);
+                                                            double scale, int64_t window_left,
+                                                            int64_t window_right, bool window_top_left,
+                                                            double softcap) {
+  const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   AttnFwdParams p;
-  set_attention_inputs(p, q, k, v, s, mask, scale, causal);
+  set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
+                       softcap);
   return run_forward(p, q.options());
 }
 
 // Attention of q (B, Hq, Sq, D) against a KV cache: contiguous (B, Hkv, S_max, D) or, with
 // block_table (B, max_blocks) int32, pages (num_blocks, Hkv, block_size, D); batch b sees its
-// first cache_seqlens[b] keys (int32 (B,), each <= the room of a row; bottom-right causal
-// per batch). Forward only.
+// first cache_seqlens[b] keys (int32 (B,), each <= the room of a row; the window aligned
+// bottom-right per batch). Forward only.
 std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         const std::optional<at::Tensor>& block_table,
-                                                        double scale, int64_t causal) {
+                                                        double scale, int64_t window_left, int64_t window_right,
+                                                        double softcap) {
   check_input(q, "q", 4);
   check_input(k_cache, "k_cache", 4);
   check_input(v_cache, "v_cache", 4);
-  check_causal(causal);
+  check_softcap(softcap);
   const int64_t B = q.size(0), Hkv = k_cache.size(1);
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "q, k_cache and v_cache must share a dtype");
@@ -277,7 +289,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
                 "cache_seqlens must lie in [0, ", room, "] (the room of a row)");
   }
   const AttnShapes s{B, q.size(1), Hkv, q.size(2), room, q.size(3), v_cache.size(3)};
-  set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, causal);
+  set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, window_params(window_left, window_right, false),
+                       softcap);
   p.seqlens_k = cache_seqlens.data_ptr<int32_t>();
   auto [out, lse, stats] = run_forward(p, q.options());  // forward only: no statistics kept
   return {out, lse};
@@ -286,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& softmax_stats, const std::optional<at::Tensor>& mask,
-    double scale, int64_t causal, bool mask_grad) {
-  const AttnShapes s = check_attention_inputs(q, k, v, causal);
+    double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
+    double softcap) {
+  const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   check_input(grad_out, "grad_out", 4);
   check_input(out, "out", 4);
   const std::vector<int64_t> out_shape{s.B, s.Hq, s.Sq, s.Dv};
@@ -314,7 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   }
   const KernelTable& kt = kernels();
   AttnBwdParams p;
-  set_attention_inputs(p, q, k, v, s, mask, scale, causal);
+  set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
+                       softcap);
   p.out = view4(out);
   p.dout = view4(grad_out);
   p.row_max = stats[0].data_ptr<float>();
@@ -340,9 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
 }
 
 at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
-                           int64_t causal) {
+                           int64_t window_left, int64_t window_right, bool window_top_left) {
   check_input(x, "x", 4);
-  check_causal(causal);
   SoftmaxFwdParams p;
   p.dtype = dtype_code(x, "x");
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -351,7 +365,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   p.B = x.size(0), p.H = x.size(1), p.R = x.size(2), p.C = x.size(3);
   p.mask = mask_view(mask, x.sizes(), x.scalar_type());
   p.scale = float(scale);
-  p.causal = int(causal);
+  p.window = window_params(window_left, window_right, window_top_left);
   p.y = y.data_ptr();
   const KernelTable& kt = kernels();
   const int64_t grain = std::max<int64_t>(1, 32768 / p.C);  // ~32k elements per task

@@ -248,23 +248,85 @@ static inline void scale_row(float* x, int64_t n, float a) {  // n multiple of W
   for (int64_t j = 0; j < n; j += W) Vec::store(x + j, Vec::mul(Vec::load(x + j), s));
 }
 
-static inline int64_t causal_offset(int causal, int64_t sq, int64_t sk) {
-  return causal == 2 ? sk - sq : 0;  // query i sees keys <= i + offset
+// ---------------------------------------------------------------- score modifiers
+// tanh with a few ulp error: an odd Taylor polynomial below |x| = 0.5 (error < 1e-9 there),
+// else (1 - e) / (1 + e) with e = exp(-2|x|), which no longer cancels. NaN stays NaN.
+static inline R tanh_vec(R x) {
+  const R ax = Vec::abs(x);
+  const R e = Vec::exp2(Vec::mul(ax, Vec::set1(-2.f * kLog2e)));
+  const R one = Vec::set1(1.f);
+  const R far = Vec::div(Vec::sub(one, e), Vec::add(one, e));
+  const R x2 = Vec::mul(ax, ax);
+  R poly = Vec::set1(5.9002744095e-04f);
+  poly = Vec::fma(poly, x2, Vec::set1(-1.4558343871e-03f));
+  poly = Vec::fma(poly, x2, Vec::set1(3.5921280366e-03f));
+  poly = Vec::fma(poly, x2, Vec::set1(-8.8632355299e-03f));
+  poly = Vec::fma(poly, x2, Vec::set1(2.1869488536e-02f));
+  poly = Vec::fma(poly, x2, Vec::set1(-5.3968253968e-02f));
+  poly = Vec::fma(poly, x2, Vec::set1(1.3333333333e-01f));
+  poly = Vec::fma(poly, x2, Vec::set1(-3.3333333333e-01f));
+  const R near = Vec::fma(Vec::mul(poly, x2), ax, ax);
+  return Vec::copysign(Vec::select_lt(ax, Vec::set1(0.5f), near, far), x);
 }
 
+// x = softcap * tanh(x / softcap) over n (multiple of W) scores: the logit cap (Gemma 2),
+// applied after scaling and before the mask.
+static inline void cap_scores(float* x, int64_t n, float softcap) {
+  const R c = Vec::set1(softcap), inv = Vec::set1(1.f / softcap);
+  for (int64_t j = 0; j < n; j += W) Vec::store(x + j, Vec::mul(c, tanh_vec(Vec::mul(Vec::load(x + j), inv))));
+}
+
+// d cap(s) / d s = 1 - (cap(s) / softcap)^2, from the capped scores, over n (multiple of W).
+static inline void cap_derivative(const float* capped, int64_t n, float softcap, float* out) {
+  const R inv = Vec::set1(1.f / softcap), one = Vec::set1(1.f);
+  for (int64_t j = 0; j < n; j += W) {
+    const R t = Vec::mul(Vec::load(capped + j), inv);
+    Vec::store(out + j, Vec::sub(one, Vec::mul(t, t)));
+  }
+}
+
+// ---------------------------------------------------------------- visibility
+// The one visibility rule (WindowParams, params.h) for sq queries against len keys: query i
+// sees keys j with i + lo <= j <= i + hi and 0 <= j < len. An unbounded side becomes an offset
+// past every key, so every kernel asks the same two-sided question. The range functions below
+// are this rule solved for a block of queries or of keys; `classify` says whether a block
+// needs the rule applied per element.
+enum class Tile { kSkipped, kPartial, kFull };
+
+struct Visibility {
+  int64_t lo, hi, len;
+
+  Visibility(const WindowParams& w, int64_t sq, int64_t keys) : len(keys) {
+    const int64_t off = w.top_left ? 0 : keys - sq;  // the diagonal of query 0
+    lo = w.left < 0 ? -(sq + keys) : off - w.left;
+    hi = w.right < 0 ? sq + keys : off + w.right;
+  }
+  // Keys [key_begin, key_end) hold every key a query of [q0, q0 + mq) sees.
+  int64_t key_begin(int64_t q0) const { return min64(len, max64(0, q0 + lo)); }
+  int64_t key_end(int64_t q0, int64_t mq) const { return max64(0, min64(len, q0 + mq + hi)); }
+  // Queries [query_begin, query_end) (of sq) hold every query that sees a key of [k0, k0 + nk).
+  int64_t query_begin(int64_t k0) const { return max64(0, k0 - hi); }
+  int64_t query_end(int64_t k0, int64_t nk, int64_t sq) const { return max64(0, min64(sq, k0 + nk - lo)); }
+  Tile classify(int64_t q0, int64_t mq, int64_t k0, int64_t nk) const {
+    if (k0 + nk - 1 < q0 + lo || k0 > q0 + mq - 1 + hi) return Tile::kSkipped;
+    if (k0 >= q0 + mq - 1 + lo && k0 + nk - 1 <= q0 + hi && k0 + nk <= len) return Tile::kFull;
+    return Tile::kPartial;
+  }
+};
+
 // ---------------------------------------------------------------- sequence info
-// The keys and values of one (batch, kv head) of a forward call: how many there are, the
-// causal offset of the batch, and where key j lives (contiguous rows, or the pages of a paged
-// KV cache). The forward kernels compute no key or value address any other way.
+// The keys and values of one (batch, kv head) of a forward call: how many there are, which
+// ones each query sees, and where key j lives (contiguous rows, or the pages of a paged KV
+// cache). The forward kernels compute no key or value address any other way.
 struct KeySeq {
   const AttnFwdParams& p;
   int64_t b, hkv;
   int64_t len;  // keys of this batch
-  int64_t off;  // query i sees keys <= i + off under the causal rule
+  Visibility vis;
 
   KeySeq(const AttnFwdParams& params, int64_t batch, int64_t kv_head)
       : p(params), b(batch), hkv(kv_head), len(params.seqlens_k ? params.seqlens_k[batch] : params.Sk),
-        off(causal_offset(params.causal, params.Sq, len)) {}
+        vis(params.window, params.Sq, len) {}
 
   const char* row(const View4& t, int64_t j) const {
     if (p.block_table == nullptr) return at_elem(t.ptr, b * t.sb + hkv * t.sh + j * t.ss, p.dtype);
@@ -276,10 +338,6 @@ struct KeySeq {
   // Whether keys [j, j + n) are equally spaced (k.ss / v.ss apart) in memory.
   bool contiguous(int64_t j, int64_t n) const {
     return p.block_table == nullptr || j / p.block_size == (j + n - 1) / p.block_size;
-  }
-  // One past the last key a query in [q0, q0 + mq) sees.
-  int64_t end_for(int64_t q0, int64_t mq) const {
-    return p.causal ? max64(0, min64(len, q0 + mq + off)) : len;
   }
 };
 
@@ -298,10 +356,11 @@ static inline int64_t fwd_block_q(int64_t Sq) {
 }
 static constexpr int64_t kFwdBK = 64;  // keys per tile
 
-// Masks and the causal rule on an S^T tile (nk keys x BQ queries; only the first mq queries
-// are real). bias/per_query come from mask_tile.
+// Masks and, on a partially visible tile (`window` not null), the visibility rule on an S^T
+// tile: keys [k0, k0 + nk) x queries [q0, q0 + BQ), of which only the first mq are real.
+// bias/per_query come from mask_tile.
 static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const float* bias, int64_t ldb,
-                          bool per_query, bool masked, int causal, int64_t first_hidden_end) {
+                          bool per_query, bool masked, const Visibility* window, int64_t q0, int64_t k0) {
   for (int64_t j = 0; j < nk; ++j) {
     float* srow = st + j * BQ;
     if (masked) {
@@ -314,9 +373,11 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
         for (int64_t i = 0; i < BQ; i += W) Vec::store(srow + i, Vec::add(Vec::load(srow + i), bj));
       }
     }
-    if (causal) {  // key j is hidden from the first (first_hidden_end + j) queries of the block
-      const int64_t hidden = first_hidden_end + j;
-      if (hidden > 0) fill(srow, min64(hidden, BQ), -kInf);
+    if (window) {  // key k0 + j is seen by the block's queries [first, end)
+      const int64_t first = max64(0, min64(BQ, window->query_begin(k0 + j) - q0));
+      const int64_t end = max64(first, window->query_end(k0 + j, 1, q0 + BQ) - q0);
+      fill(srow, first, -kInf);
+      fill(srow + end, BQ - end, -kInf);
     }
   }
 }
@@ -351,7 +412,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t nqb = ceil_div(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
   const int64_t esz = elem_size(p.dtype);
   // K and V of the current (batch, kv head) in fp32, packed lazily block by block so that
-  // blocks the mask or the causal rule hides are never touched.
+  // blocks the mask or the window hides are never touched.
   Scratch kp(nkb * BK * p.D), vp(nkb * BK * Dvp), packed(nkb);
   Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   int64_t current = -1;
@@ -379,8 +440,9 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     fill(mvec.p, BQ, kLowest);  // finite, so that m_old - m_new is never inf - inf
     fill(lvec.p, BQ, 0.f);
     fill(o.p, mq * Dvp, 0.f);
-    const int64_t kend = min64(kb1 * BK, seq.end_for(q0, mq));
-    for (int64_t k0 = kb0 * BK; k0 < kend; k0 += BK) {
+    // Only the key blocks the window shows these queries are visited.
+    const int64_t kend = min64(kb1 * BK, seq.vis.key_end(q0, mq));
+    for (int64_t k0 = max64(kb0, seq.vis.key_begin(q0) / BK) * BK; k0 < kend; k0 += BK) {
       const int64_t kb = k0 / BK, nk = min64(BK, seq.len - k0);
       bool per_query = false;
       if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
@@ -395,8 +457,10 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
         }
       }
       gemm(kpb, p.D, qt.p, BQ, st.p, BQ, nk, BQ / W, p.D, false);
-      mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
-                    k0 - seq.off - q0);
+      if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
+      const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
+      mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &seq.vis : nullptr,
+                    q0, k0);
       for (int64_t i = 0; i < BQ; i += W) {
         const R m_old = Vec::load(mvec.p + i);
         R m_new = m_old;
@@ -512,8 +576,9 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     const int64_t c = it % p.nsplit, pair = it / p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t hkv = pair % p.Hkv, b = pair / p.Hkv;
     const KeySeq seq(p, b, hkv);
-    const int64_t kend_all = seq.end_for(0, p.Sq);  // one past the last key any query sees
-    const int64_t nkb = ceil_div(kend_all, tile);
+    // The tiles holding every key some query sees (starting on a tile boundary: pages).
+    const int64_t kbegin_all = seq.vis.key_begin(0) / tile * tile, kend_all = seq.vis.key_end(0, p.Sq);
+    const int64_t nkb = ceil_div(kend_all - kbegin_all, tile);
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale folded in
       const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
@@ -524,7 +589,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     fill(mvec.p, rows, kLowest);  // finite, so that m_old - m_new is never inf - inf
     fill(lvec.p, rows, 0.f);
     fill(o.p, rows * Dvp, 0.f);
-    for (int64_t k0 = kb0 * tile; k0 < kb1 * tile; k0 += tile) {
+    for (int64_t k0 = kbegin_all + kb0 * tile; k0 < kbegin_all + kb1 * tile; k0 += tile) {
       const int64_t nk = min64(tile, kend_all - k0);
       bool any = true;
       if (p.mask.ptr) {  // bias rows; a tile no row sees is skipped (key padding)
@@ -554,6 +619,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = s.p + r * BK;
+        if (p.softcap > 0.f) cap_scores(srow, round_up(nk, W), p.softcap);
         if (p.mask.ptr) {
           const int64_t mr = shared_mask ? 0 : r;
           if (visible.p[mr] == 0.f) {
@@ -563,9 +629,12 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
             for (int64_t j = 0; j < nk; ++j) srow[j] = add_bias(srow[j], brow[j]);
           }
         }
-        // Causal: query i sees keys < i + off + 1; the padding past nk is hidden too.
-        const int64_t lim = p.causal ? max64(0, min64(nk, r % p.Sq + seq.off + 1 - k0)) : nk;
-        fill(srow + lim, tile_w - lim, -kInf);
+        // Query i sees keys [first, end) of the tile; the padding past nk is hidden too.
+        const int64_t i = r % p.Sq;
+        const int64_t first = max64(0, min64(nk, seq.vis.key_begin(i) - k0));
+        const int64_t end = max64(first, min64(nk, seq.vis.key_end(i, 1) - k0));
+        fill(srow, first, -kInf);
+        fill(srow + end, tile_w - end, -kInf);
         const float m_old = mvec.p[r];
         const float mx = row_max(srow, tile_w);
         const float m_new = mx > m_old ? mx : m_old;
@@ -610,8 +679,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t BQ = kBwdBQ, BK = kBwdBK;
   const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
   const int64_t G = p.Hq / p.Hkv;
-  const int64_t Sqp = round_up(p.Sq, BQ), nqb = Sqp / BQ, nkb = ceil_div(p.Sk, BK);
-  const int64_t off = causal_offset(p.causal, p.Sq, p.Sk);
+  const int64_t Sqp = round_up(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
+  const Visibility vis(p.window, p.Sq, p.Sk);
   const int64_t esz = elem_size(p.dtype);
   const int64_t max_chunk_keys = ceil_div(nkb, p.nchunks) * BK;
   // Leading dim of the transposed (dim x query) buffers: padded past Sqp, as a power-of-two
@@ -619,7 +688,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t ldt = Sqp + 16;
   Scratch qt(Dp * ldt), qr(Sqp * Dp), dot(Dvp * ldt), dor(Sqp * Dvp), delta(Sqp), row_max(Sqp),
       neg_log2_sum(Sqp), dqt(Dp * ldt);
-  Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), bias(BQ * BK),
+  Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), dcap(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nchunks;
@@ -672,8 +741,9 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       fill(dqt.p, p.D * ldt, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t k0 = kb * BK, nk = min64(BK, p.Sk - k0);
-        const int64_t qstart = p.causal ? max64(0, k0 - off) : 0;  // first query seeing key k0
-        if (qstart >= p.Sq) continue;
+        // Only the query blocks the window shows these keys to are visited.
+        const int64_t qstart = vis.query_begin(k0), qend = vis.query_end(k0, nk, p.Sq);
+        if (qstart >= qend) continue;
         const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
         const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
         for (int64_t j = 0; j < nk; ++j) {
@@ -683,14 +753,19 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         }
         float* dkb = dkacc.p + (kb - kb0) * BK * Dp;
         float* dvb = dvacc.p + (kb - kb0) * BK * Dvp;
-        for (int64_t qb = qstart / BQ; qb < nqb; ++qb) {
+        for (int64_t qb = qstart / BQ; qb < ceil_div(qend, BQ); ++qb) {
           const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
           bool per_query = false;
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
           gemm(kr.p, Dp, qt.p + q0, ldt, st.p, BQ, nk, BQ / W, p.D, false);
           gemm(vr.p, Dvp, dot.p + q0, ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
-          mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, p.causal,
-                        k0 - off - q0);
+          if (p.softcap > 0.f) {
+            cap_scores(st.p, nk * BQ, p.softcap);
+            cap_derivative(st.p, nk * BQ, p.softcap, dcap.p);
+          }
+          const bool partial = vis.classify(q0, mq, k0, nk) == Tile::kPartial;
+          mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &vis : nullptr,
+                        q0, k0);
           const R log2e = Vec::set1(kLog2e);
           for (int64_t j = 0; j < nk; ++j) {
             float* srow = st.p + j * BQ;
@@ -708,6 +783,10 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
             for (int64_t i = 0; i < mq; ++i)
               for (int64_t j = 0; j < nk; ++j) dm[i * p.Sk + j] = dst.p[j * BQ + i];
           }
+          // The mask adds to the capped scores; q and k see the cap's slope too.
+          if (p.softcap > 0.f)
+            for (int64_t e = 0; e < nk * BQ; e += W)
+              Vec::store(dst.p + e, Vec::mul(Vec::load(dst.p + e), Vec::load(dcap.p + e)));
           gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
           gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
           gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + q0, ldt, p.D, BQ / W, nk, true);
@@ -741,27 +820,29 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
 static void softmax_fwd(const SoftmaxFwdParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t Cp = round_up(p.C, W);
   const int64_t esz = elem_size(p.dtype);
-  const int64_t off = causal_offset(p.causal, p.R, p.C);
+  const Visibility vis(p.window, p.R, p.C);
   constexpr int64_t kMaskChunk = 1024;
   Scratch z(Cp), mchunk(kMaskChunk);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t i = r % p.R, bh = r / p.R, h = bh % p.H, b = bh / p.H;
     const char* x = at_elem(p.x.ptr, b * p.x.sb + h * p.x.sh + i * p.x.ss, p.dtype);
     char* y = static_cast<char*>(p.y) + r * p.C * esz;
-    const int64_t lim = p.causal ? max64(0, min64(p.C, i + off + 1)) : p.C;
-    load_row(x, p.dtype, lim, z.p, p.scale);
+    // Row i sees columns [first, end): only those are read.
+    const int64_t first = vis.key_begin(i), end = max64(first, vis.key_end(i, 1));
+    fill(z.p, first, -kInf);
+    load_row(at_elem(x, first, p.dtype), p.dtype, end - first, z.p + first, p.scale);
     if (p.mask.ptr) {
-      for (int64_t c0 = 0; c0 < lim; c0 += kMaskChunk) {
-        const int64_t n = min64(kMaskChunk, lim - c0);
+      for (int64_t c0 = first; c0 < end; c0 += kMaskChunk) {
+        const int64_t n = min64(kMaskChunk, end - c0);
         mask_row(p.mask, b, h, i, c0, n, mchunk.p);
         for (int64_t j = 0; j < n; ++j) z.p[c0 + j] = add_bias(z.p[c0 + j], mchunk.p[j]);
       }
     }
-    fill(z.p + lim, Cp - lim, -kInf);
+    fill(z.p + end, Cp - end, -kInf);
     const float mx = row_max(z.p, Cp);
     // Nothing visible: zeros. (The vector max drops NaN, so a NaN among hidden entries is
     // looked for on this rare path; exp then carries it through the row.)
-    if (mx == -kInf && !any_nan(z.p, lim)) {
+    if (mx == -kInf && !any_nan(z.p + first, end - first)) {
       fill(z.p, p.C, 0.f);
       store_row(y, p.dtype, p.C, z.p, 1.f);
       continue;

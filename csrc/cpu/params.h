@@ -20,6 +20,13 @@ struct MaskView {
   int64_t sb = 0, sh = 0, sq = 0, sk = 0;
 };
 
+// Which keys each query sees: query i sees key j iff i' - left <= j <= i' + right, with
+// i' = i + Sk - Sq (bottom-right) or i' = i (top_left); a negative side is unbounded.
+struct WindowParams {
+  int64_t left = -1, right = -1;
+  bool top_left = false;
+};
+
 // A 4-d tensor view with a contiguous last dim (strides in elements).
 struct View4 {
   const void* ptr = nullptr;
@@ -32,9 +39,10 @@ struct AttnFwdParams {
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
   MaskView mask;
   float scale = 1.f;
-  int causal = 0;
-  // KV cache: with seqlens_k, batch b has seqlens_k[b] <= Sk keys (bottom-right causal per
-  // batch); with block_table, k and v are pages (num_blocks, Hkv, block_size, D) and key j of
+  WindowParams window;
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap) before the mask
+  // KV cache: with seqlens_k, batch b has seqlens_k[b] <= Sk keys (the window aligned
+  // bottom-right per batch); with block_table, k and v are pages (num_blocks, Hkv, block_size, D) and key j of
   // batch b is row j % block_size of page block_table[b * max_blocks + j / block_size]
   // (k.sb / v.sb: the page stride; Sk = max_blocks * block_size).
   const int32_t* seqlens_k = nullptr;
@@ -64,7 +72,8 @@ struct AttnBwdParams {
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
   MaskView mask;
   float scale = 1.f;
-  int causal = 0;
+  WindowParams window;
+  float softcap = 0.f;
   int64_t nchunks = 1;  // key-block chunks per (batch, kv head); > 1 writes dq_partial
   void* dq = nullptr;   // contiguous (B, Hq, Sq, D), dtype (used when nchunks == 1)
   float* dq_partial = nullptr;  // contiguous (nchunks, B, Hq, Sq, D) fp32, unscaled
@@ -79,7 +88,7 @@ struct SoftmaxFwdParams {
   int64_t B = 0, H = 0, R = 0, C = 0;
   MaskView mask;
   float scale = 1.f;
-  int causal = 0;
+  WindowParams window;  // over the (R, C) = (queries, keys) dims
   void* y = nullptr;  // contiguous (B, H, R, C), dtype
 };
 

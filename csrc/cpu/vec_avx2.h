@@ -15,6 +15,15 @@ struct Vec {
   static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static inline R div(R a, R b) { return _mm256_div_ps(a, b); }
+  static inline R abs(R x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+  // |magnitude| with the sign of `sign`.
+  static inline R copysign(R magnitude, R sign) {
+    const R bit = _mm256_set1_ps(-0.f);
+    return _mm256_or_ps(_mm256_andnot_ps(bit, magnitude), _mm256_and_ps(bit, sign));
+  }
+  // Lane-wise a < b ? x : y.
+  static inline R select_lt(R a, R b, R x, R y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
   static inline float hsum(R x) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -15,6 +15,17 @@ struct Vec {
   static inline R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static inline R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static inline R abs(R x) { return _mm512_abs_ps(x); }
+  // |magnitude| with the sign of `sign`.
+  static inline R copysign(R magnitude, R sign) {
+    const R bit = _mm512_set1_ps(-0.f);
+    return _mm512_or_ps(_mm512_andnot_ps(bit, magnitude), _mm512_and_ps(bit, sign));
+  }
+  // Lane-wise a < b ? x : y.
+  static inline R select_lt(R a, R b, R x, R y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+  }
   static inline float hsum(R x) { return _mm512_reduce_add_ps(x); }
   static inline float hmax(R x) { return _mm512_reduce_max_ps(x); }
   // out[0..3] = hsum(a), hsum(b), hsum(c), hsum(d): the four reductions share their shuffles.

@@ -42,6 +42,22 @@ struct Vec {
     for (int i = 0; i < W; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
     return a;
   }
+  static inline R div(R a, R b) {
+    for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
+    return a;
+  }
+  static inline R abs(R x) {
+    for (int i = 0; i < W; ++i) x.v[i] = std::fabs(x.v[i]);
+    return x;
+  }
+  static inline R copysign(R magnitude, R sign) {
+    for (int i = 0; i < W; ++i) magnitude.v[i] = std::copysign(magnitude.v[i], sign.v[i]);
+    return magnitude;
+  }
+  static inline R select_lt(R a, R b, R x, R y) {
+    for (int i = 0; i < W; ++i) x.v[i] = a.v[i] < b.v[i] ? x.v[i] : y.v[i];
+    return x;
+  }
   static inline float hsum(R x) {
     float s = 0.f;
     for (int i = 0; i < W; ++i) s += x.v[i];

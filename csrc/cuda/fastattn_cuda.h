@@ -16,6 +16,25 @@ namespace cuda {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 
+// The visibility rule of the attention and softmax kernels: query (row) i sees key (column) j
+// iff i + lo <= j <= i + hi (and j < the key count). Computed on the host by `visibility`,
+// so the kernels read it from their parameters instead of holding it in registers.
+struct Visibility {
+  int lo = 0, hi = 0;
+  int span = 0;  // hi - lo: one unsigned compare tests both sides
+};
+
+// The rule of a window: query i sees key j iff i' - left <= j <= i' + right, i' = i + sk - sq
+// (i' = i when top_left); a negative side is unbounded and becomes an offset past every key.
+inline Visibility visibility(int64_t left, int64_t right, bool top_left, int64_t sq, int64_t sk) {
+  const int64_t off = top_left ? 0 : sk - sq, far = sq + sk;
+  Visibility v;
+  v.lo = static_cast<int>(left < 0 || off - left < -far ? -far : off - left);
+  v.hi = static_cast<int>(right < 0 || off + right > far ? far : off + right);
+  v.span = v.hi - v.lo;
+  return v;
+}
+
 // How mask entries are stored: bool (true = attend) or additive values of some float type.
 enum class MaskKind : int { kNone = 0, kBool = 1, kFloat16 = 2, kBFloat16 = 3, kFloat32 = 4 };
 
@@ -34,7 +53,7 @@ struct SoftmaxFwdParams {
   int64_t x_stride_b = 0, x_stride_h = 0, x_stride_r = 0;
   int b = 0, h = 0, rows = 0, cols = 0;
   float scale = 1.f;
-  int causal = 0;  // 0 none, 1 top-left, 2 bottom-right (offset C - R)
+  Visibility vis;  // over (R, C) = (queries, keys)
   DType dtype = DType::kFloat32;
   MaskView mask;
 };
@@ -69,7 +88,8 @@ struct AttnFwdParams {
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_s = 0;
   int b = 0, hq = 0, hkv = 0, sq = 0, sk = 0, d = 0;
   float scale = 1.f;  // must be > 0
-  int causal = 0;
+  Visibility vis;
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap); needs no mask
   DType dtype = DType::kFloat16;
   MaskView mask;
 };

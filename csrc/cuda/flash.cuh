@@ -214,7 +214,7 @@ __device__ __forceinline__ void zero(float (&a)[MT][NT][4]) {
 
 // ---------------------------------------------------------------------------------------
 // Forward. Grid (B * Hq, ceil(Sq / kBlockM)); kNWarps warps, each owning 16 * kMT query rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     fwd_kernel(const AttnFwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -240,19 +240,16 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
   const int64_t mask_base = b * p.mask.stride_b + h * p.mask.stride_h;
 
-  const int off = causal_offset(p.causal, p.sq, p.sk);
-  const int n_blocks = (p.sk + kBlockN - 1) / kBlockN;
-  int n_end = n_blocks;
-  if (p.causal) {
-    const int max_key = m0 + kBlockM - 1 + off;
-    n_end = max_key < 0 ? 0 : min(n_blocks, max_key / kBlockN + 1);
-  }
+  // Only the key blocks the window shows this query block are visited.
+  const int n_begin = key_block_begin(p.vis, m0, kBlockN);
+  const int n_end = key_block_end(p.vis, m0, kBlockM, p.sk, kBlockN);
   const float inv_scale = 1.f / p.scale;
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, m0, p.sq, p.d, tid);
-  if (n_end > 0) load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, 0, p.sk, p.d, tid);
+  if (n_begin < n_end)
+    load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n_begin * kBlockN, p.sk, p.d, tid);
   cp_async_commit();
-  int k_loaded = 0;  // key block held (or being filled) in sK
+  int k_loaded = n_begin;  // key block held (or being filled) in sK
 
   float acc_o[kMT][kDT][4];
   zero(acc_o);
@@ -263,10 +260,10 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     row_sum[mi][0] = row_sum[mi][1] = 0.f;
   }
 
-  for (int n = 0; n < n_end; ++n) {
+  for (int n = n_begin; n < n_end; ++n) {
     const int n0 = n * kBlockN;
     float s[kMT][kNT][4];
-    if constexpr (kHasMask) {
+    if constexpr (kScores == Scores::kMasked) {
       const bool any = init_scores_from_mask<kMT, kNT, false>(
           s, p.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, p.sq, p.sk, inv_scale);
       if (!__syncthreads_or(any)) continue;  // the mask hides this key block for every row
@@ -292,8 +289,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     }
     cp_async_commit();
 
-    // Keys past Sk and (on blocks crossing the diagonal) causally hidden keys.
-    const bool edge = n0 + kBlockN > p.sk || (p.causal && n0 + kBlockN - 1 > m0 + off);
+    // Keys past Sk and (on blocks the window cuts) keys outside the window.
+    const bool edge = n0 + kBlockN > p.sk || partial_tile(p.vis, m0, kBlockM, n0, kBlockN);
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -306,7 +303,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
             const int col = n0 + ni * 8 + 2 * t + (e & 1);
             float x = s[mi][ni][e] * p.scale;
-            if (edge && (col >= p.sk || (p.causal && col > row + off))) x = -INFINITY;
+            if constexpr (kScores == Scores::kCapped) x = cap_score(x, p.softcap);
+            if (edge && (col >= p.sk || !sees(p.vis, row, col))) x = -INFINITY;
             s[mi][ni][e] = x;
             mx = fmaxf(mx, x);
           }
@@ -396,7 +394,7 @@ __global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
 }
 
 // dQ (and dmask). Grid (B * Hq, ceil(Sq / kBlockM)); each warp owns 16 query rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dq_kernel(const AttnBwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -424,13 +422,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
   const int64_t mask_base = b * f.mask.stride_b + h * f.mask.stride_h;
 
-  const int off = causal_offset(f.causal, f.sq, f.sk);
-  const int n_blocks = (f.sk + kBlockN - 1) / kBlockN;
-  int n_end = n_blocks;
-  if (f.causal) {
-    const int max_key = m0 + kBlockM - 1 + off;
-    n_end = max_key < 0 ? 0 : min(n_blocks, max_key / kBlockN + 1);
-  }
+  const int n_begin = key_block_begin(f.vis, m0, kBlockN);
+  const int n_end = key_block_end(f.vis, m0, kBlockM, f.sk, kBlockN);
   const float inv_scale = 1.f / f.scale;
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
@@ -450,10 +443,10 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   float acc_dq[1][kDT][4];
   zero(acc_dq);
 
-  for (int n = 0; n < n_end; ++n) {
+  for (int n = n_begin; n < n_end; ++n) {
     const int n0 = n * kBlockN;
     float s[1][kNT][4];
-    if constexpr (kHasMask) {
+    if constexpr (kScores == Scores::kMasked) {
       const bool any = init_scores_from_mask<1, kNT, false>(
           s, f.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, f.sq, f.sk, inv_scale);
       if (!__syncthreads_or(any)) continue;
@@ -473,6 +466,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     __syncthreads();
     gemm_ss_nt<T, 1, kNT, kHeadDim>(dp, sdO + warp_row0 * kLd, kLd, sV, kLd, lane);
 
+    // Keys past Sk and (on blocks the window cuts) keys outside the window.
+    const bool edge = n0 + kBlockN > f.sk || partial_tile(f.vis, m0, kBlockM, n0, kBlockN);
 #pragma unroll
     for (int ni = 0; ni < kNT; ++ni) {
 #pragma unroll
@@ -480,10 +475,15 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         const int hf = e >> 1;
         const int row = m0 + warp_row0 + g + hf * 8;
         const int col = n0 + ni * 8 + 2 * t + (e & 1);
-        const bool hidden = col >= f.sk || (f.causal && col > row + off);
-        const float pr = hidden ? 0.f : exp_shifted(s[0][ni][e] * f.scale, row_max[hf]) * inv_sum[hf];
+        const bool hidden = edge && (col >= f.sk || !sees(f.vis, row, col));
+        float x = s[0][ni][e] * f.scale, slope = 1.f;
+        if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
+          x = cap_score(x, f.softcap);
+          slope = 1.f - (x / f.softcap) * (x / f.softcap);
+        }
+        const float pr = hidden ? 0.f : exp_shifted(x, row_max[hf]) * inv_sum[hf];
         const float ds = pr * (dp[0][ni][e] - dsum[hf]);
-        s[0][ni][e] = ds;
+        s[0][ni][e] = ds * slope;
         if (p.dmask != nullptr && row < f.sq && col < f.sk) {
           p.dmask[(static_cast<int64_t>(bh) * f.sq + row) * f.sk + col] = ds;
         }
@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 // dK, dV. Grid (B * Hkv, ceil(Sk / kBlockN)); each warp owns 16 keys and loops over the
 // query blocks of every query head in its GQA group, so dK/dV need no atomics.
 // Scores are computed transposed (rows = keys, columns = queries).
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kHasMask>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dkdv_kernel(const AttnBwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -543,13 +543,9 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, f.sk, f.d, tid);
   cp_async_commit();
 
-  const int off = causal_offset(f.causal, f.sq, f.sk);
-  const int m_blocks = (f.sq + kBlockM - 1) / kBlockM;
-  int m_start = 0;
-  if (f.causal) {  // the first query that sees key n0 is n0 - off
-    const int first_query = n0 - off;
-    m_start = first_query <= 0 ? 0 : min(m_blocks, first_query / kBlockM);
-  }
+  // Only the query blocks the window shows this key block to are visited.
+  const int m_start = query_block_begin(f.vis, n0, kBlockM);
+  const int m_blocks = query_block_end(f.vis, n0, kBlockN, f.sq, kBlockM);
   const float scale_log2 = f.scale * kLog2e;
   const float inv_scale = 1.f / f.scale;
 
@@ -566,7 +562,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     for (int m = m_start; m < m_blocks; ++m) {
       const int m0 = m * kBlockM;
       float st[1][kQT][4];
-      if constexpr (kHasMask) {
+      if constexpr (kScores == Scores::kMasked) {
         const bool any = init_scores_from_mask<1, kQT, true>(
             st, f.mask, mask_base, n0 + warp_row0 + g, m0 + 2 * t, f.sq, f.sk, inv_scale);
         if (!__syncthreads_or(any)) continue;
@@ -609,10 +605,17 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + warp_row0 + g + (e >> 1) * 8;
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
-          const bool hidden = key >= f.sk || (f.causal && key > query + off);
-          const float pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
+          const bool hidden = key >= f.sk || !sees(f.vis, query, key);
+          float pr = 0.f, slope = 1.f;
+          if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
+            const float capped = cap_score(st[0][ni][e] * f.scale, f.softcap);
+            slope = 1.f - (capped / f.softcap) * (capped / f.softcap);
+            if (!hidden) pr = exp2f(capped * kLog2e - lse2[ni][e & 1]);
+          } else if (!hidden) {
+            pr = exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
+          }
           st[0][ni][e] = pr;
-          dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]);
+          dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]) * slope;
         }
       }
       uint32_t pa[1][kQT / 2][4];

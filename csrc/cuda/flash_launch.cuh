@@ -13,8 +13,9 @@ namespace flash {
 // Forward: 128 x 64 tiles, 4 warps of 32 query rows. Head dim 256, and 128 with a mask (whose
 // addressing needs registers too), use 64-row query blocks (16 rows a warp); head dims 96/128
 // with 128-row blocks use 32-key blocks: scores and output accumulator stay in registers.
-template <int kHeadDim, bool kHasMask>
+template <int kHeadDim, Scores kScores>
 struct FwdConfig {
+  static constexpr bool kHasMask = kScores == Scores::kMasked;
   static constexpr int kBlockM = kHeadDim > 128 || (kHasMask && kHeadDim == 128) ? 64 : 128;
   static constexpr int kBlockN = (kHeadDim == 96 || kHeadDim == 128) && kBlockM == 128 ? 32 : 64;
   static constexpr int kNWarps = 4;
@@ -45,11 +46,11 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
 
 template <typename T, int kHeadDim>
 cudaError_t run_fwd(const AttnFwdParams& p, cudaStream_t stream) {
-  return FA_BOOL_SWITCH(p.mask.kind != MaskKind::kNone, kHasMask, [&] {
-    using C = FwdConfig<kHeadDim, kHasMask>;
+  return FA_SCORES_SWITCH(p, kScores, [&] {
+    using C = FwdConfig<kHeadDim, kScores>;
     const dim3 grid(p.b * p.hq, (p.sq + C::kBlockM - 1) / C::kBlockM);
     const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
-    return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kHasMask>, grid,
+    return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kScores>, grid,
                   C::kNWarps * 32, smem, stream, p);
   });
 }
@@ -62,12 +63,12 @@ cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   cudaError_t err = launch(bwd_dsum_kernel<T>, dim3((rows + 7) / 8), 256, 0, stream, p);
   if (err != cudaSuccess) return err;
   const size_t smem = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
-  return FA_BOOL_SWITCH(f.mask.kind != MaskKind::kNone, kHasMask, [&] {
+  return FA_SCORES_SWITCH(f, kScores, [&] {
     cudaError_t e = launch(
-        bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kHasMask>,
+        bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kScores>,
         dim3(f.b * f.hkv, (f.sk + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem, stream, p);
     if (e != cudaSuccess) return e;
-    return launch(bwd_dq_kernel<T, kHeadDim, C::kRows, C::kStep, C::kNWarps, kHasMask>,
+    return launch(bwd_dq_kernel<T, kHeadDim, C::kRows, C::kStep, C::kNWarps, kScores>,
                   dim3(f.b * f.hq, (f.sq + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem,
                   stream, p);
   });

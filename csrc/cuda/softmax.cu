@@ -3,7 +3,7 @@
 // Rows of up to 32 * kMaxElems columns: one warp per row, the row held in registers (one read,
 // one write). Longer rows: one block per row, an online (max, sum) pass then a write pass.
 // Loads are 16-byte vectors where the row length, strides and pointers allow it. Masks are
-// read through their strides (broadcast dims have stride 0), causal rows stop at r + offset.
+// read through their strides (broadcast dims have stride 0); a row sees the columns of its window.
 #include <algorithm>
 
 #include "utils.cuh"
@@ -34,7 +34,7 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
 struct FwdRow {
   const void* x;
   int64_t mask_row;  // offset of the row's first mask entry
-  int limit;         // columns >= limit are causally hidden
+  int first, limit;  // the window shows columns [first, limit)
 };
 
 __device__ __forceinline__ FwdRow fwd_row(const SoftmaxFwdParams& p, int64_t row) {
@@ -46,8 +46,8 @@ __device__ __forceinline__ FwdRow fwd_row(const SoftmaxFwdParams& p, int64_t row
   const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
   out.x = static_cast<const char*>(p.x) + x_off * elem;
   out.mask_row = b * p.mask.stride_b + h * p.mask.stride_h + r * p.mask.stride_q;
-  out.limit = p.cols;
-  if (p.causal) out.limit = max(0, min(p.cols, r + causal_offset(p.causal, p.rows, p.cols) + 1));
+  out.first = max(0, r + p.vis.lo);
+  out.limit = max(0, min(p.cols, r + p.vis.hi + 1));
   return out;
 }
 
@@ -64,7 +64,7 @@ __device__ __forceinline__ void scores(float (&s)[N], const SoftmaxFwdParams& p,
       const float bias = load_mask(p.mask.ptr, p.mask.kind, row.mask_row + (c + j) * p.mask.stride_k);
       v = bias == -INFINITY ? -INFINITY : v + bias;
     }
-    s[j] = c + j < row.limit ? v : -INFINITY;
+    s[j] = c + j >= row.first && c + j < row.limit ? v : -INFINITY;
   }
 }
 

@@ -28,6 +28,26 @@ namespace cuda {
     }                                     \
   }()
 
+// How the flash kernels form their scores, a template parameter so that each variant holds
+// only the registers it uses: scale * q.k, with a mask folded into the accumulator, or
+// capped (softcap; the bindings refuse a cap with a mask).
+enum class Scores { kPlain, kMasked, kCapped };
+
+// Binds `NAME` to the Scores variant of attention parameters `P`.
+#define FA_SCORES_SWITCH(P, NAME, ...)                       \
+  [&] {                                                      \
+    if ((P).mask.kind != MaskKind::kNone) {                  \
+      constexpr static Scores NAME = Scores::kMasked;        \
+      return __VA_ARGS__();                                  \
+    } else if ((P).softcap > 0.f) {                          \
+      constexpr static Scores NAME = Scores::kCapped;        \
+      return __VA_ARGS__();                                  \
+    } else {                                                 \
+      constexpr static Scores NAME = Scores::kPlain;         \
+      return __VA_ARGS__();                                  \
+    }                                                        \
+  }()
+
 // Binds `T` to the CUDA element type of a DType.
 #define FA_DTYPE_SWITCH(DTYPE, T, ...)                                 \
   [&] {                                                                \
@@ -146,10 +166,30 @@ __device__ __forceinline__ float load_mask(const void* ptr, MaskKind kind, int64
   }
 }
 
-// Offset of the causal rule: query i sees keys <= i + offset.
-__host__ __device__ __forceinline__ int causal_offset(int causal, int sq, int sk) {
-  return causal == 2 ? sk - sq : 0;
+// The visibility rule (Visibility, fastattn_cuda.h) per element, and solved for a block of
+// queries or of keys; `partial_tile` says whether a tile needs it per element.
+__device__ __forceinline__ bool sees(const Visibility& v, int i, int j) {
+  return static_cast<unsigned>(j - i - v.lo) <= static_cast<unsigned>(v.span);  // lo <= j - i <= hi
 }
+// Key blocks [key_block_begin, key_block_end) hold every key queries [m0, m0 + bm) see.
+__device__ __forceinline__ int key_block_begin(const Visibility& v, int m0, int bn) { return max(0, m0 + v.lo) / bn; }
+__device__ __forceinline__ int key_block_end(const Visibility& v, int m0, int bm, int sk, int bn) {
+  const int end = min(sk, m0 + bm + v.hi);
+  return end <= 0 ? 0 : (end + bn - 1) / bn;
+}
+// Query blocks [query_block_begin, query_block_end) hold every query that sees keys [n0, n0 + bn).
+__device__ __forceinline__ int query_block_begin(const Visibility& v, int n0, int bm) { return max(0, n0 - v.hi) / bm; }
+__device__ __forceinline__ int query_block_end(const Visibility& v, int n0, int bn, int sq, int bm) {
+  const int end = min(sq, n0 + bn - v.lo);
+  return end <= 0 ? 0 : (end + bm - 1) / bm;
+}
+// Whether some (query, key) of the tile [m0, m0 + bm) x [n0, n0 + bn) is outside the window.
+__device__ __forceinline__ bool partial_tile(const Visibility& v, int m0, int bm, int n0, int bn) {
+  return n0 < m0 + bm - 1 + v.lo || n0 + bn - 1 > m0 + v.hi;
+}
+
+// The logit cap: softcap * tanh(x / softcap).
+__device__ __forceinline__ float cap_score(float x, float softcap) { return softcap * tanhf(x / softcap); }
 
 // ---------------------------------------------------------------------------------------
 // Warp reductions.

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from ..reference import CAUSAL_TOP_LEFT, causal_visibility
+from ..reference import CAUSAL_TOP_LEFT, window_visibility
 
 
 def attend(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0):
@@ -147,7 +147,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if keys == tgt_len:
                 mask, causal = None, True
             else:
-                mask = causal_visibility(tgt_len, keys, CAUSAL_TOP_LEFT, q.device)
+                mask = window_visibility(tgt_len, keys, CAUSAL_TOP_LEFT, q.device)
         else:
             mask = _merge_masks(attn_mask, key_padding_mask, bsz, heads, tgt_len, src_len, q.dtype)
             mask = _pad_keys(mask, keys - src_len)

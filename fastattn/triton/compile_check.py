@@ -3,7 +3,7 @@
     python -m fastattn.triton.compile_check [--arch 80 90] [--quick]
 
 Every autotune config of every attention job (heaviest flag variant), and the flag variants
-(dtypes, mask kinds, causal, mask gradient, head dims) with one config each, go through the
+(dtypes, mask kinds, window, softcap, mask gradient, head dims) with one config each, go through the
 full Triton pipeline down to a cubin with Triton's bundled ptxas. Prints registers, spills and
 shared memory per compile, and exits non-zero if a compile fails or a config needs more
 shared memory than the GPU has (autotuning would drop it). Register spills are reported, not
@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from . import configs, kernels
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in maximum
-_FLOAT_ARGS = {"sm_scale", "scale"}
+_FLOAT_ARGS = {"sm_scale", "scale", "softcap"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_gd", "stride_od", "stride_xc",
                  "stride_mc", "stride_gc", "stride_yc"}
 _POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX"}
@@ -76,10 +76,10 @@ def compile_one(fn, arch, dtype, constexprs, num_warps, num_stages, pointer_dtyp
     return compiled.metadata.shared, regs, spills
 
 
-def _attn_flags(dtype, d, mask_kind, row_shared, causal):
+def _attn_flags(dtype, d, mask_kind, row_shared, window, softcap=False):
     pad = max(16, triton.next_power_of_2(d))
     return {"D": d, "DV": d, "D_PAD": pad, "DV_PAD": pad, "MASK_KIND": mask_kind, "ROW_SHARED": row_shared,
-            "CAUSAL": causal, "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+            "WINDOW": window, "SOFTCAP": softcap, "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
 
 
 def _attention_jobs(quick):
@@ -93,12 +93,12 @@ def _attention_jobs(quick):
         extra = {"MASK_GRAD": True} if job == "dkdv" else {}
         for bucket, entries in table.items():
             for m, n, w, s in entries[:1] if quick else entries:
-                flags = _attn_flags("bf16", bucket_dims[bucket], kernels.MASK_ADDITIVE, False, True)
-                yield (f"{job} D={bucket} bf16 additive causal {m}x{n} w{w} s{s}", fn, "bf16",
+                flags = _attn_flags("bf16", bucket_dims[bucket], kernels.MASK_ADDITIVE, False, True, True)
+                yield (f"{job} D={bucket} bf16 additive window softcap {m}x{n} w{w} s{s}", fn, "bf16",
                        {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n}, w, s, f32)
         variants = [("fp32 tf32 no-mask", "fp32", 80, kernels.MASK_NONE, False, False),
                     ("fp16 bool key-padding", "fp16", 80, kernels.MASK_BOOL, True, False),
-                    ("bf16 D=40 bool 2-d causal", "bf16", 40, kernels.MASK_BOOL, False, True)]
+                    ("bf16 D=40 bool 2-d window", "bf16", 40, kernels.MASK_BOOL, False, True)]
         for label, dtype, d, kind, shared, causal in variants[:1] if quick else variants:
             flags = _attn_flags(dtype, d, kind, shared, causal)
             m, n, w, s = table[configs.head_bucket(flags["D_PAD"], flags["DV_PAD"], 4 if dtype == "fp32" else 2)][0]
@@ -111,7 +111,7 @@ def _attention_jobs(quick):
     for one_pass, block_c, block_r in ((True, 1024, 2), (False, configs.SOFTMAX_MAX_BLOCK_C, 1)):
         for dtype, kind in (("bf16", kernels.MASK_BOOL), ("fp32", kernels.MASK_ADDITIVE)):
             yield (f"softmax_fwd {dtype} mask={kind} one_pass={one_pass}", kernels._softmax_fwd_kernel, dtype,
-                   {"MASK_KIND": kind, "CAUSAL": True, "ONE_PASS": one_pass, "BLOCK_R": block_r,
+                   {"MASK_KIND": kind, "WINDOW": True, "ONE_PASS": one_pass, "BLOCK_R": block_r,
                     "BLOCK_C": block_c}, 8, 1, {"Mask": "u8"} if kind == kernels.MASK_BOOL else {})
         yield (f"softmax_bwd bf16 one_pass={one_pass}", kernels._softmax_bwd_kernel, "bf16",
                {"ONE_PASS": one_pass, "BLOCK_R": block_r, "BLOCK_C": block_c}, 8, 1, {})

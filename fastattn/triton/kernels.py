@@ -1,7 +1,12 @@
 """Triton kernels: flash attention (forward, backward) and the fused scaled masked softmax.
 
-One parametrised kernel per job; constexpr flags select the mask kind, causal masking and
-mask-gradient output so the compiler drops what a call does not use. Conventions:
+One parametrised kernel per job; constexpr flags select the mask kind, the window, the
+softcap and mask-gradient output so the compiler drops what a call does not use. Conventions:
+  * Visibility: query i sees key j iff i + win_lo <= j <= i + win_hi (the launcher turns the
+    window and its alignment into these offsets; an unbounded side lies past every key).
+    `_visible` is that rule per element, `_key_range` / `_query_range` the blocks a block of
+    queries / keys has to visit; every kernel uses them.
+  * softcap: scores become softcap * tanh(s / softcap) after scaling, before the mask.
   * Scores stay in natural units, as torch computes them (scale * q.k + mask); exp(s - max) is
     exp2((s - max) * log2(e)) with the max subtracted first, so large logits lose no precision
     to a base-2 rescale and finite masks (finfo.min padding) cannot overflow to -inf.
@@ -20,6 +25,7 @@ mask-gradient output so the compiler drops what a call does not use. Conventions
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # -inf is written float("-inf") in the kernels, not as a module constant: torch.compile copies
@@ -102,18 +108,63 @@ def _exp_shifted(s, shift):
 
 
 @triton.jit
-def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND: tl.constexpr,
-            CAUSAL: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Masked scores a @ b^T * scale + bias of one tile: (a, b) = (q, k) gives
-    (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M)."""
+def _tanh(x, PRECISION: tl.constexpr):
+    """tanh in fp32. Interpreted ("upcast", see _dot) it is computed in float64 from exp, as the
+    interpreter has no libdevice tanh; 1 - 2 / (e^2x + 1) loses nothing there."""
+    if PRECISION == "upcast":
+        return (1.0 - 2.0 / (tl.exp(2.0 * x.to(tl.float64)) + 1.0)).to(tl.float32)
+    return libdevice.tanh(x)
+
+
+@triton.jit
+def _visible(m2, n2, Sk, win_lo, win_hi, WINDOW: tl.constexpr):
+    """The visibility rule per element: whether query m2 sees key n2."""
+    keep = n2 < Sk
+    if WINDOW:
+        keep = keep & (n2 >= m2 + win_lo) & (n2 <= m2 + win_hi)
+    return keep
+
+
+@triton.jit
+def _key_range(start_m, Sk, win_lo, win_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi): the keys a query block [start_m, start_m + BLOCK_M) may see, lo on a key block
+    boundary; the blocks outside are never loaded."""
+    lo = 0
+    hi = Sk
+    if WINDOW:
+        lo = tl.maximum(start_m + win_lo, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(Sk, start_m + BLOCK_M + win_hi)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi): the queries that may see a key of block [start_n, start_n + BLOCK_N), lo on a
+    query block boundary."""
+    lo = 0
+    hi = Sq
+    if WINDOW:
+        lo = tl.maximum(start_n - win_hi, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(Sq, start_n + BLOCK_N - win_lo)
+    return lo, hi
+
+
+@triton.jit
+def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND: tl.constexpr,
+            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Masked scores cap(a @ b^T * scale) + bias of one tile: (a, b) = (q, k) gives
+    (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M). Also returns
+    the cap's slope d cap(s) / ds (1.0 without a cap) for the backward."""
     s = _dot(a, tl.trans(b), None, PRECISION) * sm_scale
+    slope = 1.0
+    if SOFTCAP:
+        capped = _tanh(s / softcap, PRECISION)
+        slope = 1.0 - capped * capped
+        s = capped * softcap
     if MASK_KIND != 0:
         s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
     m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
-    keep = n2 < Sk
-    if CAUSAL:
-        keep = keep & (n2 <= m2 + causal_offset)
-    return tl.where(keep, s, float("-inf"))
+    return tl.where(_visible(m2, n2, Sk, win_lo, win_hi, WINDOW), s, float("-inf")), slope
 
 
 @triton.jit
@@ -135,25 +186,16 @@ def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr,
 
 
 @triton.jit
-def _key_end(start_m, Sk, causal_offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key a query block [start_m, start_m + BLOCK_M) can see."""
-    end = Sk
-    if CAUSAL:
-        end = tl.minimum(Sk, start_m + BLOCK_M + causal_offset)
-    return end
-
-
-@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse, RowMax, RowSum,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Sq, Sk, group, sm_scale, causal_offset, seq_bucket,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Out is contiguous (B, Hq, Sq, DV); Lse, RowMax and
     RowSum (the softmax statistics) are contiguous (B, Hq, Sq)."""
@@ -171,7 +213,8 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    for start_n in range(0, _key_end(start_m, Sk, causal_offset, BLOCK_M, CAUSAL), BLOCK_N):
+    lo, hi = _key_range(start_m, Sk, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         bias = 0.0
         visible = True
@@ -180,7 +223,8 @@ def _attn_fwd_kernel(
             visible = _any_visible(bias)
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
-            s = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
+            s, _ = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND, WINDOW,
+                           SOFTCAP, PRECISION, False)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf while a row is empty
             p = _exp_shifted(s, m_safe[:, None])
@@ -245,10 +289,10 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    Hq, Hkv, Sq, Sk, group, sm_scale, causal_offset, seq_bucket,
+    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr, MASK_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV (contiguous, like k / v) for one key block, and dMask (contiguous fp32
     (B, Hq, Sq, Sk), zero-filled by the caller) for the tiles it visits. Grid
@@ -263,17 +307,14 @@ def _attn_bwd_dkdv_kernel(
     v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
-    # Causal: query i sees key j iff i >= j - causal_offset, so earlier query blocks are skipped.
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    lo, hi = _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
     for g in range(0, group):
         h = hk * group + g
         row = (b * Hq + h) * Sq
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = dO + b * stride_gb + h * stride_gh
         mask_base = Mask + b * stride_mb + h * stride_mh
-        for start_m in range(lo, Sq, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             bias = 0.0
             visible = True
@@ -286,8 +327,8 @@ def _attn_bwd_dkdv_kernel(
                 do = _load_rows(do_base, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
                 # Transposed tiles (keys x queries): P^T and dS^T feed the dk / dv dots as
                 # they are, with no register transposes.
-                s_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL,
-                              PRECISION, True)
+                s_t, slope_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND,
+                                       WINDOW, SOFTCAP, PRECISION, True)
                 row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
                 p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
                 dv = _dot(_cast(p_t, do.dtype, PRECISION), do, dv, PRECISION)
@@ -296,6 +337,7 @@ def _attn_bwd_dkdv_kernel(
                 if MASK_GRAD:
                     ptrs = dMask + (row + offs_m[None, :]) * Sk + offs_n[:, None]
                     tl.store(ptrs, ds_t, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk))
+                ds_t = ds_t * slope_t  # the mask adds to the capped scores; q and k see the slope
                 dk = _dot(_cast(ds_t, q.dtype, PRECISION), q, dk, PRECISION)
     _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD, PRECISION)
     _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD, PRECISION)
@@ -309,9 +351,9 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    Hq, Sq, Sk, group, sm_scale, causal_offset, seq_bucket,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (contiguous, like q) for one query block. Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
@@ -329,7 +371,8 @@ def _attn_bwd_dq_kernel(
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start_n in range(0, _key_end(start_m, Sk, causal_offset, BLOCK_M, CAUSAL), BLOCK_N):
+    lo, hi = _key_range(start_m, Sk, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         bias = 0.0
         visible = True
@@ -339,19 +382,20 @@ def _attn_bwd_dq_kernel(
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
-            s = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, causal_offset, MASK_KIND, CAUSAL, PRECISION, False)
+            s, slope = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND, WINDOW,
+                               SOFTCAP, PRECISION, False)
             p = _exp_shifted(s, row_max[:, None]) * inv_sum[:, None]
             dp = _dot(do, tl.trans(v), None, PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None]) * slope
             dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
     _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD, PRECISION)
 
 
 @triton.jit
-def _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stride_mc, scale, causal_offset,
-                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+def _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stride_mc, scale, win_lo, win_hi,
+                    MASK_KIND: tl.constexpr, WINDOW: tl.constexpr):
     """scale * x + mask for a (BLOCK_R, BLOCK_C) chunk of rows; hidden entries are -inf."""
-    ok = row_ok[:, None] & (cols[None, :] < C)
+    ok = row_ok[:, None] & _visible(r[:, None], cols[None, :], C, win_lo, win_hi, WINDOW)
     z = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xc, mask=ok, other=0.0).to(tl.float32) * scale
     m_ptrs = Mask + m_rows[:, None] + cols[None, :] * stride_mc
     if MASK_KIND == 1:
@@ -359,8 +403,6 @@ def _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stri
     elif MASK_KIND == 2:
         bias = tl.load(m_ptrs, mask=ok, other=0.0).to(tl.float32)
         z = tl.where(bias == float("-inf"), float("-inf"), z + bias)  # hidden whatever the score
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= r[:, None] + causal_offset)
     return tl.where(ok, z, float("-inf"))
 
 
@@ -377,8 +419,8 @@ def _softmax_fwd_kernel(
     X, Mask, Y,
     stride_xb, stride_xh, stride_xr, stride_xc,
     stride_mb, stride_mh, stride_mr, stride_mc,
-    H, R, C, n_rows, scale, causal_offset,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, ONE_PASS: tl.constexpr,
+    H, R, C, n_rows, scale, win_lo, win_hi,
+    MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, ONE_PASS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Y (contiguous) = softmax(scale * X + mask) over the last dim, rows with nothing
@@ -394,7 +436,7 @@ def _softmax_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     if ONE_PASS:
         z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, cols, C, stride_xc, stride_mc, scale,
-                            causal_offset, MASK_KIND, CAUSAL)
+                            win_lo, win_hi, MASK_KIND, WINDOW)
         m = tl.max(z, 1)
         e = tl.exp(z - tl.where(m == float("-inf"), 0.0, m)[:, None])
         total = tl.sum(e, 1)
@@ -405,7 +447,7 @@ def _softmax_fwd_kernel(
         total = tl.zeros([BLOCK_R], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, c0 + cols, C, stride_xc, stride_mc, scale,
-                                causal_offset, MASK_KIND, CAUSAL)
+                                win_lo, win_hi, MASK_KIND, WINDOW)
             m_new = tl.maximum(m, tl.max(z, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
@@ -414,7 +456,7 @@ def _softmax_fwd_kernel(
         inv = 1.0 / tl.where(total == 0.0, 1.0, total)
         for c0 in range(0, C, BLOCK_C):
             z = _softmax_logits(X, x_rows, Mask, m_rows, r, row_ok, c0 + cols, C, stride_xc, stride_mc, scale,
-                                causal_offset, MASK_KIND, CAUSAL)
+                                win_lo, win_hi, MASK_KIND, WINDOW)
             y = tl.exp(z - m_safe[:, None]) * inv[:, None]
             tl.store(y_ptrs + c0 + cols[None, :], y.to(Y.dtype.element_ty),
                      mask=row_ok[:, None] & (c0 + cols[None, :] < C))

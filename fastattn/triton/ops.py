@@ -113,16 +113,14 @@ def _check_shape(name, t, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _check_mask_causal(mask, shape, dtype, causal):
+def _check_mask(mask, shape, dtype):
     if mask is not None:
         _check_shape("mask", mask, shape)
         if _mask_reason(mask, dtype):
             raise TypeError(f"mask: {_mask_reason(mask, dtype)}")
-    if causal not in (reference.CAUSAL_NONE, reference.CAUSAL_TOP_LEFT, reference.CAUSAL_BOTTOM_RIGHT):
-        raise ValueError(f"causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got {causal}")
 
 
-def _check_attention(q, k, v, mask, causal):
+def _check_attention(q, k, v, mask, softcap):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
@@ -137,7 +135,9 @@ def _check_attention(q, k, v, mask, causal):
         raise ValueError(f"v must have shape (B={B}, Hkv, Sk, Dv) with Hq={Hq} a multiple of Hkv, got {tuple(v.shape)}")
     if max(D, Dv) > MAX_HEAD_DIM:
         raise ValueError(f"q/v head dims must be at most {MAX_HEAD_DIM}, got {D} and {Dv}")
-    _check_mask_causal(mask, (B, Hq, Sq, Sk), q.dtype, causal)
+    _check_mask(mask, (B, Hq, Sq, Sk), q.dtype)
+    if not softcap >= 0.0:
+        raise ValueError(f"softcap must be >= 0 (0: no cap), got {softcap}")
 
 
 # ----------------------------------------------------------------------------- launch helpers
@@ -164,7 +164,7 @@ def _pad(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _attention_meta(q, v, mask, causal):
+def _attention_meta(q, v, mask, window, softcap):
     """Constexpr launch arguments shared by the attention kernels."""
     d, dv = q.shape[-1], v.shape[-1]
     return {
@@ -174,7 +174,8 @@ def _attention_meta(q, v, mask, causal):
         "DV_PAD": _pad(dv),
         "MASK_KIND": _mask_args(mask, q)[2],
         "ROW_SHARED": mask is not None and (mask.stride(2) == 0 or mask.shape[2] == 1),
-        "CAUSAL": causal != reference.CAUSAL_NONE,
+        "WINDOW": window != reference.UNBOUNDED,
+        "SOFTCAP": softcap > 0.0,
         "PRECISION": _dot_precision(q.dtype),
     }
 
@@ -187,8 +188,13 @@ def _attention_kernel(job, meta, element_size):
     return _TUNED[job][configs.head_bucket(meta["D_PAD"], meta["DV_PAD"], element_size)], {}
 
 
-def _causal_offset(causal, sq, sk):
-    return sk - sq if causal == reference.CAUSAL_BOTTOM_RIGHT else 0
+def _window_offsets(window, sq, sk):
+    """(win_lo, win_hi): query i sees keys i + win_lo <= j <= i + win_hi (kernels._visible); an
+    unbounded side becomes an offset past every key."""
+    offset = window.offset(sq, sk)
+    win_lo = offset - window.left if window.left >= 0 else -(sq + sk)
+    win_hi = offset + window.right if window.right >= 0 else sq + sk
+    return win_lo, win_hi
 
 
 def _seq_bucket(sq, sk):
@@ -206,9 +212,11 @@ def _softmax_kernel(job, n_cols):
 
 
 def triton_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float, causal: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+    window_left: int = -1, window_right: int = -1, window_top_left: bool = False, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_attention(q, k, v, mask, causal)
+    _check_attention(q, k, v, mask, softcap)
+    window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
     _, Hkv, Sk, Dv = v.shape
     out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -220,7 +228,7 @@ def triton_attn_fwd(
         return out.zero_(), lse.fill_(float("-inf")), stats
     if out.numel() == 0:
         return out, lse, stats
-    meta = _attention_meta(q, v, mask, causal)
+    meta = _attention_meta(q, v, mask, window, softcap)
     kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
     mask_t, mask_strides, _ = _mask_args(mask, q)
 
@@ -230,7 +238,7 @@ def triton_attn_fwd(
     wrap_triton(kernel)[grid](
         q, k, v, mask_t, out, lse, stats[0], stats[1],
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-        Hq, Sq, Sk, Hq // Hkv, scale, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk),
+        Hq, Sq, Sk, Hq // Hkv, scale, softcap, *_window_offsets(window, Sq, Sk), _seq_bucket(Sq, Sk),
         **meta, **blocks,
     )
     return out, lse, stats
@@ -245,10 +253,14 @@ def triton_attn_bwd(
     softmax_stats: torch.Tensor,
     mask: Optional[torch.Tensor],
     scale: float,
-    causal: int,
     mask_grad: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    window_top_left: bool = False,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_attention(q, k, v, mask, causal)
+    _check_attention(q, k, v, mask, softcap)
+    window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     _check_shape("grad_out", grad_out, (B, Hq, Sq, Dv))
@@ -265,7 +277,7 @@ def triton_attn_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     stats = softmax_stats.contiguous()
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    meta = _attention_meta(q, v, mask, causal)
+    meta = _attention_meta(q, v, mask, window, softcap)
     mask_t, mask_strides, _ = _mask_args(mask, q)
     block_delta = 16 if INTERPRET else 64
     wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(Sq, block_delta), B * Hq)](
@@ -275,7 +287,7 @@ def triton_attn_bwd(
     common = (
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(),
     )
-    scalars = (scale, _causal_offset(causal, Sq, Sk), _seq_bucket(Sq, Sk))
+    scalars = (scale, softcap, *_window_offsets(window, Sq, Sk), _seq_bucket(Sq, Sk))
 
     kernel, blocks = _attention_kernel("dkdv", meta, q.element_size())
 
@@ -299,12 +311,16 @@ def triton_attn_bwd(
     return dq, dk, dv, dmask
 
 
-def triton_softmax_fwd(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float, causal: int) -> torch.Tensor:
+def triton_softmax_fwd(
+    x: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+    window_left: int = -1, window_right: int = -1, window_top_left: bool = False,
+) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"x must be 4-d (batch, heads, rows, cols), got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    _check_mask_causal(mask, x.shape, x.dtype, causal)
+    _check_mask(mask, x.shape, x.dtype)
+    window = reference.Window(window_left, window_right, window_top_left)
     B, H, R, C = x.shape
     y = torch.empty((B, H, R, C), dtype=x.dtype, device=x.device)
     n_rows = B * H * R
@@ -313,8 +329,8 @@ def triton_softmax_fwd(x: torch.Tensor, mask: Optional[torch.Tensor], scale: flo
     kernel, block_c, block_r = _softmax_kernel("softmax_fwd", C)
     mask_t, mask_strides, mask_kind = _mask_args(mask, x)
     wrap_triton(kernel)[(triton.cdiv(n_rows, block_r),)](
-        x, mask_t, y, *x.stride(), *mask_strides, H, R, C, n_rows, scale, _causal_offset(causal, R, C),
-        MASK_KIND=mask_kind, CAUSAL=causal != reference.CAUSAL_NONE, ONE_PASS=C <= block_c,
+        x, mask_t, y, *x.stride(), *mask_strides, H, R, C, n_rows, scale, *_window_offsets(window, R, C),
+        MASK_KIND=mask_kind, WINDOW=window != reference.UNBOUNDED, ONE_PASS=C <= block_c,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return y
