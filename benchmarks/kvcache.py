@@ -12,7 +12,6 @@ Figures (each a ratio measured in this run):
   bandwidth            cache bytes read per second by the decode step, against a copy of the
                        same bytes (torch.Tensor.copy_), for the contiguous fp32 step
 """
-import argparse
 import json
 import os
 import sys
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastattn  # noqa: E402
-from fastattn.benchmark.measure import Timing, time_cpu  # noqa: E402
-from fastattn.benchmark.report import command_line, environment  # noqa: E402
+from fastattn.benchmark.measure import Timing, time_named  # noqa: E402
+from fastattn.benchmark.report import check_figures, command_line, environment, script_args  # noqa: E402
 
 PAGE = 64
 TARGETS = {  # figure: (bound, "min" = at least / "max" = at most)
@@ -75,18 +74,8 @@ def decode_steps(c):
     return {"fastattn": contiguous, "fastattn paged": paged, "sdpa": sdpa}
 
 
-def timed(steps, timing):
-    for step in steps.values():  # warm-up
-        step()
-    results = time_cpu([lambda s=s: s for s in steps.values()], timing)
-    return {name: result[0] for name, result in zip(steps, results)}
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller caches and fewer repetitions")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu_kvcache.json"))
-    args = parser.parse_args()
+    args = script_args(__doc__, "cpu_kvcache.json", "smaller caches and fewer repetitions")
     timing = Timing(min_reps=3, budget_s=0.3, max_reps=10) if args.quick else Timing(min_reps=10, budget_s=2.0, max_reps=60)
     cached, long_cached = (1023, 8191) if args.quick else (4095, 32767)
     threads = torch.get_num_threads()
@@ -95,14 +84,14 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
         c = make_cache(8, 32, 8, cached, 128, dtype)
-        ms = timed(decode_steps(c), timing)
+        ms = time_named(decode_steps(c), timing)
         rows.append({"case": f"decode {name} B=8 Hq=32 Hkv=8 D=128 keys={cached + 1}", **{k: round(v, 3) for k, v in ms.items()}})
         figures[f"decode {name} speedup vs sdpa"] = ms["sdpa"] / ms["fastattn"]
         figures[f"paged / contiguous time ({name})"] = ms["fastattn paged"] / ms["fastattn"]
         if dtype == torch.float32:
             cache_bytes = 2 * c["k"][:, :, : c["room"]].numel() * c["k"].element_size()
             k_copy, v_copy = c["k"].clone(), c["v"].clone()
-            copy_ms = timed({"copy": lambda: (k_copy.copy_(c["k"]), v_copy.copy_(c["v"]))}, timing)["copy"]
+            copy_ms = time_named({"copy": lambda: (k_copy.copy_(c["k"]), v_copy.copy_(c["v"]))}, timing)["copy"]
             copy_ms *= c["room"] / c["k"].shape[2]  # the same bytes as the step reads
             figures["cache read bandwidth / copy bandwidth"] = copy_ms / ms["fastattn"]
             rows.append({"case": "bandwidth fp32", "cache GB/s": round(cache_bytes / ms["fastattn"] / 1e6, 2),
@@ -113,22 +102,13 @@ def main():
     per_threads = {}
     for n in (1, threads):
         torch.set_num_threads(n)
-        per_threads[n] = timed({"step": step}, timing)["step"]
+        per_threads[n] = time_named({"step": step}, timing)["step"]
     torch.set_num_threads(threads)
     figures["split-KV speedup, 2 threads vs 1"] = per_threads[1] / per_threads[threads]
     rows.append({"case": f"split-KV B=1 Hq=32 Hkv=8 keys={long_cached + 1} fp32",
                  "1 thread": round(per_threads[1], 3), f"{threads} threads": round(per_threads[threads], 3)})
 
-    print(f"{'case':<52} times (ms)")
-    for row in rows:
-        print(f"{row['case']:<52} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "case"))
-    print(f"\n{'figure':<44} {'value':>8}  target")
-    checked = []
-    for figure, value in figures.items():
-        bound, kind = TARGETS[figure]
-        met = value >= bound if kind == "min" else value <= bound
-        checked.append({"figure": figure, "value": round(value, 3), "target": f"{'>=' if kind == 'min' else '<='} {bound}", "met": met})
-        print(f"{figure:<44} {value:8.3f}  {'>=' if kind == 'min' else '<='} {bound}  {'met' if met else 'NOT MET'}")
+    checked = check_figures(rows, figures, TARGETS)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": command_line(), "environment": environment("cpu"), "threads": threads,

@@ -76,7 +76,7 @@ def block_ops(q, k, v, scale, backend=None):
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None, window=None,
-              softcap=None):
+              softcap=None, dropout_p=0.0):
     """Fused attention softmax(cap(scale * q @ k^T) + mask) @ v.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (GQA/MQA:
@@ -89,6 +89,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     causal=True the right side is 0. Key blocks outside the window are skipped, so a window
     of width W costs O(S * W) rather than O(S^2).
     softcap: c > 0 caps the scaled scores at c * tanh(s / c) before the mask is added (Gemma 2).
+    dropout_p: dropout of the attention probabilities; > 0 runs the unfused reference path.
     return_lse: also return the natural-log sum-exp of each row's scores, float32 (B, Hq, Sq),
     -inf for rows that see no key (their output is zero).
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
@@ -97,9 +98,10 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     ops.check_flag("causal", causal)
     ops.check_scale("scale", scale, optional=True)
     ops.check_flag("return_lse", return_lse)
+    ops.check_probability("dropout_p", dropout_p)
     left, right = ops.check_window(window)
     softcap = ops.check_softcap(softcap)
-    out, lse = _attention(q, k, v, mask, scale, Window(left, 0 if causal else right), backend, softcap=softcap)
+    out, lse = _attention(q, k, v, mask, scale, Window(left, 0 if causal else right), backend, dropout_p, softcap)
     return (out, lse) if return_lse else out
 
 

@@ -3,8 +3,8 @@ float64 reference, on every CPU instruction-set variant this machine runs and on
 (interpreted without a GPU, small shapes).
 
 Each example draws shapes (empty and odd sizes, Sq != Sk), a dtype, a mask of any broadcast
-shape, causal alignment, GQA, non-contiguous inputs, a scale and an edge value (NaN, +inf,
-torch.finfo(dtype).min masks, large logits). The properties:
+shape, causal alignment, a sliding window, a softcap, GQA, non-contiguous inputs, a scale and
+an edge value (NaN, +inf, torch.finfo(dtype).min masks, large logits). The properties:
   - rows that see no key are zeros, never NaN;
   - where the reference has NaN in a row that sees a key, the kernel has NaN in that row;
   - everywhere else out, lse and the gradients meet the project's rule (tests/tolerance.py).
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
-from fastattn.reference import CAUSAL, UNBOUNDED, CAUSAL_TOP_LEFT
+from fastattn.reference import CAUSAL_TOP_LEFT, UNBOUNDED, Window
 
 from tolerance import EPS, max_error
 
@@ -32,6 +32,8 @@ HEAD_DIMS = (8, 16, 24, 40)
 EDGES = ("none", "nan_q", "nan_k", "posinf_k", "scale_inf", "finfo_min_mask", "posinf_mask", "large_logits")
 EDGES_NEEDING_ALL_KEYS_VISIBLE = ("nan_k", "posinf_k", "scale_inf")
 DEFAULT_EXAMPLES = {"attention": 60, "softmax": 40}
+# A window side: unbounded (None) or a few keys, so that windows cut rows short and empty some.
+WINDOW_SIDES = st.one_of(st.none(), st.integers(0, 12))
 SLOW_EXAMPLES = {"attention": 600, "softmax": 300}
 
 
@@ -126,10 +128,14 @@ def attention_cases(draw):
     edge = draw(st.sampled_from(EDGES))
     all_visible = edge in EDGES_NEEDING_ALL_KEYS_VISIBLE
     mask_kind = None if all_visible else draw(st.sampled_from([None, "bool", "float"]))
+    api = draw(st.sampled_from(["attention", "sdpa"]))
+    modifiers = api == "attention" and not all_visible  # window and softcap: attention() only
     return dict(
         backend=backend,
         isa=isa,
-        api=draw(st.sampled_from(["attention", "sdpa"])),
+        api=api,
+        window=draw(st.one_of(st.none(), st.tuples(WINDOW_SIDES, WINDOW_SIDES))) if modifiers else None,
+        softcap=draw(st.sampled_from([None, 2.0, 30.0])) if modifiers else None,
         dtype=draw(st.sampled_from(DTYPES)),
         B=draw(st.integers(0 if not small else 1, 2)),
         Hkv=draw(st.integers(1, 2)),
@@ -200,17 +206,23 @@ def _visible_rows(case, mask, shape):
     visible = torch.ones(shape, dtype=torch.bool)
     if mask is not None:
         visible = visible & (mask if mask.dtype == torch.bool else ~torch.isneginf(mask)).expand(shape)
-    if case["causal"]:
-        rule = CAUSAL_TOP_LEFT if case["api"] == "sdpa" else CAUSAL
-        visible = visible & reference.window_visibility(Sq, Sk, rule, "cpu")
+    visible = visible & reference.window_visibility(Sq, Sk, _attention_rule(case), "cpu")
     return visible.any(-1)
+
+
+def _attention_rule(case):
+    """The reference Window of a case: its causal alignment and sliding window."""
+    if case["api"] == "sdpa":
+        return CAUSAL_TOP_LEFT if case["causal"] else UNBOUNDED
+    left, right = fastattn.ops.check_window(case["window"])
+    return Window(left, 0 if case["causal"] else right)
 
 
 def _attention_property(case):
     q, k, v, mask, scale = _attention_inputs(case)
     Hq = q.shape[1]
     shape = (q.shape[0], Hq, q.shape[2], k.shape[2])
-    rule = UNBOUNDED if not case["causal"] else CAUSAL_TOP_LEFT if case["api"] == "sdpa" else CAUSAL
+    rule = _attention_rule(case)
     # Known open defect, left out here rather than hidden: at large logits in float16/bfloat16
     # the fused backward's delta = rowsum(dO * O) is taken from the output rounded to the
     # low dtype, so dk/dq of nearly one-hot rows reach ~6x the baseline's error (the float32
@@ -233,10 +245,12 @@ def _attention_property(case):
             if case["api"] == "sdpa":
                 out = fastattn.scaled_dot_product_attention(q, k, v, m, is_causal=case["causal"], scale=scale, enable_gqa=True)
                 return out, torch.zeros(shape[:3])
-            return fastattn.attention(q, k, v, attn_mask=m, causal=case["causal"], scale=scale, return_lse=True)
+            return fastattn.attention(q, k, v, attn_mask=m, causal=case["causal"], scale=scale, return_lse=True,
+                                      window=case["window"], softcap=case["softcap"])
 
     def ref(upcast):
-        return lambda q, k, v, m: reference.attention(q, k, v, m, scale, rule, upcast=upcast)
+        softcap = case["softcap"] or 0.0
+        return lambda q, k, v, m: reference.attention(q, k, v, m, scale, rule, upcast=upcast, softcap=softcap)
 
     got = run(kernel, case["dtype"])
     expected = run(ref(True), torch.float64)
@@ -275,13 +289,15 @@ def softmax_cases(draw):
     rank = draw(st.integers(1, 5))
     shape = tuple(draw(st.lists(st.integers(0 if rank > 1 else 1, 5 if rank > 2 else 40), min_size=rank, max_size=rank)))
     causal = rank >= 2 and draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.tuples(WINDOW_SIDES, WINDOW_SIDES))) if rank >= 2 else None
     return dict(
         backend=backend,
         isa=isa,
         dtype=draw(st.sampled_from(DTYPES)),
         shape=shape,
-        dim=-1 if causal else draw(st.integers(-rank, rank - 1)),
+        dim=-1 if causal or window else draw(st.integers(-rank, rank - 1)),
         causal=causal,
+        window=window,
         mask_kind=draw(st.sampled_from([None, "bool", "float"])),
         mask_broadcast=draw(st.tuples(*[st.booleans()] * rank)),
         scale=draw(st.sampled_from([1.0, 0.125, 3.0])),
@@ -310,7 +326,8 @@ def _softmax_property(case):
             mask = torch.full(mask_shape, torch.finfo(dtype).min, dtype=dtype)  # transformers' padding value
     differentiable = case["edge"] != "nan_x"
     grad_y = torch.randn(shape, generator=g)
-    rule = CAUSAL if case["causal"] else UNBOUNDED
+    left, right = fastattn.ops.check_window(case["window"])
+    rule = Window(left, 0 if case["causal"] else right)
 
     def run(fn, dtype):
         xt = x.detach().to(dtype).requires_grad_(differentiable)
@@ -321,7 +338,8 @@ def _softmax_property(case):
 
     def kernel(xt, m):
         with _cpu_isa(case["isa"]), fastattn.use_backend(case["backend"]):
-            return fastattn.softmax(xt, mask=m, scale=case["scale"], causal=case["causal"], dim=dim)
+            return fastattn.softmax(xt, mask=m, scale=case["scale"], causal=case["causal"], dim=dim,
+                                    window=case["window"])
 
     def ref(upcast):
         def fn(xt, m):
@@ -333,7 +351,7 @@ def _softmax_property(case):
     visible = torch.ones(shape, dtype=torch.bool).movedim(dim, -1)
     if mask is not None:
         visible = visible & (mask if mask.dtype == torch.bool else ~torch.isneginf(mask)).expand(shape).movedim(dim, -1)
-    if case["causal"]:
+    if case["causal"] or case["window"]:
         visible = visible & reference.window_visibility(shape[-2], shape[-1], rule, "cpu")
     rows = visible.any(-1)
     terms = shape[dim] if shape else 1

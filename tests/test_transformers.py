@@ -26,15 +26,29 @@ SENTENCES = [
 LABELS = [1, 1, 0, 1, 1, 0]
 
 
+class CallLog(list):
+    """Calls as tuples (compared as a list), and beside them each call's (window, softcap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.modifiers = []
+
+    def clear(self):
+        super().clear()
+        self.modifiers.clear()
+
+
 @pytest.fixture
 def fastattn_calls(monkeypatch):
-    """Records (mask dtype, causal, Hq, Hkv, Sq, Sk) of every attention call that reaches fastattn."""
-    calls = []
+    """Records (mask dtype, causal, Hq, Hkv, Sq, Sk) of every attention call that reaches fastattn,
+    and its window and softcap in `calls.modifiers`."""
+    calls = CallLog()
     attend = fa_hf.attend
 
-    def counting(q, k, v, mask, causal, scale, dropout_p):
+    def counting(q, k, v, mask, causal, scale, dropout_p, window=None, softcap=None):
         calls.append(("none" if mask is None else str(mask.dtype), causal, *q.shape[1:3], *k.shape[1:3]))
-        return attend(q, k, v, mask, causal, scale, dropout_p)
+        calls.modifiers.append((window, softcap))
+        return attend(q, k, v, mask, causal, scale, dropout_p, window, softcap)
 
     monkeypatch.setattr(fa_hf, "attend", counting)
     return calls
@@ -182,12 +196,33 @@ def t5_config():
                                  eos_token_id=None, decoder_start_token_id=0)
 
 
+def mistral_config():
+    # A window of 4 keys: narrower than the 11-token prompts, so it changes the result.
+    return transformers.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      sliding_window=4, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+
+def gemma2_config():
+    # Alternating sliding (window 4) and global layers, logits capped at 5 (small, so the cap matters).
+    return transformers.Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=5.0,
+                                     final_logit_softcapping=None, query_pre_attn_scalar=8, bos_token_id=1,
+                                     eos_token_id=None, pad_token_id=0)
+
+
 MODELS = {
     "gpt2": (gpt2_config, transformers.AutoModelForCausalLM),
     "llama": (llama_config, transformers.AutoModelForCausalLM),
+    "mistral": (mistral_config, transformers.AutoModelForCausalLM),
+    "gemma2": (gemma2_config, transformers.AutoModelForCausalLM),
     "bart": (bart_config, transformers.AutoModelForSeq2SeqLM),
     "t5": (t5_config, transformers.AutoModelForSeq2SeqLM),
 }
+
+
+DECODERS = ("gpt2", "llama", "mistral", "gemma2")
 
 
 def build(name, *impls):
@@ -234,9 +269,11 @@ def valid_positions(inputs):
 def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_padding, fastattn_calls):
     # float64 ground truth from "sdpa": "eager" gives NaN in float64 (its finfo.min masks
     # overflow to -inf on padding rows, and their NaN reaches every row through 0 * NaN).
-    eager, fast, reference = build(name, "eager", "fastattn", "sdpa")
+    # Gemma 2 refuses "sdpa" (transformers' SDPA path has no softcap): its float64 ground truth is
+    # fastattn's, which float64 runs on the pure-PyTorch reference backend.
+    eager, fast, reference = build(name, "eager", "fastattn", "fastattn" if name == "gemma2" else "sdpa")
     reference.double()
-    inputs = padded_inputs(name, left=name in ("gpt2", "llama"), decoder_padding=decoder_padding)
+    inputs = padded_inputs(name, left=name in DECODERS, decoder_padding=decoder_padding)
     valid = valid_positions(inputs)
     results = {}
     for label, model in (("fast", fast), ("eager", eager), ("reference", reference)):
@@ -250,8 +287,10 @@ def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_paddin
         assert any(kind == "torch.float32" for kind, *_ in fastattn_calls)
     if not decoder_padding:  # decoder self-attention: no mask, the kernel's causal rule
         assert any(causal for _, causal, *_ in fastattn_calls)
-    if name == "llama":  # grouped-query attention: 4 query heads read 2 key/value heads
+    if name in ("llama", "mistral", "gemma2"):  # grouped-query attention: 4 query heads read 2 key/value heads
         assert all(hq == 4 and hkv == 2 for _, _, hq, _, hkv, _ in fastattn_calls)
+    if name == "gemma2":  # the cap reaches the kernel
+        assert all(softcap == 5.0 for _, softcap in fastattn_calls.modifiers)
     assert_within_baseline(f"{name} logits", results["fast"][0], results["reference"][0], results["eager"][0])
     assert results["fast"][1].keys() == results["reference"][1].keys()
     for param, ref in results["reference"][1].items():
@@ -269,8 +308,10 @@ def test_greedy_generation_matches_eager(name, fastattn_calls):
     fastattn_calls.clear()
     tokens = fast.generate(**inputs, **kwargs)
     assert torch.equal(tokens, expected)
-    # Decoding reads the KV cache: one new query against all the keys seen so far.
-    assert any(sq == 1 and sk > 11 for *_, sq, _, sk in fastattn_calls)
+    # Decoding reads the KV cache: one new query against all the keys seen so far (Mistral, whose
+    # every layer slides, keeps only its window: the last 3 keys and the new one).
+    kept = 3 if name == "mistral" else 11
+    assert any(sq == 1 and sk > kept for *_, sq, _, sk in fastattn_calls), sorted(set(fastattn_calls))[:5]
 
 
 def test_compiled_model_has_no_graph_break():
@@ -280,3 +321,16 @@ def test_compiled_model_has_no_graph_break():
     valid = valid_positions(inputs)
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(**inputs).logits[valid], eager(**inputs).logits[valid], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sliding_window_reaches_the_kernel_without_padding(name, fastattn_calls):
+    """Unpadded prompts longer than the window: transformers builds no mask, and the kernel
+    applies the window itself (skipping the key blocks outside it)."""
+    eager, fast = build(name, "eager", "fastattn")
+    ids = torch.randint(2, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    expected = eager(input_ids=ids).logits
+    got = fast(input_ids=ids).logits
+    windowed = [call for call, (window, _) in zip(fastattn_calls, fastattn_calls.modifiers) if window == (3, None)]
+    assert windowed and all(mask == "none" for mask, *_ in windowed)  # the window, not an (S, S) mask
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -22,6 +22,7 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 struct Visibility {
   int lo = 0, hi = 0;
   int span = 0;  // hi - lo: one unsigned compare tests both sides
+  bool bounded = false;  // a side is bounded: without one, every key is seen
 };
 
 // The rule of a window: query i sees key j iff i' - left <= j <= i' + right, i' = i + sk - sq
@@ -32,6 +33,7 @@ inline Visibility visibility(int64_t left, int64_t right, bool top_left, int64_t
   v.lo = static_cast<int>(left < 0 || off - left < -far ? -far : off - left);
   v.hi = static_cast<int>(right < 0 || off + right > far ? far : off + right);
   v.span = v.hi - v.lo;
+  v.bounded = left >= 0 || right >= 0;
   return v;
 }
 

@@ -168,14 +168,15 @@ __device__ __forceinline__ float mask_to_acc(float m, float inv_scale) {
   return isinf(x) && isfinite(m) ? copysignf(FLT_MAX, x) : x;
 }
 
-// Fills a score tile with mask / scale; `row_base`/`col_base` are the global query/key of the
-// thread's first element when kTransposed is false (rows = queries), else rows = keys.
-// Returns whether any in-range entry of this thread is visible.
+// Fills a score tile with mask / scale, -inf where the window hides the pair (so masked
+// kernels need no window test after the matmul, where registers are scarcest); `row_base` /
+// `col_base` are the global query/key of the thread's first element when kTransposed is false
+// (rows = queries), else rows = keys. Returns whether any in-range entry of this thread is visible.
 template <int MT, int NT, bool kTransposed>
 __device__ __forceinline__ bool init_scores_from_mask(float (&s)[MT][NT][4], const MaskView& mask,
                                                       int64_t mask_base, int row_base,
                                                       int col_base, int sq, int sk,
-                                                      float inv_scale) {
+                                                      float inv_scale, const Visibility& vis) {
   bool any = false;
   const void* ptr = mask.ptr;
   const MaskKind kind = mask.kind;
@@ -191,7 +192,7 @@ __device__ __forceinline__ bool init_scores_from_mask(float (&s)[MT][NT][4], con
         const int query = kTransposed ? col : row;
         const int key = kTransposed ? row : col;
         float m = -INFINITY;
-        if (query < sq && key < sk) {
+        if (query < sq && key < sk && sees(vis, query, key)) {
           m = load_mask(ptr, kind, mask_base + query * stride_q + key * stride_k);
         }
         any |= m != -INFINITY;
@@ -265,7 +266,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     float s[kMT][kNT][4];
     if constexpr (kScores == Scores::kMasked) {
       const bool any = init_scores_from_mask<kMT, kNT, false>(
-          s, p.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, p.sq, p.sk, inv_scale);
+          s, p.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, p.sq, p.sk, inv_scale, p.vis);
       if (!__syncthreads_or(any)) continue;  // the mask hides this key block for every row
     } else {
       zero(s);
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
             const int col = n0 + ni * 8 + 2 * t + (e & 1);
             float x = s[mi][ni][e] * p.scale;
             if constexpr (kScores == Scores::kCapped) x = cap_score(x, p.softcap);
-            if (edge && (col >= p.sk || !sees(p.vis, row, col))) x = -INFINITY;
+            if (edge && (col >= p.sk || (kScores != Scores::kMasked && !sees(p.vis, row, col)))) x = -INFINITY;
             s[mi][ni][e] = x;
             mx = fmaxf(mx, x);
           }
@@ -448,7 +449,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     float s[1][kNT][4];
     if constexpr (kScores == Scores::kMasked) {
       const bool any = init_scores_from_mask<1, kNT, false>(
-          s, f.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, f.sq, f.sk, inv_scale);
+          s, f.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, f.sq, f.sk, inv_scale, f.vis);
       if (!__syncthreads_or(any)) continue;
     } else {
       zero(s);
@@ -475,7 +476,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         const int hf = e >> 1;
         const int row = m0 + warp_row0 + g + hf * 8;
         const int col = n0 + ni * 8 + 2 * t + (e & 1);
-        const bool hidden = edge && (col >= f.sk || !sees(f.vis, row, col));
+        const bool hidden = edge && (col >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, row, col)));
         float x = s[0][ni][e] * f.scale, slope = 1.f;
         if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
           x = cap_score(x, f.softcap);
@@ -564,7 +565,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
       float st[1][kQT][4];
       if constexpr (kScores == Scores::kMasked) {
         const bool any = init_scores_from_mask<1, kQT, true>(
-            st, f.mask, mask_base, n0 + warp_row0 + g, m0 + 2 * t, f.sq, f.sk, inv_scale);
+            st, f.mask, mask_base, n0 + warp_row0 + g, m0 + 2 * t, f.sq, f.sk, inv_scale, f.vis);
         if (!__syncthreads_or(any)) continue;
       } else {
         zero(st);
@@ -605,14 +606,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + warp_row0 + g + (e >> 1) * 8;
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
-          const bool hidden = key >= f.sk || !sees(f.vis, query, key);
-          float pr = 0.f, slope = 1.f;
+          const bool hidden = key >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, query, key));
+          float pr, slope = 1.f;
           if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
             const float capped = cap_score(st[0][ni][e] * f.scale, f.softcap);
             slope = 1.f - (capped / f.softcap) * (capped / f.softcap);
-            if (!hidden) pr = exp2f(capped * kLog2e - lse2[ni][e & 1]);
-          } else if (!hidden) {
-            pr = exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
+            pr = hidden ? 0.f : exp2f(capped * kLog2e - lse2[ni][e & 1]);
+          } else {
+            pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
           }
           st[0][ni][e] = pr;
           dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]) * slope;

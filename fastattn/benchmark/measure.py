@@ -48,6 +48,15 @@ def time_cpu(make_steps, timing):
     return [failure or (statistics.median(t) * 1e3, len(t)) for failure, t in zip(failures, times)]
 
 
+def time_named(steps, timing):
+    """Median ms of each of `steps` ({name: CPU step}), warmed up once, then timed interleaved
+    by time_cpu on the same inputs."""
+    for step in steps.values():
+        step()
+    results = time_cpu([lambda s=s: s for s in steps.values()], timing)
+    return {name: result[0] for name, result in zip(steps, results)}
+
+
 def time_cuda(step, timing):
     """Median milliseconds of a warmed-up CUDA step and the number of timed runs."""
     try:

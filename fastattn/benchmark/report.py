@@ -1,4 +1,5 @@
 """Output of a benchmark run: the table, the targets block, JSON, CSV and PNG plots."""
+import argparse
 import csv
 import dataclasses
 import datetime
@@ -236,6 +237,33 @@ def format_targets(checked):
     met = sum(record["met"] is True for record in checked)
     lines.append(f"{met} of {len(checked)} targets met")
     return "\n".join(lines) + "\n"
+
+
+def script_args(doc, out_name, quick_help):
+    """Arguments of a standalone benchmark script: --quick and --out (default
+    benchmarks/results/<out_name>)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", out_name))
+    return parser.parse_args()
+
+
+def check_figures(rows, figures, targets):
+    """The rows ({"case": ..., implementation: ms}) and figures of a standalone benchmark
+    script, the figures against their targets ({figure: (bound, "min" = at least / "max" = at
+    most)}): prints both and returns the records (figure, value, target, met) for its JSON."""
+    print(f"{'case':<52} times (ms)")
+    for row in rows:
+        print(f"{row['case']:<52} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "case"))
+    print(f"\n{'figure':<52} {'value':>8}  target")
+    checked = []
+    for figure, value in figures.items():
+        bound, kind = targets[figure]
+        met = value >= bound if kind == "min" else value <= bound
+        target = f"{'>=' if kind == 'min' else '<='} {bound}"
+        checked.append({"figure": figure, "value": round(value, 3), "target": target, "met": met})
+        print(f"{figure:<52} {value:8.3f}  {target}  {'met' if met else 'NOT MET'}")
+    return checked
 
 
 def write_json(path, results, meta):

@@ -21,10 +21,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """transformers' attention-function interface. query (B, Hq, Sq, D), key/value
     (B, Hkv, Sk, D); attention_mask None, bool (True = attend, from the "sdpa" mask builder
     registered with this function) or additive float (older transformers, custom 4-d masks);
-    kwargs may carry is_causal and position_bias (T5). Returns ((B, Sq, Hq, D), None): like
-    "sdpa", no attention weights.
+    kwargs may carry is_causal, position_bias (T5), softcap (Gemma 2: applied by the kernel)
+    and sliding_window (Mistral, Gemma 2: applied by the kernel, which then skips the key
+    blocks outside it, when no mask comes; a mask from transformers already holds the window).
+    Returns ((B, Sq, Hq, D), None): like "sdpa", no attention weights.
     """
-    for name in ("softcap", "s_aux", "head_mask"):
+    for name in ("s_aux", "head_mask"):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='{NAME}' does not support {name}; use 'eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -49,13 +51,19 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             mask = torch.where(mask, position_bias, float("-inf"))
         else:
             mask = position_bias + mask
-    out = attend(query, key, value, mask, causal, scaling, dropout if module.training else 0.0)
+    # transformers' sliding window: key kv_idx > q_idx - sliding_window, i.e. left = sliding_window - 1.
+    # Only without a mask are the keys known to end at the last query (bottom-right alignment).
+    sliding_window = kwargs.get("sliding_window")
+    window = (sliding_window - 1, None) if sliding_window and mask is None else None
+    out = attend(query, key, value, mask, causal, scaling, dropout if module.training else 0.0, window,
+                 kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
 
 def register(name=NAME):
     """Registers `attention_forward` (and, on transformers >= 4.53, the boolean "sdpa" mask
-    builder it expects) under `name`, so models accept `attn_implementation=name`.
+    builder it expects, which leaves sliding windows over unpadded prompts to the kernel) under
+    `name`, so models accept `attn_implementation=name`.
     Returns `name`."""
     try:
         from transformers import AttentionInterface
@@ -71,5 +79,17 @@ def register(name=NAME):
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:  # before 4.53 models build additive float masks themselves
         return name
-    AttentionMaskInterface.register(name, sdpa_mask)
+    def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+             local_size=None, **kwargs):
+        """transformers' boolean "sdpa" mask, except for sliding-window layers over unpadded prompts
+        with no cache (keys = queries): None, since attention_forward then hands the causal
+        window to the kernel, which skips the key blocks outside it instead of reading an
+        (S, S) mask."""
+        whole_prompt = local_size is not None and q_length == kv_length and q_offset == 0 and kv_offset == 0
+        if whole_prompt and not torch.compiler.is_compiling() and (attention_mask is None or bool(attention_mask.all())):
+            return None
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                         local_size, **kwargs)
+
+    AttentionMaskInterface.register(name, mask)
     return name
