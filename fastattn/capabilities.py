@@ -16,6 +16,7 @@ from .triton import capabilities as triton_capabilities
 # the log-sum-exp output, backward. Beyond these, a backend may declare:
 #   kv_cache  an attention op that reads a (paged) KV cache in place and stops at each row's
 #             length (the others get the cache through `attention` with a mask)
+#   varlen    packed variable-length sequences (varlen_attention); dispatch skips the others
 COMMON_FEATURES = frozenset({"gqa", "mask", "mask_grad", "causal", "lse", "backward", "softmax"})
 
 
@@ -79,10 +80,11 @@ def _from_compiled(table):
 def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
-        "reference": Capabilities(float64, float64, None, None),
+        "reference": Capabilities(float64, float64, None, None, features=COMMON_FEATURES | {"varlen"}),
         "triton": Capabilities(
             triton_capabilities.DTYPES, triton_capabilities.DTYPES,
             triton_capabilities.MAX_HEAD_DIM, triton_capabilities.MAX_HEAD_DIM,
+            features=COMMON_FEATURES | triton_capabilities.EXTRA_FEATURES,
         ),
     }
     try:

@@ -136,6 +136,20 @@ def attention_reason(backend, q, k, v, mask, scale):
     return None
 
 
+def varlen_reason(backend, q, k, v):
+    """None if `backend` can run this packed (varlen) attention call, else why not."""
+    reason = _common_reason(backend, q)
+    if reason is not None:
+        return reason
+    if "varlen" not in CAPABILITIES[backend].features:
+        return f"the {backend} backend does not run packed (varlen) sequences"
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad)
+    if reason is None and backend == "triton":
+        return ops.triton_backend.supports(q, k, v, None)
+    return reason
+
+
 def softmax_reason(backend, x, mask):
     """None if `backend` can run this fused softmax call, else why not."""
     reason = _common_reason(backend, x) or CAPABILITIES[backend].softmax_reason(backend, x)
