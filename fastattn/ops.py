@@ -282,12 +282,13 @@ def _reference_varlen_backward(ctx, inputs, grad_out, grad_lse):
     backward and for a differentiated lse (rare; the fused backward covers the output alone)."""
     q, k, v, cu_seqlens_q, cu_seqlens_k = inputs
     wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:3]) if needed]
+    create_graph = torch.is_grad_enabled()  # double backward: the gradients are differentiable
     with torch.enable_grad():
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.scale, ctx.causal)
         pairs = [(t, g) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
         grads = torch.autograd.grad(
             [t for t, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-            create_graph=torch.is_grad_enabled(), allow_unused=True,
+            create_graph=create_graph, allow_unused=True,
         )
     result = [None] * 9
     for i, grad in zip(wanted, grads):

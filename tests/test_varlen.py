@@ -29,8 +29,8 @@ def packed(lengths_q, lengths_k, Hq, Hkv, D, Dv, dtype, seed):
 
 
 def per_sequence(fn, cu_q, cu_k, query_tensors, key_tensors):
-    """fn applied to each sequence's (1, H, S, D) views; results (query- or key-shaped, as fn
-    returns them in that order) packed back to (rows, H, D)."""
+    """fn applied to each sequence's (1, H, S, D) views of the query-shaped then the key-shaped
+    tensors; each of fn's (1, H, S, D) results packed back to (rows, H, D), sequence by sequence."""
     parts = []
     for b in range(cu_q.numel() - 1):
         qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
@@ -267,3 +267,38 @@ def test_lse_gradient_and_double_backward(backend):
     (ref_grad,) = torch.autograd.grad(ref_out.square().sum(), ref_inputs[0], create_graph=True)
     (ref_second,) = torch.autograd.grad(ref_grad.sum(), ref_inputs[1])
     torch.testing.assert_close(second, ref_second, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", USABLE + ["reference"])
+def test_strided_inputs_give_the_contiguous_results(backend):
+    """Packed views with other strides (heads-major storage, a slice of a wider buffer) are
+    read in place and give exactly the contiguous inputs' results, gradients included."""
+    q, k, v, cu_q, cu_k = packed([7, 0, 40], [9, 3, 40], 4, 2, 32, 32, F32, seed=9)
+    strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k)]
+    strided.append(torch.cat([v, torch.randn_like(v)], dim=-1)[..., :32])
+    assert not any(t.is_contiguous() for t in strided)
+    results = []
+    for inputs in ((q, k, v), strided):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out, lse = fastattn.varlen_attention(*leaves, cu_q, cu_k, 40, 40, causal=True, return_lse=True, backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out, lse] + [t.grad for t in leaves])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", USABLE + ["reference"])
+def test_no_sequences_and_no_keys(backend):
+    """No sequences at all, and sequences without keys: empty results, or zeros with lse -inf
+    and zero gradients."""
+    empty = torch.zeros(0, 2, 8)
+    cu = torch.zeros(1, dtype=torch.int32)
+    out, lse = fastattn.varlen_attention(empty, empty, empty, cu, cu, 0, 0, return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 8) and lse.shape == (2, 0)
+    q = torch.randn(5, 2, 8, requires_grad=True)
+    k = torch.zeros(0, 1, 8, requires_grad=True)
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    out, lse = fastattn.varlen_attention(q, k, k, cu_q, cu_k, 3, 0, return_lse=True, backend=backend)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(5, 2, 8)) and torch.isneginf(lse).all()
+    assert torch.equal(q.grad, torch.zeros_like(q))
