@@ -38,6 +38,17 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attn_fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
         " Tensor? block_table, float scale, int window_left=-1, int window_right=-1,"
         " float softcap=0.0) -> (Tensor out, Tensor lse)");
+  // Packed (variable-length) sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D/Dv) and
+  // int32 cu_seqlens_q/k (B + 1) cumulative lengths; sequence b's queries are rows
+  // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) (keys likewise), at most max_seqlen_q/k long; the
+  // window is aligned bottom-right within each sequence. out (total_q, Hq, Dv); lse
+  // (Hq, total_q); softmax_stats (2, Hq, total_q).
+  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, float scale, int window_left=-1, int window_right=-1,"
+        " float softcap=0.0) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+  m.def("varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale,"
+        " int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int window_left=-1, int window_right=-1,"
         " bool window_top_left=False) -> Tensor");
   m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
@@ -69,7 +80,8 @@ PYBIND11_MODULE(_C, m) {
   cpu["max_head_dim_bwd"] = fastattn::cpu::kMaxHeadDim;
   cpu["head_dim_multiple"] = 1;
   cpu["v_head_dim_may_differ"] = true;
-  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap");  // kv_cache: attn_fwd_kvcache
+  // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd
+  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen");
   cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
   cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
   cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;

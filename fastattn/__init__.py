@@ -4,6 +4,7 @@
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # drop-in for SDPA
     out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)  # bottom-right causal, GQA
     probs = fastattn.softmax(scores, mask=mask, scale=0.125)               # fused masked softmax
+    out = fastattn.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)  # packed sequences
     out = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
                                          k_new=k, v_new=v)                 # decoding with a KV cache
     out = fastattn.distributed.ring_attention(q, k, v, causal=True)        # sequence sharded over ranks
@@ -11,7 +12,7 @@
 from . import nn
 from ._version import __version__
 from .dispatch import BACKENDS, backends, use_backend
-from .functional import attention, scaled_dot_product_attention, softmax
+from .functional import attention, scaled_dot_product_attention, softmax, varlen_attention
 from .info import info
 from .kvcache import attention_with_kvcache
 
@@ -45,4 +46,5 @@ __all__ = [
     "scaled_dot_product_attention",
     "softmax",
     "use_backend",
+    "varlen_attention",
 ]

@@ -18,6 +18,7 @@ from .triton import capabilities as triton_capabilities
 #             length (the others get the cache through `attention` with a mask)
 #   window    sliding windows (attention(window=...)), key blocks outside them skipped
 #   softcap   the logit cap c * tanh(s / c) (attention(softcap=...)), forward and backward
+#   varlen    packed variable-length sequences (varlen_attention); dispatch skips the others
 COMMON_FEATURES = frozenset({"gqa", "mask", "mask_grad", "causal", "lse", "backward", "softmax"})
 
 
@@ -86,7 +87,8 @@ def _from_compiled(table):
 def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
-        "reference": Capabilities(float64, float64, None, None, features=COMMON_FEATURES | {"window", "softcap"}),
+        "reference": Capabilities(float64, float64, None, None,
+                                  features=COMMON_FEATURES | {"window", "softcap", "varlen"}),
         "triton": Capabilities(
             triton_capabilities.DTYPES, triton_capabilities.DTYPES,
             triton_capabilities.MAX_HEAD_DIM, triton_capabilities.MAX_HEAD_DIM,

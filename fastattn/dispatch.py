@@ -132,10 +132,8 @@ def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.
     if reason is not None:
         return reason
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))
-    needed = {"window"} if window[:2] not in ((-1, -1), (-1, 0)) else set()
-    needed |= {"softcap"} if softcap else set()
     reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad) or CAPABILITIES[backend].feature_reason(
-        backend, needed
+        backend, _modifiers_needed(window, softcap)
     )
     if reason is not None:
         return reason
@@ -144,6 +142,28 @@ def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.
     if backend == "cuda":
         return cuda_support.supports(q, k, v, mask, scale=scale, softcap=softcap)
     return None
+
+
+def _modifiers_needed(window, softcap):
+    """The capability features a call's window (beyond causal) and softcap need."""
+    needed = {"window"} if window[:2] not in ((-1, -1), (-1, 0)) else set()
+    return needed | ({"softcap"} if softcap else set())
+
+
+def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0):
+    """None if `backend` can run this packed (varlen) attention call, else why not."""
+    reason = _common_reason(backend, q)
+    if reason is not None:
+        return reason
+    if "varlen" not in CAPABILITIES[backend].features:
+        return f"the {backend} backend does not run packed (varlen) sequences"
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad) or CAPABILITIES[backend].feature_reason(
+        backend, _modifiers_needed(window, softcap)
+    )
+    if reason is None and backend == "triton":
+        return ops.triton_backend.supports(q, k, v, None)
+    return reason
 
 
 def softmax_reason(backend, x, mask):

@@ -75,6 +75,17 @@ def block_ops(q, k, v, scale, backend=None):
     return BlockOps(forward, backward)
 
 
+def _check_options(causal, scale, dropout_p, return_lse, window, softcap):
+    """Checks attention()'s and varlen_attention()'s options; returns the Window the causal
+    flag and the window make together (bottom-right aligned) and the softcap (0.0: none)."""
+    ops.check_flag("causal", causal)
+    ops.check_scale("scale", scale, optional=True)
+    ops.check_probability("dropout_p", dropout_p)
+    ops.check_flag("return_lse", return_lse)
+    left, right = ops.check_window(window)
+    return Window(left, 0 if causal else right), ops.check_softcap(softcap)
+
+
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None, window=None,
               softcap=None, dropout_p=0.0):
     """Fused attention softmax(cap(scale * q @ k^T) + mask) @ v.
@@ -95,13 +106,48 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
     """
     mask = ops.check_attention_inputs(q, k, v, attn_mask, enable_gqa=True)
-    ops.check_flag("causal", causal)
-    ops.check_scale("scale", scale, optional=True)
-    ops.check_flag("return_lse", return_lse)
-    ops.check_probability("dropout_p", dropout_p)
-    left, right = ops.check_window(window)
-    softcap = ops.check_softcap(softcap)
-    out, lse = _attention(q, k, v, mask, scale, Window(left, 0 if causal else right), backend, dropout_p, softcap)
+    window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
+    out, lse = _attention(q, k, v, mask, scale, window, backend, dropout_p, softcap)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None, dropout_p=0.0,
+    return_lse=False, backend=None, window=None, softcap=None,
+):
+    """Attention of packed variable-length sequences (flash-attention's flash_attn_varlen_func).
+
+    q: (total_q, Hq, D), the queries of every sequence end to end; k: (total_k, Hkv, D) and
+    v: (total_k, Hkv, Dv) likewise, Hq a multiple of Hkv (GQA).
+    cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths on q's device: sequence b's
+    queries are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q, and it attends only to rows
+    cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v. Sequences may be empty.
+    max_seqlen_q, max_seqlen_k: the longest query and key sequence (they size the kernels' work;
+    checked against the lengths for CPU tensors).
+    causal: bottom-right within each sequence: query i of a sequence with Sq queries and Sk keys
+    sees keys j <= i + Sk - Sq.
+    window, softcap: as in attention(), the window aligned bottom-right within each sequence.
+    dropout_p: > 0 runs the unfused reference path, one sequence at a time, with fastattn's
+    Philox decisions (sequence b as batch b): the fused kernels have no dropout yet.
+    return_lse: also return the natural-log sum-exp of each row, float32 (Hq, total_q), -inf
+    for rows that see no key (their output is zero).
+    backend: force "cpu", "triton" or "reference" (the cuda kernels do not take packed
+    sequences); default: the fastest that can run it.
+    Nothing is padded: each sequence costs its own Sq x Sk. Returns out (total_q, Hq, Dv).
+    """
+    ops.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
+    scale = reference.default_scale(q.shape[-1]) if scale is None else scale
+    chosen = dispatch.choose(lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap), q.device, backend)
+    if chosen == "reference" or dropout_p > 0.0 or _is_empty(q, k, v):
+        out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, dropout_p,
+                                              softcap=softcap)
+    else:
+        q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
+        out, lse, _ = _ops_for(chosen).varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), window.left, window.right,
+            softcap,
+        )
     return (out, lse) if return_lse else out
 
 

@@ -2,8 +2,8 @@
 formulas shared by every kernel family, and the user-facing argument checks.
 
 Two op families share one set of schemas (csrc/fastattn.cpp):
-  fastattn::attn_fwd / attn_bwd / softmax_fwd / softmax_bwd          (C++: CPU, CUDA kernels)
-  fastattn::triton_attn_fwd / ... / triton_softmax_bwd                 (Triton kernels)
+  fastattn::attn_fwd / attn_bwd / softmax_fwd / softmax_bwd / varlen_fwd / varlen_bwd  (C++ kernels)
+  fastattn::triton_attn_fwd / ... / triton_varlen_bwd                                 (Triton kernels)
 """
 import numbers
 
@@ -133,6 +133,58 @@ def check_attention_inputs(q, k, v, attn_mask, enable_gqa=True):
     return prepare_mask(attn_mask, (B, Hq, Sq, Sk), q, "attn_mask")
 
 
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Validates packed inputs: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+    int32 cumulative lengths and the longest lengths. The lengths themselves are checked on CPU
+    (on a GPU that would need a host synchronisation; the kernels trust them there)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-d (total tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    Hq, D = q.shape[1:]
+    total_k, Hkv = k.shape[:2]
+    if k.shape[2] != D:
+        raise ValueError(f"k must have head_dim {D} like q: expected (total_k, Hkv, {D}), got {tuple(k.shape)}")
+    if tuple(v.shape[:2]) != (total_k, Hkv):
+        raise ValueError(f"k and v must agree in rows and heads: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (Hq % Hkv != 0) if Hkv else Hq != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() == 0:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise ValueError(f"{name} must be a 1-d int32 tensor of B + 1 cumulative lengths, got {got}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q, got {cu.device}")
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(
+            f"cu_seqlens_k must have as many entries as cu_seqlens_q ({cu_seqlens_q.numel()}), got {cu_seqlens_k.numel()}"
+        )
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        for name, cu, total, longest, bound in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k),
+        ):
+            lengths = cu.diff()
+            if cu[0] != 0 or cu[-1] != total:
+                raise ValueError(
+                    f"{name} must start at 0 and end at {total} (the packed rows), got {int(cu[0])} and {int(cu[-1])}"
+                )
+            if lengths.numel() and (lengths.min() < 0 or lengths.max() > bound):
+                raise ValueError(
+                    f"{name} must be non-decreasing with lengths up to {longest}={bound}, got lengths {lengths.tolist()}"
+                )
+
+
 def prepare_mask(mask, shape, like, name):
     """Checks that `mask` broadcasts to `shape` and returns it expanded (a stride-0 view, no
     copy) in a dtype the kernels read: bool, float32 or `like`'s dtype."""
@@ -186,6 +238,21 @@ def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, mask_grad
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left=-1,
+                     window_right=-1, softcap=0.0):
+    total_q, Hq, _ = q.shape
+    return (
+        q.new_empty(total_q, Hq, v.shape[-1]),
+        q.new_empty(Hq, total_q, dtype=torch.float32),
+        q.new_empty(reference.SOFTMAX_STATS, Hq, total_q, dtype=torch.float32),
+    )
+
+
+def _fake_varlen_bwd(grad_out, q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     scale, window_left=-1, window_right=-1, softcap=0.0):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _fake_softmax_fwd(x, mask, scale, window_left=-1, window_right=-1, window_top_left=False):
     return x.new_empty(x.shape)
 
@@ -225,41 +292,48 @@ def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap):
     return dq, dk, dscores
 
 
-def _differentiable_attention_backward(ctx, inputs, grad_out, grad_lse):
-    """The attention backward as plain differentiable ops (the reference recomputed under
-    autograd), for double backward: the fused backward kernels have no derivative of their own."""
-    q, k, v, mask = inputs
-    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:4]) if needed]
+def _reference_backward(ctx, recompute, inputs, differentiable, n_inputs, grad_out, grad_lse):
+    """An op's backward through the reference recomputed under autograd: for double backward
+    (the fused backward kernels have no derivative of their own) and, for packed calls, a
+    differentiated lse. recompute(*inputs) -> (out, lse); the first `differentiable` inputs
+    get gradients; returns one entry per op input (n_inputs)."""
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:differentiable]) if needed]
+    create_graph = torch.is_grad_enabled()  # double backward: the gradients are differentiable
     with torch.enable_grad():
-        out, lse = reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap)
+        out, lse = recompute(*inputs)
         pairs = [(t, g) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
         grads = torch.autograd.grad(
             [t for t, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-            create_graph=True, allow_unused=True,
+            create_graph=create_graph, allow_unused=True,
         )
-    result = [None] * _ATTN_FWD_INPUTS
+    result = [None] * n_inputs
     for i, grad in zip(wanted, grads):
         result[i] = torch.zeros_like(inputs[i]) if grad is None else grad
     return tuple(result)
 
 
 _ATTN_FWD_INPUTS = 9  # q, k, v, mask, scale, window_left, window_right, window_top_left, softcap
+# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
+_VARLEN_FWD_INPUTS = 11
 
 
 class OpFamily:
-    """The four ops of one kernel family with autograd attached."""
+    """The six ops of one kernel family with autograd attached."""
 
     def __init__(self, prefix, register_fakes):
-        names = [f"fastattn::{prefix}{op}" for op in ("attn_fwd", "attn_bwd", "softmax_fwd", "softmax_bwd")]
+        ops = ("attn_fwd", "attn_bwd", "softmax_fwd", "softmax_bwd", "varlen_fwd", "varlen_bwd")
+        names = [f"fastattn::{prefix}{op}" for op in ops]
         if register_fakes:
-            for name, fake in zip(names, (_fake_attn_fwd, _fake_attn_bwd, _fake_softmax_fwd, _fake_softmax_bwd)):
+            fakes = (_fake_attn_fwd, _fake_attn_bwd, _fake_softmax_fwd, _fake_softmax_bwd, _fake_varlen_fwd, _fake_varlen_bwd)
+            for name, fake in zip(names, fakes):
                 torch.library.register_fake(name)(fake)
         packet = torch.ops.fastattn
-        self.attn_fwd, self.attn_bwd, self.softmax_fwd, self.softmax_bwd = (
+        (self.attn_fwd, self.attn_bwd, self.softmax_fwd, self.softmax_bwd, self.varlen_fwd, self.varlen_bwd) = (
             getattr(packet, name.split("::")[1]).default for name in names
         )
         torch.library.register_autograd(names[0], self._attention_backward, setup_context=self._attention_setup)
         torch.library.register_autograd(names[2], self._softmax_backward, setup_context=self._softmax_setup)
+        torch.library.register_autograd(names[4], self._varlen_backward, setup_context=self._varlen_setup)
 
     @staticmethod
     def _attention_setup(ctx, inputs, output):
@@ -273,7 +347,10 @@ class OpFamily:
     def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
         q, k, v, mask, out, softmax_stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
-            return _differentiable_attention_backward(ctx, (q, k, v, mask), grad_out, grad_lse)
+            def recompute(q, k, v, mask):
+                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap)
+
+            return _reference_backward(ctx, recompute, (q, k, v, mask), 4, _ATTN_FWD_INPUTS, grad_out, grad_lse)
         mask_grad = ctx.needs_input_grad[3]
         if grad_out is None:  # only the lse was used
             grad_out = torch.zeros_like(out)
@@ -287,6 +364,32 @@ class OpFamily:
             if mask_grad:
                 dmask = dmask + dmask_lse
         return (dq, dk, dv, dmask.to(mask.dtype) if mask_grad else None) + (None,) * (_ATTN_FWD_INPUTS - 4)
+
+    @staticmethod
+    def _varlen_setup(ctx, inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap = inputs
+        out, _, softmax_stats = output
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats)
+        ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.softcap = max_seqlen_q, max_seqlen_k, scale, softcap
+        ctx.window = reference.Window(window_left, window_right)
+        ctx.set_materialize_grads(False)
+
+    def _varlen_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats = ctx.saved_tensors
+        if torch.is_grad_enabled() or grad_lse is not None:
+            def recompute(q, k, v, cu_seqlens_q, cu_seqlens_k):
+                return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.scale, ctx.window,
+                                                  softcap=ctx.softcap)
+
+            return _reference_backward(ctx, recompute, (q, k, v, cu_seqlens_q, cu_seqlens_k), 3, _VARLEN_FWD_INPUTS,
+                                       grad_out, grad_lse)
+        if grad_out is None:  # neither output was used
+            return (None,) * _VARLEN_FWD_INPUTS
+        dq, dk, dv = self.varlen_bwd(
+            last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k,
+            ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.window.left, ctx.window.right, ctx.softcap,
+        )
+        return (dq, dk, dv) + (None,) * (_VARLEN_FWD_INPUTS - 3)
 
     @staticmethod
     def _softmax_setup(ctx, inputs, output):

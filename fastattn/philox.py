@@ -49,13 +49,14 @@ def drop_threshold(p):
     return int(p * 4294967296.0)
 
 
-def keep_mask(rng_state, shape, p):
-    """Bool (B, H, Sq, Sk): which scores dropout with probability p keeps under `rng_state`."""
+def keep_mask(rng_state, shape, p, first_batch=0):
+    """Bool (B, H, Sq, Sk): which scores dropout with probability p keeps under `rng_state`,
+    for batches first_batch .. first_batch + B - 1 (one sequence of a packed batch at a time)."""
     B, H, Sq, Sk = shape
     device = rng_state.device
     seed, offset = rng_state[0], rng_state[1]
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
-    bh = torch.arange(B * H, device=device).view(B * H, 1, 1)
+    bh = torch.arange(first_batch * H, (first_batch + B) * H, device=device).view(B * H, 1, 1)
     row = torch.arange(Sq, device=device).view(1, Sq, 1)
     key4 = torch.arange((Sk + 3) // 4, device=device).view(1, 1, -1)
     words = philox4x32_10((key4, row, bh, offset.expand(1, 1, 1)), key)

@@ -93,10 +93,10 @@ def _compute_dtype(dtype, upcast):
     return torch.float32
 
 
-def dropout(probs, p, rng_state):
-    """Dropout of attention probabilities (B, H, Sq, Sk) with the fused kernels' decisions:
-    kept entries scaled by 1 / (1 - p), under rng_state (fastattn/philox.py)."""
-    keep = philox.keep_mask(rng_state, probs.shape, p)
+def dropout(probs, p, rng_state, first_batch=0):
+    """Dropout of attention probabilities (B, H, Sq, Sk) of batches first_batch.. with the fused
+    kernels' decisions: kept entries scaled by 1 / (1 - p), under rng_state (fastattn/philox.py)."""
+    keep = philox.keep_mask(rng_state, probs.shape, p, first_batch)
     return torch.where(keep, probs * (1.0 / (1.0 - p) if p < 1.0 else 0.0), torch.zeros_like(probs))
 
 
@@ -116,13 +116,13 @@ def masked_scores(q, k, mask, scale, window, compute_dtype, softcap=0.0):
 
 
 def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, upcast=True, rng_state=None,
-              softcap=0.0):
+              softcap=0.0, first_batch=0):
     """Reference attention. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv) with
     Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive;
     window: a Window; softcap > 0 caps the scaled scores at +-softcap (before the mask).
     upcast=False computes in the input dtype: the low-precision baseline of the tests.
     dropout_p > 0 drops probabilities as the fused kernels do under rng_state (int64 (seed,
-    offset); drawn from torch's generator when None).
+    offset); drawn from torch's generator when None), numbering the batches from first_batch.
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
     scale = default_scale(q.shape[-1]) if scale is None else scale
@@ -130,10 +130,36 @@ def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, u
     probs, lse = _safe_softmax(scores)
     if dropout_p > 0.0:
         rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
-        probs = dropout(probs, dropout_p, rng_state)
+        probs = dropout(probs, dropout_p, rng_state, first_batch)
     out = torch.matmul(probs, repeat_to_query_heads(v.to(compute_dtype), q.shape[1]))
     # lse is float32 like the kernels', except in float64 runs (the ground truth keeps its precision)
     return out.to(q.dtype), lse if lse.dtype == torch.float64 else lse.float()
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, window=UNBOUNDED, dropout_p=0.0,
+                     upcast=True, rng_state=None, softcap=0.0):
+    """Reference attention of packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v
+    (total_k, Hkv, Dv); sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q
+    and its keys rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int cumulative lengths);
+    each sequence is attention() of its own rows (the window aligned within it), with sequence b
+    as dropout's batch b.
+    Returns (out (total_q, Hq, Dv) in q's dtype, lse (Hq, total_q) float32)."""
+    if dropout_p > 0.0 and rng_state is None:
+        rng_state = philox.draw_rng_state(q.device)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(bounds_q) - 1):
+        def rows(t, bounds):  # (1, H, S, D) view of sequence b
+            return t[bounds[b]:bounds[b + 1]].transpose(0, 1).unsqueeze(0)
+
+        out, lse = attention(rows(q, bounds_q), rows(k, bounds_k), rows(v, bounds_k), None, scale, window,
+                             dropout_p, upcast, rng_state, softcap, first_batch=b)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    if not outs:  # no sequences
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(0, q.shape[1], v.shape[2]), q.new_empty(q.shape[1], 0, dtype=lse_dtype)
+    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def probabilities_from_lse(q, k, lse, mask, scale, window, compute_dtype):

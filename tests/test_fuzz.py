@@ -1,5 +1,5 @@
-"""Property-based fuzzing of attention, scaled_dot_product_attention and softmax against the
-float64 reference, on every CPU instruction-set variant this machine runs and on Triton
+"""Property-based fuzzing of attention, scaled_dot_product_attention, varlen_attention and
+softmax against the float64 reference, on every CPU instruction-set variant this machine runs and on Triton
 (interpreted without a GPU, small shapes).
 
 Each example draws shapes (empty and odd sizes, Sq != Sk), a dtype, a mask of any broadcast
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
-from fastattn.reference import CAUSAL_TOP_LEFT, UNBOUNDED, Window
+from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
 
 from tolerance import EPS, max_error
 
@@ -31,10 +31,10 @@ HEAD_DIMS = (8, 16, 24, 40)
 # so that every row sees the key they touch.
 EDGES = ("none", "nan_q", "nan_k", "posinf_k", "scale_inf", "finfo_min_mask", "posinf_mask", "large_logits")
 EDGES_NEEDING_ALL_KEYS_VISIBLE = ("nan_k", "posinf_k", "scale_inf")
-DEFAULT_EXAMPLES = {"attention": 60, "softmax": 40}
+DEFAULT_EXAMPLES = {"attention": 60, "softmax": 40, "varlen": 25}
 # A window side: unbounded (None) or a few keys, so that windows cut rows short and empty some.
 WINDOW_SIDES = st.one_of(st.none(), st.integers(0, 12))
-SLOW_EXAMPLES = {"attention": 600, "softmax": 300}
+SLOW_EXAMPLES = {"attention": 600, "softmax": 300, "varlen": 250}
 
 
 def _cpu_isas():
@@ -264,12 +264,19 @@ def _attention_property(case):
         ambiguous = (scores < 0).all(-1)
     dtype = case["dtype"]
     terms = max(shape[2], shape[3], q.shape[-1])
+    _check_results(got, expected, baseline, visible, visible if case["api"] == "attention" else None, dtype, terms,
+                   ambiguous)
+
+
+def _check_results(got, expected, baseline, visible, lse_visible, dtype, terms, ambiguous=None):
+    """(out, lse, (dq, dk, dv)) of a kernel against the float64 truth and the baseline: out and
+    dq rows by `visible`; lse (when lse_visible is given) with rows that see no key (-inf)
+    compared as zeros; dk and dv have no "row sees nothing" rule."""
     _check("out", got[0], expected[0], baseline[0], visible, dtype, terms, ambiguous)
-    if case["api"] == "attention":  # lse rows that see no key are -inf: compared as zeros
-        hidden = ~visible.unsqueeze(-1)
+    if lse_visible is not None:
+        hidden = ~lse_visible.unsqueeze(-1)
         lse_got, lse_ref, lse_base = (t.unsqueeze(-1).masked_fill(hidden, 0) for t in (got[1], expected[1], baseline[1]))
         _check("lse", lse_got, lse_ref, lse_base, None, torch.float32, terms)
-    # Gradients: dq rows follow the queries; dk and dv have no "row sees nothing" rule.
     for name, g, e, b in zip(("dq", "dk", "dv"), got[2], expected[2], baseline[2]):
         _check(name, g, e, b, visible if name == "dq" else None, dtype, terms)
 
@@ -278,6 +285,75 @@ def _attention_property(case):
 @pytest.mark.parametrize("examples", _examples("attention"))
 def test_fuzz_attention(examples):
     _run_property(_attention_property, attention_cases(), examples)
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+
+@st.composite
+def varlen_cases(draw):
+    backend, isa = draw(st.sampled_from(TARGETS))
+    longest = 12 if backend == "triton" else 70  # the interpreter is slow
+    count = draw(st.integers(1, 4))
+    return dict(
+        backend=backend,
+        isa=isa,
+        dtype=draw(st.sampled_from(DTYPES)),
+        lengths_q=draw(st.lists(st.integers(0, longest), min_size=count, max_size=count)),
+        lengths_k=draw(st.lists(st.integers(0, longest), min_size=count, max_size=count)),
+        Hkv=draw(st.integers(1, 2)),
+        group=draw(st.integers(1, 3)),
+        D=draw(st.sampled_from(HEAD_DIMS)),
+        same_dv=draw(st.booleans()),
+        causal=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.3, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _varlen_property(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    dtype, Hkv, D = case["dtype"], case["Hkv"], case["D"]
+    Hq, Dv = Hkv * case["group"], D if case["same_dv"] else D + 8
+    lengths_q, lengths_k = torch.tensor(case["lengths_q"]), torch.tensor(case["lengths_k"])
+    cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (lengths_q, lengths_k))
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for n, h, d in ((total_q, Hq, D), (total_k, Hkv, D), (total_k, Hkv, Dv)))
+    grad_out = torch.randn(total_q, Hq, Dv, generator=g)
+    rule = CAUSAL if case["causal"] else UNBOUNDED
+
+    def run(fn, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True, materialize_grads=True)
+        return out.detach(), lse.detach(), grads
+
+    def kernel(q, k, v):
+        with _cpu_isa(case["isa"]):
+            return fastattn.varlen_attention(q, k, v, cu_q, cu_k, max(case["lengths_q"]), max(case["lengths_k"]),
+                                             causal=case["causal"], scale=case["scale"], return_lse=True,
+                                             backend=case["backend"])
+
+    def ref(upcast):
+        return lambda q, k, v: reference.varlen_attention(q, k, v, cu_q, cu_k, case["scale"], rule, upcast=upcast)
+
+    got = run(kernel, dtype)
+    expected = run(ref(True), torch.float64)
+    baseline = run(ref(False), dtype)
+    # (total_q,): whether each query row sees a key (its sequence has keys, and the causal
+    # rule leaves it one: query i of a sequence sees keys <= i + Sk - Sq).
+    sequence = torch.repeat_interleave(torch.arange(len(lengths_q)), lengths_q)
+    position = torch.arange(total_q) - cu_q[sequence]
+    seen = lengths_k[sequence] if not case["causal"] else (position + 1 + lengths_k[sequence] - lengths_q[sequence]).clamp(0, None)
+    visible = (seen > 0).unsqueeze(1).expand(total_q, Hq)
+    terms = max(case["lengths_q"] + case["lengths_k"] + [D])
+    _check_results(got, expected, baseline, visible, visible.T, dtype, terms)  # lse is (Hq, total_q)
+
+
+@pytest.mark.skipif(not TARGETS, reason="no fused backend runs here")
+@pytest.mark.parametrize("examples", _examples("varlen"))
+def test_fuzz_varlen(examples):
+    _run_property(_varlen_property, varlen_cases(), examples)
 
 
 # ----------------------------------------------------------------------------- softmax

@@ -334,3 +334,70 @@ def test_sliding_window_reaches_the_kernel_without_padding(name, fastattn_calls)
     windowed = [call for call, (window, _) in zip(fastattn_calls, fastattn_calls.modifiers) if window == (3, None)]
     assert windowed and all(mask == "none" for mask, *_ in windowed)  # the window, not an (S, S) mask
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------- packed (padding-free) batches
+
+PACKED_LENGTHS = [[5, 9, 3], [8, 1, 8]]  # two rows of 17 tokens, several sequences in each
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """Records the cumulative lengths of every varlen_attention call the integration makes."""
+    calls = []
+    varlen = fa_hf.varlen_attention
+
+    def counting(q, k, v, cu_q, cu_k, *args, **kwargs):
+        calls.append(cu_q.tolist())
+        return varlen(q, k, v, cu_q, cu_k, *args, **kwargs)
+
+    monkeypatch.setattr(fa_hf, "varlen_attention", counting)
+    return calls
+
+
+def test_packed_batch_runs_varlen_and_matches_each_sequence(varlen_calls, fastattn_calls):
+    """Sequences packed end to end in rows, position_ids restarting at each one (what
+    DataCollatorWithFlattening makes): logits and gradients of the packed batch on fastattn
+    against each sequence run alone (float64 ground truth, "sdpa"), with transformers' eager
+    attention on the same packed batch as the baseline."""
+    eager, fast, reference = build("llama", "eager", "fastattn", "sdpa")
+    reference.double()
+    ids = torch.randint(2, 96, (2, 17), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in PACKED_LENGTHS])
+    grad_out = torch.randn(2, 17, 96, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for label, model in (("fast", fast), ("eager", eager)):
+        logits = model(input_ids=ids, position_ids=position_ids).logits
+        (logits * grad_out).sum().backward()
+        results[label] = (logits, {n: p.grad for n, p in model.named_parameters()})
+    per_sequence = torch.zeros(2, 17, 96, dtype=torch.float64)
+    for row, lengths in enumerate(PACKED_LENGTHS):
+        start = 0
+        for n in lengths:
+            part = slice(start, start + n)
+            logits = reference(input_ids=ids[row:row + 1, part]).logits[0]
+            (logits * grad_out[row, part]).sum().backward()
+            per_sequence[row, part] = logits.detach()
+            start += n
+    # Every attention call took the packed path (one per layer), none the dense masked one.
+    assert varlen_calls == [[0, 5, 14, 17, 25, 26, 34]] * 2 and fastattn_calls == []
+    assert_within_baseline("packed logits", results["fast"][0], per_sequence, results["eager"][0])
+    for name, param in reference.named_parameters():
+        assert_within_baseline(f"packed d{name}", results["fast"][1][name], param.grad, results["eager"][1][name])
+
+
+def test_flash_kwargs_run_varlen():
+    """transformers' flash kwargs (cu_seq_lens_q/k, max_length_q/k, one row) select varlen
+    directly, whatever the positions; GQA and the module's scaling pass through."""
+    from fastattn.reference import CAUSAL, varlen_attention as reference
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, 12, 16, generator=g)
+    k, v = torch.randn(1, 2, 12, 16, generator=g), torch.randn(1, 2, 12, 16, generator=g)
+    cu = torch.tensor([0, 7, 7, 12], dtype=torch.int32)
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    out, _ = fa_hf.attention_forward(FakeModule(is_causal=True), q, k, v, None, scaling=0.3, **kwargs)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    expected, _ = reference(*(t.double() for t in packed), cu, cu, 0.3, CAUSAL)
+    baseline, _ = reference(*packed, cu, cu, 0.3, CAUSAL, upcast=False)
+    assert_within_baseline("flash kwargs", out[0], expected, baseline)

@@ -10,8 +10,9 @@
 #            kept so that a rerun recompiles only what changed). Environment: PYTHON (default
 #            python), MAX_JOBS (default 2), CC/CXX (default gcc/g++: the runtime preloaded
 #            into Python is the compiler's own libasan).
-#   PYTEST_ARGS  default: tests/test_cpu_kernels.py and the CPU cases of tests/test_numerics.py
-#                and tests/test_kvcache.py (paged caches read in place)
+#   PYTEST_ARGS  default: tests/test_cpu_kernels.py and the CPU cases of tests/test_numerics.py,
+#                tests/test_kvcache.py (paged caches read in place) and tests/test_varlen.py
+#                (packed sequences)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,7 +27,8 @@ fi
 [[ $# -ge 1 && "$1" == "--" ]] && shift
 PYTEST_ARGS=("$@")
 if [[ ${#PYTEST_ARGS[@]} -eq 0 ]]; then
-    PYTEST_ARGS=(tests/test_cpu_kernels.py tests/test_numerics.py tests/test_kvcache.py -k "not triton and not example")
+    PYTEST_ARGS=(tests/test_cpu_kernels.py tests/test_numerics.py tests/test_kvcache.py tests/test_varlen.py
+                 -k "not triton and not example")
 fi
 
 # The copy: sources, package and tests, without compiled modules of other builds. tar keeps

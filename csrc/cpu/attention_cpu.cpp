@@ -150,8 +150,18 @@ AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, cons
   return s;
 }
 
+// Output numbering of padded calls: query rows and statistics (B, Hq, Sq), key rows (B, Hkv, Sk).
+SeqLayout padded_layout(const AttnShapes& s) {
+  SeqLayout L;
+  L.query_rows = {s.Hq * s.Sq, s.Sq, 1};
+  L.stat_rows = L.query_rows;
+  L.key_rows = {s.Hkv * s.Sk, s.Sk, 1};
+  L.rows = s.B * s.Hq * s.Sq;
+  return L;
+}
+
 // The fields the forward and backward parameter structs share: inputs, shapes, mask, window,
-// score modifiers.
+// score modifiers, and the padded sequence layout (packed calls replace it).
 template <class Params>
 void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const AttnShapes& s, const std::optional<at::Tensor>& mask, double scale,
@@ -165,10 +175,12 @@ void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.scale = float(scale);
   p.window = window;
   p.softcap = float(softcap);
+  p.seqs = padded_layout(s);
 }
 
-// Merges the key splits' normalised partial outputs (nsplit, B, Hq, Sq, Dv) and statistics
-// (2, nsplit, B, Hq, Sq) in a fixed order: split c weighs row_sum_c * exp(row_max_c - row_max).
+// Merges the key splits' normalised partial outputs (nsplit, rows..., Dv) and statistics
+// (2, nsplit, rows...) in a fixed order: split c weighs row_sum_c * exp(row_max_c - row_max).
+// `out` is the output seen in the order of the statistics.
 void merge_splits(const at::Tensor& out_partial, const at::Tensor& stats_partial, at::Tensor& out,
                   at::Tensor& lse, at::Tensor& stats) {
   const at::Tensor max_c = stats_partial[0], sum_c = stats_partial[1];
@@ -184,20 +196,17 @@ void merge_splits(const at::Tensor& out_partial, const at::Tensor& stats_partial
   lse.copy_(row_max + row_sum.log());
 }
 
-// Runs the forward kernels on filled-in inputs `p` (shapes, views, mask, rule, KV-cache
-// fields); allocates and returns out (B, Hq, Sq, Dv), lse (B, Hq, Sq) and the softmax
-// statistics (2, B, Hq, Sq).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, const at::TensorOptions& options) {
-  at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, options);
-  at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
-  at::Tensor stats = at::empty({kSoftmaxStats, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, stats};
+// Runs the forward kernels on filled-in inputs `p` (shapes, views, mask, rule, sequence
+// layout) into lse, the softmax statistics (2, lse's shape) and the output, given here in the
+// order of the statistics (lse's shape, Dv).
+void run_forward(AttnFwdParams& p, at::Tensor out, at::Tensor lse, at::Tensor stats) {
+  if (out.numel() == 0 && lse.numel() == 0) return;
   if (p.Sk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     stats.select(0, 0).fill_(-std::numeric_limits<float>::infinity());
     stats.select(0, 1).zero_();
-    return {out, lse, stats};
+    return;
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -217,8 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, con
                                   : std::max<int64_t>(1, std::min<int64_t>(blocks / 2, (2 * threads + items - 1) / items));
   at::Tensor out_partial, stats_partial;
   if (p.nsplit > 1) {
-    out_partial = at::empty({p.nsplit, p.B, p.Hq, p.Sq, p.Dv}, options.dtype(at::kFloat));
-    stats_partial = at::empty({kSoftmaxStats, p.nsplit, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
+    std::vector<int64_t> rows{p.nsplit};
+    rows.insert(rows.end(), lse.sizes().begin(), lse.sizes().end());
+    std::vector<int64_t> out_shape(rows), stats_shape{kSoftmaxStats};
+    out_shape.push_back(p.Dv);
+    stats_shape.insert(stats_shape.end(), rows.begin(), rows.end());
+    out_partial = at::empty(out_shape, lse.options());
+    stats_partial = at::empty(stats_shape, lse.options());
     p.out_partial = out_partial.data_ptr<float>();
     p.row_max_partial = stats_partial[0].data_ptr<float>();
     p.row_sum_partial = stats_partial[1].data_ptr<float>();
@@ -226,6 +240,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(AttnFwdParams& p, con
   const auto kernel = few ? kt.attn_fwd_rows : kt.attn_fwd;
   run_items(items * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kernel(p, t, n, stride); });
   if (p.nsplit > 1) merge_splits(out_partial, stats_partial, out, lse, stats);
+}
+
+// out (B, Hq, Sq, Dv), lse (B, Hq, Sq) and statistics (2, B, Hq, Sq) of a padded call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_padded_forward(AttnFwdParams& p, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, options);
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
+  at::Tensor stats = at::empty({kSoftmaxStats, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
+  run_forward(p, out, lse, stats);
   return {out, lse, stats};
 }
 
@@ -239,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q,
   AttnFwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
                        softcap);
-  return run_forward(p, q.options());
+  return run_padded_forward(p, q.options());
 }
 
 // Attention of q (B, Hq, Sq, D) against a KV cache: contiguous (B, Hkv, S_max, D) or, with
@@ -264,17 +286,16 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
   TORCH_CHECK(cache_seqlens.device().is_cpu() && cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
                   cache_seqlens.size(0) == B && cache_seqlens.is_contiguous(),
               "cache_seqlens must be a contiguous int32 CPU tensor of shape (", B, ")");
-  AttnFwdParams p;
-  int64_t room = k_cache.size(2);
+  const int32_t* pages = nullptr;
+  int64_t room = k_cache.size(2), max_blocks = 0;
   if (block_table.has_value()) {
     const at::Tensor& table = *block_table;
     TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B &&
                     table.is_contiguous(),
                 "block_table must be a contiguous int32 CPU tensor of shape (", B, ", max_blocks)");
-    p.block_table = table.data_ptr<int32_t>();
-    p.block_size = k_cache.size(2);
-    p.max_blocks = table.size(1);
-    room = p.block_size * p.max_blocks;
+    pages = table.data_ptr<int32_t>();
+    max_blocks = table.size(1);
+    room = k_cache.size(2) * max_blocks;
     if (table.numel()) {
       const auto [lowest, highest] = at::aminmax(table);
       TORCH_CHECK(lowest.item<int32_t>() >= 0 && highest.item<int32_t>() < k_cache.size(0),
@@ -289,11 +310,66 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
                 "cache_seqlens must lie in [0, ", room, "] (the room of a row)");
   }
   const AttnShapes s{B, q.size(1), Hkv, q.size(2), room, q.size(3), v_cache.size(3)};
+  AttnFwdParams p;
   set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, window_params(window_left, window_right, false),
                        softcap);
-  p.seqlens_k = cache_seqlens.data_ptr<int32_t>();
-  auto [out, lse, stats] = run_forward(p, q.options());  // forward only: no statistics kept
+  p.seqs.seqlens_k = cache_seqlens.data_ptr<int32_t>();
+  if (pages) {
+    p.seqs.block_table = pages;
+    p.seqs.block_size = k_cache.size(2);
+    p.seqs.max_blocks = max_blocks;
+  }
+  auto [out, lse, stats] = run_padded_forward(p, q.options());  // forward only: no statistics kept
   return {out, lse};
+}
+
+// The backward's own inputs against the forward's output shape and statistics shape; returns
+// the statistics contiguous.
+at::Tensor check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
+                                 const at::Tensor& softmax_stats, at::IntArrayRef out_shape,
+                                 at::IntArrayRef stats_shape) {
+  check_input(grad_out, "grad_out", int64_t(out_shape.size()));
+  check_input(out, "out", int64_t(out_shape.size()));
+  TORCH_CHECK(out.sizes() == out_shape, "out must have shape ", out_shape, ", got ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out must have out's shape ", out.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(),
+              "out and grad_out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(softmax_stats.device().is_cpu() && softmax_stats.scalar_type() == at::kFloat &&
+                  softmax_stats.sizes() == stats_shape,
+              "softmax_stats must be a float32 CPU tensor of shape ", stats_shape, ", got ",
+              softmax_stats.scalar_type(), " ", softmax_stats.sizes());
+  return softmax_stats.contiguous();
+}
+
+// Runs the backward kernels on filled-in inputs `p` (shapes, views, mask, rule, sequence
+// layout, out, dout, dmask) with the forward's statistics, into contiguous dq, dk and dv.
+void run_backward(AttnBwdParams& p, const at::Tensor& stats, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if (p.Sq == 0 || p.Sk == 0 || p.B == 0 || p.Hq == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return;
+  }
+  const KernelTable& kt = kernels();
+  p.row_max = stats[0].data_ptr<float>();
+  p.row_sum = stats[1].data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  // Items are (batch, kv head, key chunk). With fewer (batch, kv head) pairs than twice the
+  // threads, keys are split into chunks too; their dq partials are summed afterwards.
+  const int64_t pairs = p.B * p.Hkv;
+  const int64_t nkb = (p.Sk + kt.bwd_block_k - 1) / kt.bwd_block_k;
+  const int64_t threads = at::get_num_threads();
+  p.nchunks = pairs >= 2 * threads ? 1 : std::min<int64_t>(nkb, (2 * threads + pairs - 1) / pairs);
+  at::Tensor partial;
+  if (p.nchunks > 1) {
+    std::vector<int64_t> shape{p.nchunks};
+    shape.insert(shape.end(), dq.sizes().begin(), dq.sizes().end());
+    partial = at::empty(shape, dq.options().dtype(at::kFloat));
+    p.dq_partial = partial.data_ptr<float>();
+  }
+  run_items(pairs * p.nchunks, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_bwd(p, t, n, stride); });
+  if (p.nchunks > 1) dq.copy_(partial.sum(0).mul_(p.scale));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
@@ -302,56 +378,139 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
     double softcap) {
   const AttnShapes s = check_attention_inputs(q, k, v, softcap);
-  check_input(grad_out, "grad_out", 4);
-  check_input(out, "out", 4);
-  const std::vector<int64_t> out_shape{s.B, s.Hq, s.Sq, s.Dv};
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out must have shape ", out_shape, ", got ",
-              out.sizes());
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out must have out's shape ", out.sizes(), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(),
-              "out and grad_out must have q's dtype ", q.scalar_type());
-  const std::vector<int64_t> stats_shape{kSoftmaxStats, s.B, s.Hq, s.Sq};
-  TORCH_CHECK(softmax_stats.device().is_cpu() && softmax_stats.scalar_type() == at::kFloat &&
-                  softmax_stats.sizes() == at::IntArrayRef(stats_shape),
-              "softmax_stats must be a float32 CPU tensor of shape ", at::IntArrayRef(stats_shape), ", got ",
-              softmax_stats.scalar_type(), " ", softmax_stats.sizes());
-  const at::Tensor stats = softmax_stats.contiguous();
+  const at::Tensor stats = check_backward_inputs(grad_out, q, out, softmax_stats, {s.B, s.Hq, s.Sq, s.Dv},
+                                                 {kSoftmaxStats, s.B, s.Hq, s.Sq});
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor dmask = mask_grad ? at::zeros({s.B, s.Hq, s.Sq, s.Sk}, q.options().dtype(at::kFloat))
                                : at::empty({0}, q.options().dtype(at::kFloat));
-  if (s.Sq == 0 || s.Sk == 0 || s.B == 0 || s.Hq == 0) {
-    dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv, dmask};
-  }
-  const KernelTable& kt = kernels();
   AttnBwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
                        softcap);
   p.out = view4(out);
   p.dout = view4(grad_out);
-  p.row_max = stats[0].data_ptr<float>();
-  p.row_sum = stats[1].data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
-  // Items are (batch, kv head, key chunk). With fewer (batch, kv head) pairs than twice the
-  // threads, keys are split into chunks too; their dq partials are summed afterwards.
-  const int64_t pairs = s.B * s.Hkv;
-  const int64_t nkb = (s.Sk + kt.bwd_block_k - 1) / kt.bwd_block_k;
-  const int64_t threads = at::get_num_threads();
-  p.nchunks = pairs >= 2 * threads ? 1 : std::min<int64_t>(nkb, (2 * threads + pairs - 1) / pairs);
-  at::Tensor partial;
-  if (p.nchunks > 1) {
-    partial = at::empty({p.nchunks, s.B, s.Hq, s.Sq, s.D}, q.options().dtype(at::kFloat));
-    p.dq_partial = partial.data_ptr<float>();
-  }
-  run_items(pairs * p.nchunks, [&](int64_t t, int64_t n, int64_t stride) { kt.attn_bwd(p, t, n, stride); });
-  if (p.nchunks > 1) dq.copy_(partial.sum(0).mul_(scale));
+  run_backward(p, stats, dq, dk, dv);
   return {dq, dk, dv, dmask};
+}
+
+// ---------------------------------------------------------------- packed (varlen) sequences
+// q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv): sequence b's queries are rows
+// [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q, its keys likewise, each at most max_seqlen_q
+// (max_seqlen_k) long; the window is aligned bottom-right within each sequence. Outputs: out
+// (total_q, Hq, Dv), lse (Hq, total_q), statistics (2, Hq, total_q).
+
+View4 packed_view(const at::Tensor& t) {  // (rows, heads, dim): no batch stride
+  View4 v;
+  v.ptr = t.data_ptr();
+  v.sh = t.stride(1);
+  v.ss = t.stride(0);
+  return v;
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, int64_t total, int64_t max_seqlen,
+                      const char* max_name) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), name,
+              " must be a contiguous 1-d int32 CPU tensor, got ", cu.scalar_type(), " ", cu.sizes());
+  TORCH_CHECK(cu.size(0) == batch + 1, name, " must have ", batch + 1, " entries like cu_seqlens_q, got ", cu.size(0));
+  const int32_t* c = cu.data_ptr<int32_t>();
+  TORCH_CHECK(c[0] == 0 && c[batch] == total, name, " must start at 0 and end at ", total,
+              " (the packed rows), got ", c[0], " and ", c[batch]);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = int64_t(c[b + 1]) - c[b];
+    TORCH_CHECK(len >= 0 && len <= max_seqlen, name, " must be non-decreasing with lengths up to ", max_name, "=",
+                max_seqlen, "; sequence ", b, " has length ", len);
+  }
+}
+
+struct PackedShapes {
+  AttnShapes s;
+  int64_t total_q, total_k;
+};
+
+PackedShapes check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double softcap) {
+  check_input(q, "q", 3);
+  check_input(k, "k", 3);
+  check_input(v, "v", 3);
+  dtype_code(q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2);
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
+              "k and v must have the same rows and heads, dividing q's heads; got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(k.size(2) == D && D > 0, "k must have q's head dim ", D, ", got ", k.size(2));
+  TORCH_CHECK(Dv > 0, "v must have a non-empty head dim");
+  TORCH_CHECK(D <= kMaxHeadDim && Dv <= kMaxHeadDim, "the cpu kernels take head dims up to ", kMaxHeadDim, ", got ",
+              D, " (q, k) and ", Dv, " (v)");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ",
+              max_seqlen_q, " and ", max_seqlen_k);
+  check_softcap(softcap);
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, "cu_seqlens_q must be 1-d with at least one entry");
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q.size(0), max_seqlen_q, "max_seqlen_q");
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, k.size(0), max_seqlen_k, "max_seqlen_k");
+  return {{batch, Hq, Hkv, max_seqlen_q, max_seqlen_k, D, Dv}, q.size(0), k.size(0)};
+}
+
+// The padded fields with the packed views and layout in place of the padded ones.
+template <class Params>
+void set_varlen_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const PackedShapes& ps, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                       double scale, int64_t window_left, int64_t window_right, double softcap) {
+  set_attention_inputs(p, q, k, v, ps.s, std::nullopt, scale, window_params(window_left, window_right, false),
+                       softcap);
+  p.q = packed_view(q);
+  p.k = packed_view(k);
+  p.v = packed_view(v);
+  SeqLayout L;
+  L.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  L.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  L.query_rows = {0, 1, ps.s.Hq};       // out, dq: (total_q, Hq, .)
+  L.stat_rows = {0, ps.total_q, 1};     // lse, statistics: (Hq, total_q)
+  L.key_rows = {0, 1, ps.s.Hkv};        // dk, dv: (total_k, Hkv, .)
+  L.rows = ps.total_q * ps.s.Hq;
+  p.seqs = L;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                              int64_t max_seqlen_k, double scale, int64_t window_left,
+                                                              int64_t window_right, double softcap) {
+  const PackedShapes ps =
+      check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
+  AttnFwdParams p;
+  set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap);
+  at::Tensor out = at::empty({ps.total_q, ps.s.Hq, ps.s.Dv}, q.options());
+  at::Tensor lse = at::empty({ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({kSoftmaxStats, ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
+  run_forward(p, out.transpose(0, 1), lse, stats);
+  return {out, lse, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_stats, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    double softcap) {
+  const PackedShapes ps =
+      check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
+  const at::Tensor stats = check_backward_inputs(grad_out, q, out, softmax_stats, {ps.total_q, ps.s.Hq, ps.s.Dv},
+                                                 {kSoftmaxStats, ps.s.Hq, ps.total_q});
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AttnBwdParams p;
+  set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap);
+  p.out = packed_view(out);
+  p.dout = packed_view(grad_out);
+  run_backward(p, stats, dq, dk, dv);
+  return {dq, dk, dv};
 }
 
 at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
@@ -399,6 +558,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attn_fwd", &attn_fwd_cpu);
   m.impl("attn_fwd_kvcache", &attn_fwd_kvcache_cpu);
   m.impl("attn_bwd", &attn_bwd_cpu);
+  m.impl("varlen_fwd", &varlen_fwd_cpu);
+  m.impl("varlen_bwd", &varlen_bwd_cpu);
   m.impl("softmax_fwd", &softmax_fwd_cpu);
   m.impl("softmax_bwd", &softmax_bwd_cpu);
 }

@@ -315,30 +315,50 @@ struct Visibility {
 };
 
 // ---------------------------------------------------------------- sequence info
-// The keys and values of one (batch, kv head) of a forward call: how many there are, which
-// ones each query sees, and where key j lives (contiguous rows, or the pages of a paged KV
-// cache). The forward kernels compute no key or value address any other way.
-struct KeySeq {
-  const AttnFwdParams& p;
+// One sequence of a call, seen from one kv head (flash-attention's BlockInfo): where its
+// queries and keys start and how many there are (padded batches, packed cu_seqlens, a KV
+// cache's per-batch lengths), which keys each query sees (the window rule), where query i (of q, out or dout) and key j
+// (of k or v: contiguous rows, or the pages of a paged KV cache) live, and the numbers of its
+// output rows. The attention kernels compute no sequence address any other way.
+template <class Params>
+struct SeqInfo {
+  const Params& p;
+  const SeqLayout& L;
   int64_t b, hkv;
-  int64_t len;  // keys of this batch
-  Visibility vis;
+  int64_t q_start, q_len;  // queries: rows [q_start, q_start + q_len) of the query views
+  int64_t k_start, len;    // keys: rows [k_start, k_start + len) of the key views
+  Visibility vis;          // the window over this sequence's queries and keys
 
-  KeySeq(const AttnFwdParams& params, int64_t batch, int64_t kv_head)
-      : p(params), b(batch), hkv(kv_head), len(params.seqlens_k ? params.seqlens_k[batch] : params.Sk),
-        vis(params.window, params.Sq, len) {}
+  SeqInfo(const Params& params, int64_t batch, int64_t kv_head)
+      : p(params), L(params.seqs), b(batch), hkv(kv_head),
+        q_start(L.cu_seqlens_q ? L.cu_seqlens_q[batch] : 0),
+        q_len(L.cu_seqlens_q ? L.cu_seqlens_q[batch + 1] - q_start : params.Sq),
+        k_start(L.cu_seqlens_k ? L.cu_seqlens_k[batch] : 0),
+        len(L.cu_seqlens_k ? L.cu_seqlens_k[batch + 1] - k_start : L.seqlens_k ? L.seqlens_k[batch] : params.Sk),
+        vis(params.window, q_len, len) {}
 
+  // Query i of query head h in a query-shaped view (q, out, dout).
+  const char* query(const View4& t, int64_t h, int64_t i) const {
+    return at_elem(t.ptr, b * t.sb + h * t.sh + (q_start + i) * t.ss, p.dtype);
+  }
   const char* row(const View4& t, int64_t j) const {
-    if (p.block_table == nullptr) return at_elem(t.ptr, b * t.sb + hkv * t.sh + j * t.ss, p.dtype);
-    const int64_t page = p.block_table[b * p.max_blocks + j / p.block_size];
-    return at_elem(t.ptr, page * t.sb + hkv * t.sh + (j % p.block_size) * t.ss, p.dtype);
+    if (L.block_table == nullptr) return at_elem(t.ptr, b * t.sb + hkv * t.sh + (k_start + j) * t.ss, p.dtype);
+    const int64_t page = L.block_table[b * L.max_blocks + j / L.block_size];
+    return at_elem(t.ptr, page * t.sb + hkv * t.sh + (j % L.block_size) * t.ss, p.dtype);
   }
   const char* key(int64_t j) const { return row(p.k, j); }
   const char* value(int64_t j) const { return row(p.v, j); }
   // Whether keys [j, j + n) are equally spaced (k.ss / v.ss apart) in memory.
   bool contiguous(int64_t j, int64_t n) const {
-    return p.block_table == nullptr || j / p.block_size == (j + n - 1) / p.block_size;
+    return L.block_table == nullptr || j / L.block_size == (j + n - 1) / L.block_size;
   }
+  // Numbers of query i's output row (out, dq), statistics entry, and key j's dk/dv row.
+  int64_t query_row(int64_t h, int64_t i) const { return number(L.query_rows, h, q_start + i); }
+  int64_t stat(int64_t h, int64_t i) const { return number(L.stat_rows, h, q_start + i); }
+  int64_t key_row(int64_t j) const { return number(L.key_rows, hkv, k_start + j); }
+
+ private:
+  int64_t number(const RowIndex& r, int64_t h, int64_t i) const { return b * r.sb + h * r.sh + i * r.ss; }
 };
 
 // ---------------------------------------------------------------- attention forward
@@ -382,17 +402,20 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
   }
 }
 
-// Output row `at` (flat (b, hq, i)) of key split c from its unnormalised accumulator o (Dvp
-// long, clobbered), running max m and sum l. With one split it goes to out, lse and the
-// statistics; else as a normalised fp32 partial and its statistics, merged by the caller.
-static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t at, float* o, float m, float l) {
+// One output row from its unnormalised accumulator o (Dvp long, clobbered), running max m
+// and sum l: `out_row` and `stat` are its numbers (SeqInfo::query_row, SeqInfo::stat). With one
+// key split it goes to out, lse and the statistics; else, for split c, as a normalised fp32
+// partial and its statistics, merged by the caller.
+static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t out_row, int64_t stat, float* o, float m,
+                          float l) {
   const bool whole = p.nsplit == 1;
-  char* orow = whole ? static_cast<char*>(p.out) + at * p.Dv * elem_size(p.dtype)
-                     : reinterpret_cast<char*>(p.out_partial + (c * p.B * p.Hq * p.Sq + at) * p.Dv);
+  const int64_t partial = c * p.seqs.rows + stat;
+  char* orow = whole ? static_cast<char*>(p.out) + out_row * p.Dv * elem_size(p.dtype)
+                     : reinterpret_cast<char*>(p.out_partial + partial * p.Dv);
   const int odtype = whole ? p.dtype : int(kF32);
-  const int64_t stat = whole ? at : c * p.B * p.Hq * p.Sq + at;
-  float* row_max = (whole ? p.row_max : p.row_max_partial) + stat;
-  float* row_sum = (whole ? p.row_sum : p.row_sum_partial) + stat;
+  const int64_t at = whole ? stat : partial;
+  float* row_max = (whole ? p.row_max : p.row_max_partial) + at;
+  float* row_sum = (whole ? p.row_sum : p.row_sum_partial) + at;
   if (l == 0.f) {  // no visible key: zeros and lse = -inf, never NaN
     fill(o, p.Dv, 0.f);
     store_row(orow, odtype, p.Dv, o, 1.f);
@@ -402,7 +425,7 @@ static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t at, float* 
     *row_max = m;
   }
   *row_sum = l;
-  if (whole) p.lse[at] = *row_max + std::log(l);
+  if (whole) p.lse[stat] = *row_max + std::log(l);
 }
 
 static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
@@ -429,9 +452,10 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       current = b * p.Hkv + hkv;
       fill(packed.p, nkb, 0.f);
     }
-    const KeySeq seq(p, b, hkv);
-    const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
-    const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + q0 * p.q.ss, p.dtype);
+    const SeqInfo<AttnFwdParams> seq(p, b, hkv);
+    const int64_t q0 = qb * BQ, mq = min64(BQ, seq.q_len - q0);
+    if (mq <= 0) continue;  // a packed sequence shorter than the longest
+    const char* qbase = seq.query(p.q, hq, q0);
     for (int64_t i = 0; i < mq; ++i) {  // Q^T, with the softmax scale folded in
       load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, row.p, p.scale);
       for (int64_t d = 0; d < p.D; ++d) qt.p[d * BQ + i] = row.p[d];
@@ -481,7 +505,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       gemm<true>(st.p, BQ, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
     }
     for (int64_t i = 0; i < mq; ++i)
-      store_fwd_row(p, c, (b * p.Hq + hq) * p.Sq + q0 + i, o.p + i * Dvp, mvec.p[i], lvec.p[i]);
+      store_fwd_row(p, c, seq.query_row(hq, q0 + i), seq.stat(hq, q0 + i), o.p + i * Dvp, mvec.p[i], lvec.p[i]);
   }
 }
 
@@ -557,7 +581,7 @@ static void dot_all_rows(const float* q, int64_t rows, int64_t Dp, const void* k
 static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
   const int64_t BK = kDecBK;
   const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
-  const int64_t G = p.Hq / p.Hkv, rows = G * p.Sq;
+  const int64_t G = p.Hq / p.Hkv, max_rows = G * p.Sq;
   // K is read in place (converted on the fly) when its rows are whole vectors, else packed
   // per tile; V likewise when fp32 (the GEMM's B operand is fp32).
   const bool k_direct = p.D % W == 0;
@@ -568,22 +592,23 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
   // kMinPageTile keys), so that tiles do not straddle pages and keys are read in place
   // (bf16, 64-key pages, B=8, Hkv=8, 4096 keys: 1.23x the contiguous cache's time with
   // straddling tiles packed, about 1.0x with tiles following the pages).
-  const int64_t tile = p.block_table && p.block_size < BK && p.block_size >= kMinPageTile ? p.block_size : BK;
+  const SeqLayout& L = p.seqs;
+  const int64_t tile = L.block_table && L.block_size < BK && L.block_size >= kMinPageTile ? L.block_size : BK;
   const int64_t tile_w = round_up(tile, W);  // width of the softmax row steps (-inf padded)
-  Scratch qs(rows * Dp), o(rows * Dvp), mvec(rows), lvec(rows), s(rows * BK), bias(rows * BK),
-      visible(rows), kp(BK * Dp), vp(BK * Dvp);
+  Scratch qs(max_rows * Dp), o(max_rows * Dvp), mvec(max_rows), lvec(max_rows), s(max_rows * BK),
+      bias(max_rows * BK), visible(max_rows), kp(BK * Dp), vp(BK * Dvp);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nsplit, pair = it / p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t hkv = pair % p.Hkv, b = pair / p.Hkv;
-    const KeySeq seq(p, b, hkv);
+    const SeqInfo<AttnFwdParams> seq(p, b, hkv);
+    const int64_t sq = seq.q_len, rows = G * sq;  // this sequence's (query head, query) rows
+    if (rows == 0) continue;
     // The tiles holding every key some query sees (starting on a tile boundary: pages).
-    const int64_t kbegin_all = seq.vis.key_begin(0) / tile * tile, kend_all = seq.vis.key_end(0, p.Sq);
+    const int64_t kbegin_all = seq.vis.key_begin(0) / tile * tile, kend_all = seq.vis.key_end(0, sq);
     const int64_t nkb = ceil_div(kend_all - kbegin_all, tile);
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     for (int64_t r = 0; r < rows; ++r) {  // Q rows with the softmax scale folded in
-      const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
-      load_row(at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh + i * p.q.ss, p.dtype), p.dtype, p.D,
-               qs.p + r * Dp, p.scale);
+      load_row(seq.query(p.q, hkv * G + r / sq, r % sq), p.dtype, p.D, qs.p + r * Dp, p.scale);
       fill(qs.p + r * Dp + p.D, Dp - p.D, 0.f);
     }
     fill(mvec.p, rows, kLowest);  // finite, so that m_old - m_new is never inf - inf
@@ -595,8 +620,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
       if (p.mask.ptr) {  // bias rows; a tile no row sees is skipped (key padding)
         any = false;
         for (int64_t r = 0; r < (shared_mask ? 1 : rows); ++r) {
-          const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
-          visible.p[r] = mask_row(p.mask, b, hq, i, k0, nk, bias.p + r * BK) ? 1.f : 0.f;
+          visible.p[r] = mask_row(p.mask, b, hkv * G + r / sq, r % sq, k0, nk, bias.p + r * BK) ? 1.f : 0.f;
           any |= visible.p[r] != 0.f;
         }
       }
@@ -630,7 +654,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
           }
         }
         // Query i sees keys [first, end) of the tile; the padding past nk is hidden too.
-        const int64_t i = r % p.Sq;
+        const int64_t i = r % sq;
         const int64_t first = max64(0, min64(nk, seq.vis.key_begin(i) - k0));
         const int64_t end = max64(first, min64(nk, seq.vis.key_end(i, 1) - k0));
         fill(srow, first, -kInf);
@@ -658,8 +682,8 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
       gemm(s.p, BK, vt, ldv, o.p, Dvp, rows, Dvp / W, nk, true);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t hq = hkv * G + r / p.Sq, i = r % p.Sq;
-      store_fwd_row(p, c, (b * p.Hq + hq) * p.Sq + i, o.p + r * Dvp, mvec.p[r], lvec.p[r]);
+      const int64_t hq = hkv * G + r / sq, i = r % sq;
+      store_fwd_row(p, c, seq.query_row(hq, i), seq.stat(hq, i), o.p + r * Dvp, mvec.p[r], lvec.p[r]);
     }
   }
 }
@@ -680,7 +704,6 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t Dp = round_up(p.D, W), Dvp = round_up(p.Dv, W);
   const int64_t G = p.Hq / p.Hkv;
   const int64_t Sqp = round_up(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
-  const Visibility vis(p.window, p.Sq, p.Sk);
   const int64_t esz = elem_size(p.dtype);
   const int64_t max_chunk_keys = ceil_div(nkb, p.nchunks) * BK;
   // Leading dim of the transposed (dim x query) buffers: padded past Sqp, as a power-of-two
@@ -694,6 +717,9 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
     const int64_t c = it % p.nchunks;
     const int64_t rest = it / p.nchunks;
     const int64_t hkv = rest % p.Hkv, b = rest / p.Hkv;
+    const SeqInfo<AttnBwdParams> seq(p, b, hkv);
+    const int64_t sq = seq.q_len, sk = seq.len, nqb = ceil_div(sq, BQ);
+    const Visibility& vis = seq.vis;
     const int64_t kb0 = c * nkb / p.nchunks, kb1 = (c + 1) * nkb / p.nchunks;
     fill(dkacc.p, (kb1 - kb0) * BK * Dp, 0.f);
     fill(dvacc.p, (kb1 - kb0) * BK * Dvp, 0.f);
@@ -701,20 +727,16 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       const int64_t hq = hkv * G + g;
       // Pack this query head: Q (row-major) and Q^T (times scale), dO and dO^T, delta, the row
       // statistics.
-      const char* qbase = at_elem(p.q.ptr, b * p.q.sb + hq * p.q.sh, p.dtype);
-      const char* dobase = at_elem(p.dout.ptr, b * p.dout.sb + hq * p.dout.sh, p.dtype);
-      const char* obase = at_elem(p.out.ptr, b * p.out.sb + hq * p.out.sh, p.dtype);
-      const int64_t stats = (b * p.Hq + hq) * p.Sq;
-      for (int64_t i = 0; i < p.Sq; ++i) {
+      for (int64_t i = 0; i < sq; ++i) {
         float* qrow = qr.p + i * Dp;
-        load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, qrow, 1.f);
+        load_row(seq.query(p.q, hq, i), p.dtype, p.D, qrow, 1.f);
         fill(qrow + p.D, Dp - p.D, 0.f);
         for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = qrow[d] * p.scale;
         float* dorow = dor.p + i * Dvp;
-        load_row(dobase + i * p.dout.ss * esz, p.dtype, p.Dv, dorow, 1.f);
+        load_row(seq.query(p.dout, hq, i), p.dtype, p.Dv, dorow, 1.f);
         fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
         for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = dorow[d];
-        load_row(obase + i * p.out.ss * esz, p.dtype, p.Dv, row2.p, 1.f);
+        load_row(seq.query(p.out, hq, i), p.dtype, p.Dv, row2.p, 1.f);
         fill(row2.p + p.Dv, Dvp - p.Dv, 0.f);
         // delta = rowsum(dO * O) in double: on nearly one-hot rows dP - delta cancels to
         // almost nothing, so fp32 rounding here would dominate dS (O(Sq * Dv), off the hot path).
@@ -725,11 +747,12 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         // then one fma; log2(row_sum) is small (the sum lies in [1, Sk]), so its rounding costs
         // P far less than an fp32 lse would. A row that saw no key has row_sum 0: row_max +inf
         // makes its P (and gradients) exactly 0.
-        const float l = p.row_sum[stats + i];
-        row_max.p[i] = l == 0.f ? kInf : p.row_max[stats + i];
+        const int64_t stat = seq.stat(hq, i);
+        const float l = p.row_sum[stat];
+        row_max.p[i] = l == 0.f ? kInf : p.row_max[stat];
         neg_log2_sum.p[i] = l == 0.f ? 0.f : -std::log2(l);
       }
-      for (int64_t i = p.Sq; i < Sqp; ++i) {
+      for (int64_t i = sq; i < nqb * BQ; ++i) {
         fill(qr.p + i * Dp, Dp, 0.f);
         fill(dor.p + i * Dvp, Dvp, 0.f);
         for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = 0.f;
@@ -740,21 +763,19 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       }
       fill(dqt.p, p.D * ldt, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t k0 = kb * BK, nk = min64(BK, p.Sk - k0);
+        const int64_t k0 = kb * BK, nk = min64(BK, sk - k0);
+        if (nk <= 0) break;  // past a packed sequence's keys
         // Only the query blocks the window shows these keys to are visited.
-        const int64_t qstart = vis.query_begin(k0), qend = vis.query_end(k0, nk, p.Sq);
+        const int64_t qstart = vis.query_begin(k0), qend = vis.query_end(k0, nk, sq);
         if (qstart >= qend) continue;
-        const char* kbase = at_elem(p.k.ptr, b * p.k.sb + hkv * p.k.sh + k0 * p.k.ss, p.dtype);
-        const char* vbase = at_elem(p.v.ptr, b * p.v.sb + hkv * p.v.sh + k0 * p.v.ss, p.dtype);
         for (int64_t j = 0; j < nk; ++j) {
-          float* krow = kr.p + j * Dp;
-          load_row(kbase + j * p.k.ss * esz, p.dtype, p.D, krow, 1.f);
-          load_row(vbase + j * p.v.ss * esz, p.dtype, p.Dv, vr.p + j * Dvp, 1.f);
+          load_row(seq.key(k0 + j), p.dtype, p.D, kr.p + j * Dp, 1.f);
+          load_row(seq.value(k0 + j), p.dtype, p.Dv, vr.p + j * Dvp, 1.f);
         }
         float* dkb = dkacc.p + (kb - kb0) * BK * Dp;
         float* dvb = dvacc.p + (kb - kb0) * BK * Dvp;
         for (int64_t qb = qstart / BQ; qb < ceil_div(qend, BQ); ++qb) {
-          const int64_t q0 = qb * BQ, mq = min64(BQ, p.Sq - q0);
+          const int64_t q0 = qb * BQ, mq = min64(BQ, sq - q0);
           bool per_query = false;
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
           gemm(kr.p, Dp, qt.p + q0, ldt, st.p, BQ, nk, BQ / W, p.D, false);
@@ -793,21 +814,21 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         }
       }
       // dq of this head (transposed back); chunked items write unscaled fp32 partials.
-      for (int64_t i = 0; i < p.Sq; ++i) {
+      for (int64_t i = 0; i < sq; ++i) {
         for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqt.p[d * ldt + i];
         if (p.nchunks == 1) {
-          char* dq = static_cast<char*>(p.dq) + (((b * p.Hq + hq) * p.Sq) + i) * p.D * esz;
+          char* dq = static_cast<char*>(p.dq) + seq.query_row(hq, i) * p.D * esz;
           store_row(dq, p.dtype, p.D, row.p, p.scale);
         } else {
-          float* dq = p.dq_partial + (((c * p.B + b) * p.Hq + hq) * p.Sq + i) * p.D;
+          float* dq = p.dq_partial + (c * p.seqs.rows + seq.query_row(hq, i)) * p.D;
           store_row(dq, kF32, p.D, row.p, 1.f);
         }
       }
     }
-    for (int64_t key = kb0 * BK; key < min64(kb1 * BK, p.Sk); ++key) {
+    for (int64_t key = kb0 * BK; key < min64(kb1 * BK, sk); ++key) {
       const int64_t local = key - kb0 * BK;
-      char* dk = static_cast<char*>(p.dk) + ((b * p.Hkv + hkv) * p.Sk + key) * p.D * esz;
-      char* dv = static_cast<char*>(p.dv) + ((b * p.Hkv + hkv) * p.Sk + key) * p.Dv * esz;
+      char* dk = static_cast<char*>(p.dk) + seq.key_row(key) * p.D * esz;
+      char* dv = static_cast<char*>(p.dv) + seq.key_row(key) * p.Dv * esz;
       store_row(dk, p.dtype, p.D, dkacc.p + local * Dp, p.scale);
       store_row(dv, p.dtype, p.Dv, dvacc.p + local * Dvp, 1.f);
     }

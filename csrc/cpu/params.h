@@ -33,6 +33,33 @@ struct View4 {
   int64_t sb = 0, sh = 0, ss = 0;
 };
 
+// Row numbering of a contiguous output whose rows run along its last dim: row (b, h, i),
+// query or key i of sequence b, is b * sb + h * sh + (start_b + i) * ss.
+struct RowIndex {
+  int64_t sb = 0, sh = 0, ss = 0;
+};
+
+// Where each sequence of a call lives (flash-attention's BlockInfo), read by the kernels only
+// through SeqInfo (kernels.h). Padded batches: sequence b is batch b, its queries and keys
+// start at row 0 and number Sq and Sk (or seqlens_k[b] keys). Packed (varlen) batches: the
+// views' batch strides are 0 and sequence b's queries are rows [cu_seqlens_q[b],
+// cu_seqlens_q[b + 1]) of q (likewise keys); Sq and Sk are the longest lengths.
+struct SeqLayout {
+  const int32_t* cu_seqlens_q = nullptr;  // (B + 1) int32, or nullptr
+  const int32_t* cu_seqlens_k = nullptr;
+  // KV cache: with seqlens_k, batch b has seqlens_k[b] <= Sk keys (the window aligned
+  // bottom-right per batch); with block_table, k and v are pages (num_blocks, Hkv, block_size, D) and key j of
+  // batch b is row j % block_size of page block_table[b * max_blocks + j / block_size]
+  // (k.sb / v.sb: the page stride; Sk = max_blocks * block_size).
+  const int32_t* seqlens_k = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_size = 0, max_blocks = 0;
+  RowIndex query_rows;  // rows of the query-shaped outputs (out, dq; last dim Dv or D)
+  RowIndex stat_rows;   // entries of lse and the softmax statistics
+  RowIndex key_rows;    // rows of dk and dv
+  int64_t rows = 0;     // (head, query) rows in all: the spacing of split partials
+};
+
 struct AttnFwdParams {
   View4 q, k, v;
   int dtype = kF32;
@@ -41,23 +68,18 @@ struct AttnFwdParams {
   float scale = 1.f;
   WindowParams window;
   float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap) before the mask
-  // KV cache: with seqlens_k, batch b has seqlens_k[b] <= Sk keys (the window aligned
-  // bottom-right per batch); with block_table, k and v are pages (num_blocks, Hkv, block_size, D) and key j of
-  // batch b is row j % block_size of page block_table[b * max_blocks + j / block_size]
-  // (k.sb / v.sb: the page stride; Sk = max_blocks * block_size).
-  const int32_t* seqlens_k = nullptr;
-  const int32_t* block_table = nullptr;
-  int64_t block_size = 0, max_blocks = 0;
-  void* out = nullptr;  // contiguous (B, Hq, Sq, Dv), dtype
-  float* lse = nullptr;  // contiguous (B, Hq, Sq): row_max + log(row_sum)
+  SeqLayout seqs;
+  void* out = nullptr;  // contiguous, rows numbered by seqs.query_rows, dtype
+  float* lse = nullptr;  // row_max + log(row_sum), numbered by seqs.stat_rows
   // The softmax statistics the backward recomputes P from, kept apart because an fp32 lse
-  // rounds away the row sum when |lse| is large: contiguous (B, Hq, Sq) each.
+  // rounds away the row sum when |lse| is large: numbered by seqs.stat_rows.
   float* row_max = nullptr;  // the largest score of the row (natural units, as torch sees it)
   float* row_sum = nullptr;  // sum over keys of exp(score - row_max)
   // Keys split into nsplit ranges of key blocks (work items per query block, or per (batch,
-  // kv head) in the few-query kernel); with nsplit > 1 each writes its normalised fp32
-  // output and statistics here (contiguous (nsplit, B, Hq, Sq, Dv) and (nsplit, B, Hq, Sq))
-  // instead of out, lse, row_max and row_sum, for the caller to merge.
+  // kv head) in the few-query kernel); with nsplit > 1 split c writes its normalised fp32
+  // output row and statistics at c * seqs.rows + the statistics' number (contiguous
+  // (nsplit, seqs.rows, Dv) and (nsplit, seqs.rows)) instead of out, lse, row_max and row_sum,
+  // for the caller to merge.
   int64_t nsplit = 1;
   float* out_partial = nullptr;
   float* row_max_partial = nullptr;
@@ -66,7 +88,7 @@ struct AttnFwdParams {
 
 struct AttnBwdParams {
   View4 q, k, v, out, dout;
-  const float* row_max = nullptr;  // the forward's statistics, contiguous (B, Hq, Sq) each
+  const float* row_max = nullptr;  // the forward's statistics, numbered by seqs.stat_rows
   const float* row_sum = nullptr;
   int dtype = kF32;
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
@@ -74,11 +96,12 @@ struct AttnBwdParams {
   float scale = 1.f;
   WindowParams window;
   float softcap = 0.f;
+  SeqLayout seqs;  // sequences (padded or packed; no KV cache) and output numbering
   int64_t nchunks = 1;  // key-block chunks per (batch, kv head); > 1 writes dq_partial
-  void* dq = nullptr;   // contiguous (B, Hq, Sq, D), dtype (used when nchunks == 1)
-  float* dq_partial = nullptr;  // contiguous (nchunks, B, Hq, Sq, D) fp32, unscaled
-  void* dk = nullptr;   // contiguous (B, Hkv, Sk, D), dtype
-  void* dv = nullptr;   // contiguous (B, Hkv, Sk, Dv), dtype
+  void* dq = nullptr;   // contiguous, rows numbered by seqs.query_rows, dtype (nchunks == 1)
+  float* dq_partial = nullptr;  // contiguous (nchunks, seqs.rows, D) fp32, unscaled
+  void* dk = nullptr;   // contiguous, rows numbered by seqs.key_rows, dtype
+  void* dv = nullptr;
   float* dmask = nullptr;  // contiguous (B, Hq, Sq, Sk) fp32, zero-filled, or nullptr
 };
 

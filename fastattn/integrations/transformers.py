@@ -9,9 +9,16 @@ encoders, GPT-2/Llama-like decoders with KV caches, BART/T5-like encoder-decoder
 cross-attention, GQA, T5's additive position bias) then runs on fastattn, with results equal
 to "eager" and "sdpa" except on query rows that see no key at all (padding rows of
 left-padded batches), which are zeros instead of an average over masked keys.
+
+Packed batches (padding-free training: several sequences end to end in a row, as
+`DataCollatorWithFlattening` makes them) run on `fastattn.varlen_attention`, each sequence
+attending only to itself, instead of on the dense block-diagonal mask transformers builds for
+them: when the `cu_seq_lens_q/k`, `max_length_q/k` kwargs arrive, or when `position_ids`
+restart inside a row and the mask (if any) already separates the sequences there.
 """
 import torch
 
+from ..functional import varlen_attention
 from ..nn.attention import attend
 
 NAME = "fastattn"
@@ -30,13 +37,18 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='{NAME}' does not support {name}; use 'eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    dropout_p = dropout if module.training else 0.0
+    packed = _packed_sequences(query, key, attention_mask, kwargs)
+    if packed is not None:
+        return _packed_attention(query, key, value, packed, bool(is_causal), scaling, dropout_p,
+                                 kwargs.get("softcap")), None
     mask = attention_mask
     if mask is not None and mask.shape[-1] != kv_len:  # older transformers pass masks longer than the cache
         mask = mask[..., :kv_len]
     position_bias = kwargs.get("position_bias")
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
     # Without a mask, causal layers use SDPA's rule (top-left, as transformers expects);
     # a single query needs no causal mask.
     causal = bool(is_causal) and mask is None and q_len > 1
@@ -55,9 +67,55 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     # Only without a mask are the keys known to end at the last query (bottom-right alignment).
     sliding_window = kwargs.get("sliding_window")
     window = (sliding_window - 1, None) if sliding_window and mask is None else None
-    out = attend(query, key, value, mask, causal, scaling, dropout if module.training else 0.0, window,
-                 kwargs.get("softcap"))
+    out = attend(query, key, value, mask, causal, scaling, dropout_p, window, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_sequences(query, key, mask, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k) of the sequences packed into
+    the rows of this call, or None when it is not a packed batch. From transformers' flash
+    kwargs when given (one row), else from position_ids: a sequence starts at each row start
+    and wherever the positions fall back to 0. A mask given along with restarting
+    positions must hide from each sequence's first token the token before it, as the mask
+    transformers builds for packed inputs does; a padding mask that does not (the positions
+    then only restart, the rows are not packed) keeps the dense path, as do a sliding window and
+    torch.compile (which then runs on the block-diagonal mask transformers builds)."""
+    flash = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if all(x is not None for x in flash) and query.shape[0] == 1:
+        cu_q, cu_k, max_q, max_k = flash
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    position_ids = kwargs.get("position_ids")
+    batch, _, length, _ = query.shape
+    if position_ids is None or kwargs.get("sliding_window") is not None or key.shape[2] != length or length < 2:
+        return None
+    if torch.compiler.is_compiling():  # the lengths decide shapes: traced, the dense mask path runs
+        return None
+    positions = position_ids.expand(batch, length)
+    restarts = positions.diff(dim=-1) != 1  # (B, S - 1): token i + 1 starts a sequence
+    # Packed sequences restart at position 0; other restarts (the repeated positions of
+    # left padding) are not sequence boundaries.
+    if not restarts.any() or (positions[:, 1:][restarts] != 0).any():
+        return None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4:
+            return None
+        rows, cols = restarts.nonzero(as_tuple=True)
+        if mask[rows if mask.shape[0] > 1 else 0, 0, cols + 1, cols].any():
+            return None
+    starts = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=restarts.device), restarts], dim=1)
+    bounds = torch.cat([starts.flatten().nonzero().flatten(), starts.new_tensor([batch * length], dtype=torch.int64)])
+    cu = bounds.to(torch.int32)
+    longest = int(cu.diff().max())
+    return cu, cu, longest, longest
+
+
+def _packed_attention(query, key, value, packed, causal, scale, dropout_p, softcap):
+    """The rows of query (B, Hq, S, D), key and value (B, Hkv, S, D) as packed sequences;
+    returns (B, S, Hq, Dv) like attention_forward."""
+    batch, heads, length, _ = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = varlen_attention(q, k, v, *packed, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
+    return out.view(batch, length, heads, out.shape[-1])
 
 
 def register(name=NAME):

@@ -6,5 +6,5 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The largest head-dim bucket with launch configurations (configs.ATTN_FWD and the backward
 # tables); D and Dv are padded up to a power of two within it.
 MAX_HEAD_DIM = 256
-# Beyond fastattn.capabilities.COMMON_FEATURES.
-FEATURES = frozenset({"window", "softcap"})
+# Beyond fastattn.capabilities.COMMON_FEATURES (varlen: triton_varlen_fwd / bwd).
+FEATURES = frozenset({"window", "softcap", "varlen"})

@@ -27,7 +27,8 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block
 _FLOAT_ARGS = {"sm_scale", "scale", "softcap"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_gd", "stride_od", "stride_xc",
                  "stride_mc", "stride_gc", "stride_yc"}
-_POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX"}
+_POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX",
+             "CuSeqlensQ", "CuSeqlensK"}
 
 
 def _signature(fn, dtype, pointer_dtypes, constexprs):
@@ -76,10 +77,10 @@ def compile_one(fn, arch, dtype, constexprs, num_warps, num_stages, pointer_dtyp
     return compiled.metadata.shared, regs, spills
 
 
-def _attn_flags(dtype, d, mask_kind, row_shared, window, softcap=False):
+def _attn_flags(dtype, d, mask_kind, row_shared, window, softcap=False, varlen=False):
     pad = max(16, triton.next_power_of_2(d))
     return {"D": d, "DV": d, "D_PAD": pad, "DV_PAD": pad, "MASK_KIND": mask_kind, "ROW_SHARED": row_shared,
-            "WINDOW": window, "SOFTCAP": softcap, "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+            "WINDOW": window, "SOFTCAP": softcap, "VARLEN": varlen, "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
 
 
 def _attention_jobs(quick):
@@ -87,7 +88,8 @@ def _attention_jobs(quick):
     tables = {"fwd": (kernels._attn_fwd_kernel, configs.ATTN_FWD),
               "dkdv": (kernels._attn_bwd_dkdv_kernel, configs.ATTN_BWD_DKDV),
               "dq": (kernels._attn_bwd_dq_kernel, configs.ATTN_BWD_DQ)}
-    f32 = {"Lse": "fp32", "RowMax": "fp32", "RowSum": "fp32", "Delta": "fp32", "dMask": "fp32"}
+    f32 = {"Lse": "fp32", "RowMax": "fp32", "RowSum": "fp32", "Delta": "fp32", "dMask": "fp32",
+           "CuSeqlensQ": "i32", "CuSeqlensK": "i32"}
     bucket_dims = {64: 64, 128: 128, 256: 256}
     for job, (fn, table) in tables.items():
         extra = {"MASK_GRAD": True} if job == "dkdv" else {}
@@ -96,18 +98,21 @@ def _attention_jobs(quick):
                 flags = _attn_flags("bf16", bucket_dims[bucket], kernels.MASK_ADDITIVE, False, True, True)
                 yield (f"{job} D={bucket} bf16 additive window softcap {m}x{n} w{w} s{s}", fn, "bf16",
                        {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n}, w, s, f32)
-        variants = [("fp32 tf32 no-mask", "fp32", 80, kernels.MASK_NONE, False, False),
-                    ("fp16 bool key-padding", "fp16", 80, kernels.MASK_BOOL, True, False),
-                    ("bf16 D=40 bool 2-d window", "bf16", 40, kernels.MASK_BOOL, False, True)]
-        for label, dtype, d, kind, shared, causal in variants[:1] if quick else variants:
-            flags = _attn_flags(dtype, d, kind, shared, causal)
+        variants = [("fp32 tf32 no-mask", "fp32", 80, kernels.MASK_NONE, False, False, False),
+                    ("bf16 varlen window", "bf16", 64, kernels.MASK_NONE, False, True, True),
+                    ("fp16 bool key-padding", "fp16", 80, kernels.MASK_BOOL, True, False, False),
+                    ("bf16 D=40 bool 2-d window", "bf16", 40, kernels.MASK_BOOL, False, True, False)]
+        for label, dtype, d, kind, shared, window, varlen in variants[:2] if quick else variants:
+            flags = _attn_flags(dtype, d, kind, shared, window, varlen=varlen)
             m, n, w, s = table[configs.head_bucket(flags["D_PAD"], flags["DV_PAD"], 4 if dtype == "fp32" else 2)][0]
             ptrs = {**f32, "Mask": "u8"} if kind == kernels.MASK_BOOL else f32
             extra = {"MASK_GRAD": False} if job == "dkdv" else {}
             yield (f"{job} {label} {m}x{n} w{w} s{s}", fn, dtype, {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n},
                    w, s, ptrs)
-    yield ("delta bf16 D=128", kernels._attn_bwd_delta_kernel, "bf16",
-           {"DV": 128, "DV_PAD": 128, "BLOCK_M": 64}, 4, 1, {"Delta": "fp32"})
+    for varlen in (False, True):
+        yield (f"delta bf16 D=128 varlen={varlen}", kernels._attn_bwd_delta_kernel, "bf16",
+               {"DV": 128, "DV_PAD": 128, "VARLEN": varlen, "BLOCK_M": 64}, 4, 1,
+               {"Delta": "fp32", "CuSeqlensQ": "i32", "CuSeqlensK": "i32"})
     for one_pass, block_c, block_r in ((True, 1024, 2), (False, configs.SOFTMAX_MAX_BLOCK_C, 1)):
         for dtype, kind in (("bf16", kernels.MASK_BOOL), ("fp32", kernels.MASK_ADDITIVE)):
             yield (f"softmax_fwd {dtype} mask={kind} one_pass={one_pass}", kernels._softmax_fwd_kernel, dtype,

@@ -186,28 +186,53 @@ def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr,
 
 
 @triton.jit
+def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN: tl.constexpr):
+    """Sequence b of a call (flash-attention's BlockInfo): (first query row, queries, first
+    key row, keys, window bounds). Padded batches: rows from 0, Sq and Sk, the launcher's
+    bounds. Packed (VARLEN): read from the int32 cumulative lengths, the launcher's bounds
+    (aligned at 0) moved to the sequence's own bottom-right diagonal."""
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + b).to(tl.int64)
+        q_len = tl.load(CuSeqlensQ + b + 1).to(tl.int64) - q_start
+        k_start = tl.load(CuSeqlensK + b).to(tl.int64)
+        k_len = tl.load(CuSeqlensK + b + 1).to(tl.int64) - k_start
+        lo = win_lo + (k_len - q_len)
+        hi = win_hi + (k_len - q_len)
+    else:  # one return: its types differ between the two cases
+        q_start, q_len, k_start, k_len, lo, hi = 0, Sq, 0, Sk, win_lo, win_hi
+    return q_start, q_len, k_start, k_len, lo, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, RowMax, RowSum,
+    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    rows_qb, rows_qh, rows_qm, stat_b, stat_h,
     Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Out is contiguous (B, Hq, Sq, DV); Lse, RowMax and
-    RowSum (the softmax statistics) are contiguous (B, Hq, Sq)."""
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq), Sq the longest query sequence. Out is contiguous, row
+    (b, h, i) at b * rows_qb + h * rows_qh + i * rows_qm (i counted from the sequence's first
+    row); Lse, RowMax and RowSum (the softmax statistics) hold entry (b, h, i) at
+    b * stat_b + h * stat_h + i."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     hk = h // group  # GQA: the kv head of this query head, read in place
+    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    if start_m >= Sq:  # a packed sequence shorter than the longest
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
     mask_base = Mask + b * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -239,33 +264,39 @@ def _attn_fwd_kernel(
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    _store_rows(Out + bh * Sq * DV, acc / l_safe[:, None], offs_m, Sq, DV, DV, DV_PAD, PRECISION)
+    out_row = b * rows_qb + h * rows_qh + q_start * rows_qm
+    _store_rows(Out + out_row * DV, acc / l_safe[:, None], offs_m, Sq, rows_qm * DV, DV, DV_PAD, PRECISION)
     row_max = tl.where(empty, float("-inf"), m_i)
     in_range = offs_m < Sq
-    tl.store(Lse + bh * Sq + offs_m, row_max + tl.log(l_i), mask=in_range)
-    tl.store(RowMax + bh * Sq + offs_m, row_max, mask=in_range)
-    tl.store(RowSum + bh * Sq + offs_m, l_i, mask=in_range)
+    stat = b * stat_b + h * stat_h + q_start + offs_m
+    tl.store(Lse + stat, row_max + tl.log(l_i), mask=in_range)
+    tl.store(RowMax + stat, row_max, mask=in_range)
+    tl.store(RowSum + stat, l_i, mask=in_range)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, dO, Delta,
+    Out, dO, Delta, CuSeqlensQ, CuSeqlensK,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    Hq, Sq,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    stat_b, stat_h, Hq, Sq, Sk,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta = rowsum(dO * O), fp32 contiguous (B, Hq, Sq). Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
+    """delta = rowsum(dO * O), fp32, numbered like the softmax statistics (see the forward).
+    Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
-    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, Sq, stride_om, stride_od, DV, DV_PAD)
-    do = _load_rows(dO + b * stride_gb + h * stride_gh, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
+    q_start, Sq, _, _, _, _ = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, 0, 0, VARLEN)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh + q_start * stride_om, offs_m, Sq, stride_om, stride_od, DV,
+                   DV_PAD)
+    do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
+                    DV_PAD)
     # float64: on nearly one-hot rows dP - delta cancels to almost nothing, so fp32 rounding
     # here would dominate dS; this kernel is memory-bound, O(Sq * DV).
     delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1).to(tl.float32)
-    tl.store(Delta + bh * Sq + offs_m, delta, mask=offs_m < Sq)
+    tl.store(Delta + b * stat_b + h * stat_h + q_start + offs_m, delta, mask=offs_m < Sq)
 
 
 @triton.jit
@@ -283,36 +314,45 @@ def _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq):
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
+    rows_kb, rows_kh, rows_kn, stat_b, stat_h,
     Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """dK, dV (contiguous, like k / v) for one key block, and dMask (contiguous fp32
-    (B, Hq, Sq, Sk), zero-filled by the caller) for the tiles it visits. Grid
-    (cdiv(Sk, BLOCK_N), B * Hkv). The query heads of a GQA group are summed inside the
-    program, so every output element has one writer: no atomics, deterministic."""
+    """dK, dV (contiguous, row (b, hk, j) at b * rows_kb + hk * rows_kh + j * rows_kn, j
+    counted from the sequence's first key) for one key block, and dMask (contiguous fp32
+    (B, Hq, Sq, Sk), zero-filled by the caller; padded calls only) for the tiles it visits.
+    Grid (cdiv(Sk, BLOCK_N), B * Hkv), Sk the longest key sequence. The query heads of a GQA
+    group are summed inside the program, so every output element has one writer: no atomics,
+    deterministic."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
     hk = bh % Hkv
+    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    if start_n >= Sk:  # a packed sequence shorter than the longest
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
-    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, offs_n, Sk, stride_kn, stride_kd, D,
+                   D_PAD)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, offs_n, Sk, stride_vn, stride_vd, DV,
+                   DV_PAD)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     lo, hi = _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
     for g in range(0, group):
         h = hk * group + g
-        row = (b * Hq + h) * Sq
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = dO + b * stride_gb + h * stride_gh
+        stat = b * stat_b + h * stat_h + q_start
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        do_base = dO + b * stride_gb + h * stride_gh + q_start * stride_gm
         mask_base = Mask + b * stride_mb + h * stride_mh
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -329,47 +369,54 @@ def _attn_bwd_dkdv_kernel(
                 # they are, with no register transposes.
                 s_t, slope_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND,
                                        WINDOW, SOFTCAP, PRECISION, True)
-                row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
+                row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, stat, offs_m, Sq)
                 p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
                 dv = _dot(_cast(p_t, do.dtype, PRECISION), do, dv, PRECISION)
                 dp_t = _dot(v, tl.trans(do), None, PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])  # d loss / d (scale * q k^T + mask), transposed
                 if MASK_GRAD:
-                    ptrs = dMask + (row + offs_m[None, :]) * Sk + offs_n[:, None]
+                    ptrs = dMask + ((b * Hq + h) * Sq + offs_m[None, :]) * Sk + offs_n[:, None]
                     tl.store(ptrs, ds_t, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk))
                 ds_t = ds_t * slope_t  # the mask adds to the capped scores; q and k see the slope
                 dk = _dot(_cast(ds_t, q.dtype, PRECISION), q, dk, PRECISION)
-    _store_rows(dK + bh * Sk * D, dk * sm_scale, offs_n, Sk, D, D, D_PAD, PRECISION)
-    _store_rows(dV + bh * Sk * DV, dv, offs_n, Sk, DV, DV, DV_PAD, PRECISION)
+    key_row = b * rows_kb + hk * rows_kh + k_start * rows_kn
+    _store_rows(dK + key_row * D, dk * sm_scale, offs_n, Sk, rows_kn * D, D, D_PAD, PRECISION)
+    _store_rows(dV + key_row * DV, dv, offs_n, Sk, rows_kn * DV, DV, DV_PAD, PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
+    rows_qb, rows_qh, rows_qm, stat_b, stat_h,
     Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ (contiguous, like q) for one query block. Grid (cdiv(Sq, BLOCK_M), B * Hq)."""
+    """dQ (contiguous, rows numbered like the forward's Out) for one query block. Grid
+    (cdiv(Sq, BLOCK_M), B * Hq), Sq the longest query sequence."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
-    row = bh * Sq
+    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    if start_m >= Sq:  # a packed sequence shorter than the longest
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
-    do = _load_rows(dO + b * stride_gb + h * stride_gh, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
+    do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
+                    DV_PAD)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vn
     mask_base = Mask + b * stride_mb + h * stride_mh
-    row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq)
+    row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, b * stat_b + h * stat_h + q_start, offs_m, Sq)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     lo, hi = _key_range(start_m, Sk, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
@@ -388,7 +435,8 @@ def _attn_bwd_dq_kernel(
             dp = _dot(do, tl.trans(v), None, PRECISION)
             ds = p * (dp - delta[:, None]) * slope
             dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
-    _store_rows(dQ + bh * Sq * D, dq * sm_scale, offs_m, Sq, D, D, D_PAD, PRECISION)
+    q_row = b * rows_qb + h * rows_qh + q_start * rows_qm
+    _store_rows(dQ + q_row * D, dq * sm_scale, offs_m, Sq, rows_qm * D, D, D_PAD, PRECISION)
 
 
 @triton.jit

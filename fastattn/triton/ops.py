@@ -1,5 +1,6 @@
 """Launchers for the Triton kernels, registered as the ops fastattn::triton_attn_fwd,
-triton_attn_bwd, triton_softmax_fwd and triton_softmax_bwd (same schemas as attn_fwd etc.).
+triton_attn_bwd, triton_softmax_fwd, triton_softmax_bwd, triton_varlen_fwd and
+triton_varlen_bwd (same schemas as attn_fwd etc.).
 
 On a GPU the ops are `torch.library.triton_op`s whose launches go through `wrap_triton`, so
 torch.compile sees (and can fuse around) the kernels. Under TRITON_INTERPRET=1 the kernels
@@ -9,7 +10,7 @@ are plain Python and cannot be traced, so the same functions are registered as o
 fp32 inputs use exact fp32 dots unless torch allows TF32 matmuls
 (torch.set_float32_matmul_precision("high") or "medium"); then they run on tf32 tensor cores.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -120,14 +121,24 @@ def _check_mask(mask, shape, dtype):
             raise TypeError(f"mask: {_mask_reason(mask, dtype)}")
 
 
-def _check_attention(q, k, v, mask, softcap):
+def _check_softcap(softcap):
+    if not softcap >= 0.0:
+        raise ValueError(f"softcap must be >= 0 (0: no cap), got {softcap}")
+
+
+def _check_qkv(q, k, v, layout):
+    """Dims (len(layout) names them) and dtypes of q, k and v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != len(layout):
+            raise ValueError(f"{name} must be {len(layout)}-d ({', '.join(layout)}), got shape {tuple(t.shape)}")
     if q.dtype not in DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     _check_dtype("k", k, q.dtype)
     _check_dtype("v", v, q.dtype)
+
+
+def _check_attention(q, k, v, mask, softcap):
+    _check_qkv(q, k, v, ("batch", "heads", "seq", "head_dim"))
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     _check_shape("k", k, (B, Hkv, Sk, D))
@@ -136,8 +147,7 @@ def _check_attention(q, k, v, mask, softcap):
     if max(D, Dv) > MAX_HEAD_DIM:
         raise ValueError(f"q/v head dims must be at most {MAX_HEAD_DIM}, got {D} and {Dv}")
     _check_mask(mask, (B, Hq, Sq, Sk), q.dtype)
-    if not softcap >= 0.0:
-        raise ValueError(f"softcap must be >= 0 (0: no cap), got {softcap}")
+    _check_softcap(softcap)
 
 
 # ----------------------------------------------------------------------------- launch helpers
@@ -164,7 +174,7 @@ def _pad(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _attention_meta(q, v, mask, window, softcap):
+def _attention_meta(q, v, mask, window, softcap, varlen):
     """Constexpr launch arguments shared by the attention kernels."""
     d, dv = q.shape[-1], v.shape[-1]
     return {
@@ -176,6 +186,7 @@ def _attention_meta(q, v, mask, window, softcap):
         "ROW_SHARED": mask is not None and (mask.stride(2) == 0 or mask.shape[2] == 1),
         "WINDOW": window != reference.UNBOUNDED,
         "SOFTCAP": softcap > 0.0,
+        "VARLEN": varlen,
         "PRECISION": _dot_precision(q.dtype),
     }
 
@@ -188,10 +199,11 @@ def _attention_kernel(job, meta, element_size):
     return _TUNED[job][configs.head_bucket(meta["D_PAD"], meta["DV_PAD"], element_size)], {}
 
 
-def _window_offsets(window, sq, sk):
+def _window_offsets(window, sq, sk, varlen=False):
     """(win_lo, win_hi): query i sees keys i + win_lo <= j <= i + win_hi (kernels._visible); an
-    unbounded side becomes an offset past every key."""
-    offset = window.offset(sq, sk)
+    unbounded side becomes an offset past every key. Packed calls get bounds around the
+    diagonal through query 0 and key 0, which kernels._seq_info moves to each sequence's own."""
+    offset = 0 if varlen else window.offset(sq, sk)
     win_lo = offset - window.left if window.left >= 0 else -(sq + sk)
     win_hi = offset + window.right if window.right >= 0 else sq + sk
     return win_lo, win_hi
@@ -211,6 +223,65 @@ def _softmax_kernel(job, n_cols):
 # ----------------------------------------------------------------------------- ops
 
 
+class _Seqs(NamedTuple):
+    """The sequences of a call as the kernels' _seq_info reads them: how many, the longest
+    query and key lengths, the int32 cumulative lengths of packed calls (a placeholder
+    otherwise), the input strides (batch stride 0 when packed), and the numbering of output
+    rows: query rows (out, dq) and key rows (dk, dv) as (batch, head, row) strides in rows, the
+    statistics as (batch, head) strides with rows 1 apart."""
+
+    batch: int
+    max_q: int
+    max_k: int
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    varlen: bool
+    query_rows: tuple
+    key_rows: tuple
+    stat: tuple
+
+    def strides(self, t):
+        """(batch, head, row, dim) strides of an input, output or gradient view."""
+        return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
+
+    def scalars(self, scale, softcap, window):
+        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, bucket."""
+        return (scale, softcap, *_window_offsets(window, self.max_q, self.max_k, self.varlen),
+                _seq_bucket(self.max_q, self.max_k))
+
+
+def _padded_seqs(q, k):
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    none = torch.empty(0, dtype=torch.int32, device=q.device)
+    return _Seqs(B, Sq, Sk, none, none, False, (Hq * Sq, Sq, 1), (Hkv * Sk, Sk, 1), (Hq * Sq, Sq))
+
+
+def _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    total_q, Hq, _ = q.shape
+    return _Seqs(
+        cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, True,
+        (0, 1, Hq), (0, 1, k.shape[1]), (0, total_q),
+    )
+
+
+def _forward(q, k, v, mask, scale, window, softcap, seqs, out, lse, stats):
+    """Launches the forward into out, lse and the statistics (numbered as `seqs` says)."""
+    Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
+    meta = _attention_meta(q, v, mask, window, softcap, seqs.varlen)
+    kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
+    mask_t, mask_strides, _ = _mask_args(mask, q)
+
+    def grid(m):
+        return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
+
+    wrap_triton(kernel)[grid](
+        q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k,
+        *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.query_rows, *seqs.stat,
+        Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *seqs.scalars(scale, softcap, window), **meta, **blocks,
+    )
+
+
 def triton_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
     window_left: int = -1, window_right: int = -1, window_top_left: bool = False, softcap: float = 0.0,
@@ -228,20 +299,48 @@ def triton_attn_fwd(
         return out.zero_(), lse.fill_(float("-inf")), stats
     if out.numel() == 0:
         return out, lse, stats
-    meta = _attention_meta(q, v, mask, window, softcap)
-    kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
+    _forward(q, k, v, mask, scale, window, softcap, _padded_seqs(q, k), out, lse, stats)
+    return out, lse, stats
+
+
+def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, mask_grad, seqs, dq, dk, dv, dmask):
+    """Launches the backward (delta, then dk/dv, then dq) into dq, dk, dv and dmask."""
+    Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
+    Dv = v.shape[-1]
+    stats = softmax_stats.contiguous()
+    delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
+    meta = _attention_meta(q, v, mask, window, softcap, seqs.varlen)
     mask_t, mask_strides, _ = _mask_args(mask, q)
+    block_delta = 16 if INTERPRET else 64
+    wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(seqs.max_q, block_delta), seqs.batch * Hq)](
+        out, grad_out, delta, seqs.cu_q, seqs.cu_k, *seqs.strides(out), *seqs.strides(grad_out), *seqs.stat,
+        Hq, seqs.max_q, seqs.max_k, DV=Dv, DV_PAD=meta["DV_PAD"], VARLEN=seqs.varlen, BLOCK_M=block_delta,
+    )
+    common = (
+        *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.strides(grad_out),
+    )
+    scalars = seqs.scalars(scale, softcap, window)
 
-    def grid(m):
-        return (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)
+    kernel, blocks = _attention_kernel("dkdv", meta, q.element_size())
 
-    wrap_triton(kernel)[grid](
-        q, k, v, mask_t, out, lse, stats[0], stats[1],
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-        Hq, Sq, Sk, Hq // Hkv, scale, softcap, *_window_offsets(window, Sq, Sk), _seq_bucket(Sq, Sk),
+    def grid_dkdv(m):
+        return (triton.cdiv(seqs.max_k, m["BLOCK_N"]), seqs.batch * Hkv)
+
+    wrap_triton(kernel)[grid_dkdv](
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, *common,
+        *seqs.key_rows, *seqs.stat, Hq, Hkv, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, MASK_GRAD=mask_grad,
         **meta, **blocks,
     )
-    return out, lse, stats
+
+    kernel, blocks = _attention_kernel("dq", meta, q.element_size())
+
+    def grid_dq(m):
+        return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
+
+    wrap_triton(kernel)[grid_dq](
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, *common,
+        *seqs.query_rows, *seqs.stat, Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, **meta, **blocks,
+    )
 
 
 def triton_attn_bwd(
@@ -275,40 +374,60 @@ def triton_attn_bwd(
     dmask = torch.zeros(dmask_shape, dtype=torch.float32, device=q.device)
     if Sq == 0 or Sk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    stats = softmax_stats.contiguous()
-    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    meta = _attention_meta(q, v, mask, window, softcap)
-    mask_t, mask_strides, _ = _mask_args(mask, q)
-    block_delta = 16 if INTERPRET else 64
-    wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(Sq, block_delta), B * Hq)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Sq,
-        DV=Dv, DV_PAD=meta["DV_PAD"], BLOCK_M=block_delta,
-    )
-    common = (
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(),
-    )
-    scalars = (scale, softcap, *_window_offsets(window, Sq, Sk), _seq_bucket(Sq, Sk))
-
-    kernel, blocks = _attention_kernel("dkdv", meta, q.element_size())
-
-    def grid_dkdv(m):
-        return (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)
-
-    wrap_triton(kernel)[grid_dkdv](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, *common,
-        Hq, Hkv, Sq, Sk, Hq // Hkv, *scalars, MASK_GRAD=mask_grad, **meta, **blocks,
-    )
-
-    kernel, blocks = _attention_kernel("dq", meta, q.element_size())
-
-    def grid_dq(m):
-        return (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq)
-
-    wrap_triton(kernel)[grid_dq](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, *common,
-        Hq, Sq, Sk, Hq // Hkv, *scalars, **meta, **blocks,
-    )
+    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, mask_grad, _padded_seqs(q, k), dq,
+              dk, dv, dmask)
     return dq, dk, dv, dmask
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap):
+    _check_qkv(q, k, v, ("total tokens", "heads", "head_dim"))
+    total_q, Hq, D = q.shape
+    total_k, Hkv, Dv = v.shape
+    _check_shape("k", k, (total_k, Hkv, D))
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"v must have a number of heads dividing q's {Hq}, got {tuple(v.shape)}")
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"q/v head dims must be at most {MAX_HEAD_DIM}, got {D} and {Dv}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] != cu_seqlens_q.shape[0] or cu.shape[0] == 0:
+            raise ValueError(f"{name} must be 1-d int32 with B + 1 entries like cu_seqlens_q, got {cu.dtype} {tuple(cu.shape)}")
+    _check_softcap(softcap)
+
+
+def triton_varlen_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
+    total_q, Hq, _ = q.shape
+    out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    stats = torch.empty((reference.SOFTMAX_STATS, Hq, total_q), dtype=torch.float32, device=q.device)
+    if out.numel():
+        seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, seqs, out, lse, stats)
+    return out, lse, stats
+
+
+def triton_varlen_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    softmax_stats: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
+    total_q, Hq, _ = q.shape
+    _check_shape("grad_out", grad_out, (total_q, Hq, v.shape[-1]))
+    _check_shape("out", out, (total_q, Hq, v.shape[-1]))
+    _check_shape("softmax_stats", softmax_stats, (reference.SOFTMAX_STATS, Hq, total_q))
+    _check_dtype("softmax_stats", softmax_stats, torch.float32)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _backward(grad_out, q, k, v, out, softmax_stats, None, scale, reference.Window(window_left, window_right), softcap,
+              False, seqs, dq, dk, dv, dq.new_empty(0))
+    return dq, dk, dv
 
 
 def triton_softmax_fwd(
@@ -359,3 +478,5 @@ attn_fwd = _define("fastattn::triton_attn_fwd", triton_attn_fwd)
 attn_bwd = _define("fastattn::triton_attn_bwd", triton_attn_bwd)
 softmax_fwd = _define("fastattn::triton_softmax_fwd", triton_softmax_fwd)
 softmax_bwd = _define("fastattn::triton_softmax_bwd", triton_softmax_bwd)
+varlen_fwd = _define("fastattn::triton_varlen_fwd", triton_varlen_fwd)
+varlen_bwd = _define("fastattn::triton_varlen_bwd", triton_varlen_bwd)
