@@ -4,7 +4,8 @@
 
 Attention (bf16, 16k tokens per batch, hidden size 2048 so heads = 2048 / head dim): forward
 and backward TFLOP/s for head dims 64 / 128 / 256, S 512..16384, causal and not, plus key
-padding that hides half the keys; each fastattn backend and each SDPA kernel (flash, efficient,
+padding that hides half the keys and a causal sliding window of 256 keys (SDPA given it as a
+boolean mask; TFLOP/s count the visible scores only); each fastattn backend and each SDPA kernel (flash, efficient,
 cuDNN, and the math one for masks where the others refuse) on the same fresh random inputs.
 Backward is timed through autograd for both libraries (the backward kernels only: the forward
 graph is built once and kept). Softmax: GB/s of the fused masked softmax against a measured
@@ -31,6 +32,7 @@ SDPA_KERNELS = {
 }
 TOKENS = 16384
 HIDDEN = 2048
+WINDOW = 256  # keys before the diagonal a query sees in the sliding-window cases
 
 
 def bench_ms(fn):
@@ -45,17 +47,19 @@ def attention_flops(B, H, Sq, Sk, D, causal, visible_fraction=1.0):
 
 
 def attention_cases(head_dims, seqs):
-    """Head dim 128 first, then key padding, then 64 and 256: a run cut short keeps the main ones."""
+    """(D, S, causal, key padding, sliding window): head dim 128 first, then key padding and
+    the window, then 64 and 256: a run cut short keeps the main ones."""
     for D in sorted(head_dims, key=lambda d: (d != 128, d)):
         for S in seqs:
             for causal in (False, True):
-                yield D, S, causal, False
+                yield D, S, causal, False, False
         if D == 128:
             for S in [s for s in seqs if s in (1024, 4096, 16384)]:
-                yield 128, S, False, True
+                yield 128, S, False, True, False
+                yield 128, S, True, False, True
 
 
-def run_attention_case(D, S, causal, key_padding):
+def run_attention_case(D, S, causal, key_padding, sliding):
     B, H = max(1, TOKENS // S), HIDDEN // D
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     mask = None
@@ -63,30 +67,36 @@ def run_attention_case(D, S, causal, key_padding):
     if key_padding:  # every row sees the first half of the keys
         mask = (torch.arange(S, device="cuda") < S // 2)[None, None, None, :].expand(B, 1, S, S)
         visible = 0.5
+    window = (WINDOW, None) if sliding else None
+    sdpa_mask = mask
+    if sliding:  # SDPA gets the window as a boolean mask; fastattn skips the blocks outside it
+        sdpa_mask = fastattn.reference.window_visibility(S, S, fastattn.reference.Window(WINDOW, 0), "cuda")
+        visible = sdpa_mask.sum().item() / (S * S) * 2  # attention_flops halves causal cases
     grad_out = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
     flops = attention_flops(B, H, S, S, D, causal, visible)
 
     def fastattn_call(backend):
-        return lambda: fastattn.attention(q, k, v, attn_mask=mask, causal=causal, backend=backend)
+        return lambda: fastattn.attention(q, k, v, attn_mask=mask, causal=causal, window=window, backend=backend)
 
     def sdpa_call(kernel):
         def call():
             with sdpa_kernel(kernel):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal and sdpa_mask is None)
         return call
 
     # SDPA first: the first SDPA kernel that runs gives the output every other one is checked
     # against (a wrong result is flagged in the table, and its time kept for diagnosis)
     impls = {name: sdpa_call(kernel) for name, kernel in SDPA_KERNELS.items()}
-    if key_padding and S <= 4096:  # the math kernel materialises B*H*S*S scores
+    if (key_padding or sliding) and S <= 4096:  # the math kernel materialises B*H*S*S scores
         impls["sdpa_math"] = sdpa_call(SDPBackend.MATH)
     impls.update({"fastattn_cuda": fastattn_call("cuda"), "fastattn_triton": fastattn_call("triton")})
-    name = f"D{D} S{S} B{B} H{H}" + (" causal" if causal else "") + (" keypad50%" if key_padding else "")
+    name = (f"D{D} S{S} B{B} H{H}" + (" causal" if causal else "") + (" keypad50%" if key_padding else "")
+            + (f" window{WINDOW}" if sliding else ""))
     rows = []
     expected = None
     for impl, call in impls.items():
         row = {"case": name, "impl": impl, "D": D, "S": S, "B": B, "H": H, "causal": causal,
-               "key_padding": key_padding}
+               "key_padding": key_padding, "window": window}
         try:
             with torch.no_grad():
                 out = call().float()
@@ -104,7 +114,7 @@ def run_attention_case(D, S, causal, key_padding):
         except Exception as e:  # an SDPA kernel that refuses this case, or a failure to report
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         rows.append(row)
-    del q, k, v, mask, grad_out
+    del q, k, v, mask, sdpa_mask, grad_out
     torch.cuda.empty_cache()
     return rows
 

@@ -192,7 +192,8 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None, wind
     dim = dim % x.dim()
     left, right = ops.check_window(window)
     if (causal or window is not None) and (x.dim() < 2 or dim != x.dim() - 1):
-        raise ValueError("causal=True and window need x with (..., queries, keys) dims and dim=-1")
+        given = "causal=True" if causal else "window"
+        raise ValueError(f"{given} needs x with (..., queries, keys) dims and dim=-1")
     mask = ops.prepare_mask(mask, x.shape, x, "mask")
     rule = Window(left, 0 if causal else right)
     if dim != x.dim() - 1:

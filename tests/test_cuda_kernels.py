@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastattn import reference
-from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED
+from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tolerance import assert_within_baseline  # noqa: E402
@@ -79,48 +79,55 @@ def _mask(kind, B, Hq, Sq, Sk, dtype):
     raise ValueError(kind)
 
 
-def _attention(q, k, v, mask, scale, causal, z):
+def _attention(q, k, v, mask, scale, causal, z, softcap):
     """Attention with an extra additive zero tensor `z` whose gradient is dS (dmask)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(scores.dtype)
-    scores = reference._masked_scores(scores, mask, causal) + z
+    scores = reference._masked_scores(scores, mask, causal, softcap) + z
     probs, lse = reference._safe_softmax(scores)
     return torch.matmul(probs, v), lse.float()
 
 
-def _run_reference(q, k, v, mask, scale, causal, grad_out, dtype):
+def _run_reference(q, k, v, mask, scale, causal, grad_out, dtype, softcap=0.0):
     """(out, lse, dq, dk, dv, dmask) of `_attention` computed in `dtype` from the same inputs."""
     inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     z = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=DEVICE, dtype=dtype,
                     requires_grad=True)
-    out, lse = _attention(*inputs, mask, scale, causal, z)
+    out, lse = _attention(*inputs, mask, scale, causal, z, softcap)
     out.backward(grad_out.to(dtype))
     return (out.detach(), lse.detach(), *(t.grad for t in inputs), z.grad)
 
 
-# (B, Hq, Hkv, Sq, Sk, D, causal, mask kind, dtype, strided)
+# (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, strided, softcap)
 ATTENTION_CASES = [
-    (2, 4, 4, 128, 128, 64, UNBOUNDED, None, torch.float16, False),
-    (2, 4, 2, 113, 203, 40, UNBOUNDED, None, torch.bfloat16, True),
-    (1, 2, 1, 1, 1, 32, UNBOUNDED, None, torch.float16, False),
-    (2, 2, 2, 1023, 1024, 128, CAUSAL_TOP_LEFT, None, torch.bfloat16, False),
-    (1, 4, 1, 512, 256, 96, CAUSAL_TOP_LEFT, "bool", torch.float16, True),
-    (2, 2, 1, 203, 113, 80, CAUSAL, None, torch.float16, False),
-    (1, 3, 3, 256, 512, 128, CAUSAL, "additive", torch.float16, False),
-    (3, 2, 2, 77, 300, 64, UNBOUNDED, "padding_bool", torch.bfloat16, True),
-    (2, 4, 2, 130, 190, 128, UNBOUNDED, "additive_f32_row", torch.bfloat16, False),
-    (1, 2, 2, 200, 333, 256, UNBOUNDED, None, torch.float16, False),
-    (1, 2, 1, 257, 257, 256, CAUSAL, "bool", torch.bfloat16, True),
-    (2, 8, 1, 64, 64, 32, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, False),
+    (2, 4, 4, 128, 128, 64, UNBOUNDED, None, torch.float16, False, 0.0),
+    (2, 4, 2, 113, 203, 40, UNBOUNDED, None, torch.bfloat16, True, 0.0),
+    (1, 2, 1, 1, 1, 32, UNBOUNDED, None, torch.float16, False, 0.0),
+    (2, 2, 2, 1023, 1024, 128, CAUSAL_TOP_LEFT, None, torch.bfloat16, False, 0.0),
+    (1, 4, 1, 512, 256, 96, CAUSAL_TOP_LEFT, "bool", torch.float16, True, 0.0),
+    (2, 2, 1, 203, 113, 80, CAUSAL, None, torch.float16, False, 0.0),
+    (1, 3, 3, 256, 512, 128, CAUSAL, "additive", torch.float16, False, 0.0),
+    (3, 2, 2, 77, 300, 64, UNBOUNDED, "padding_bool", torch.bfloat16, True, 0.0),
+    (2, 4, 2, 130, 190, 128, UNBOUNDED, "additive_f32_row", torch.bfloat16, False, 0.0),
+    (1, 2, 2, 200, 333, 256, UNBOUNDED, None, torch.float16, False, 0.0),
+    (1, 2, 1, 257, 257, 256, CAUSAL, "bool", torch.bfloat16, True, 0.0),
+    (2, 8, 1, 64, 64, 32, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, False, 0.0),
+    # Sliding windows (key blocks outside skipped), two-sided, rows left empty, softcap.
+    (1, 4, 2, 300, 300, 64, Window(40, 0), None, torch.float16, False, 0.0),
+    (2, 2, 1, 150, 260, 128, Window(30, 20), "padding_bool", torch.bfloat16, True, 0.0),
+    (1, 2, 2, 200, 90, 64, Window(8, 0), "additive", torch.float16, False, 0.0),
+    (1, 4, 2, 256, 256, 64, CAUSAL, None, torch.bfloat16, False, 30.0),
+    (2, 2, 1, 128, 333, 128, Window(50, -1), None, torch.float16, False, 5.0),
+    (1, 2, 1, 100, 100, 256, Window(16, 0), "bool", torch.bfloat16, False, 0.0),
 ]
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_attention_matches_reference(case):
-    B, Hq, Hkv, Sq, Sk, D, causal, kind, dtype, strided = case
+    B, Hq, Hkv, Sq, Sk, D, causal, kind, dtype, strided, softcap = case
     torch.manual_seed(hash(case) % 2**31)
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, strided)
     mask = _mask(kind, B, Hq, Sq, Sk, dtype)
@@ -129,9 +136,9 @@ def test_attention_matches_reference(case):
     with_backward = D <= 128
 
     _poison_allocator()
-    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *causal)
-    ref = _run_reference(q, k, v, mask, scale, causal, grad_out, torch.float64)
-    base = _run_reference(q, k, v, mask, scale, causal, grad_out, dtype)
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *causal, softcap)
+    ref = _run_reference(q, k, v, mask, scale, causal, grad_out, torch.float64, softcap)
+    base = _run_reference(q, k, v, mask, scale, causal, grad_out, dtype, softcap)
 
     assert out.dtype == dtype and out.shape == (B, Hq, Sq, D)
     assert_within_baseline("out", out, ref[0], base[0])
@@ -146,7 +153,7 @@ def test_attention_matches_reference(case):
 
     _poison_allocator()
     mask_grad = kind is not None and mask.dtype != torch.bool
-    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *causal)
+    dq, dk, dv, dmask = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *causal, softcap)
     for name, got, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:5], base[2:5]):
         assert got.is_contiguous() and got.dtype == dtype, name
         assert_within_baseline(name, got, r, b)
@@ -265,6 +272,8 @@ SOFTMAX_CASES = [
     (1, 2, 9, 3001, torch.float32, "additive_f32_row", UNBOUNDED, False),
     (1, 1, 8, 8192, torch.float16, "bool", CAUSAL, False),
     (2, 2, 24, 777, torch.float32, "bool", CAUSAL_TOP_LEFT, True),
+    (2, 3, 50, 300, torch.float16, "padding_bool", Window(20, 3), False),  # sliding windows
+    (1, 2, 40, 3000, torch.bfloat16, None, Window(-1, 5, True), True),
 ]
 
 

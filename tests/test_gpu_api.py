@@ -22,12 +22,25 @@ GPU_BACKENDS = [
 ]
 
 
-def _reference_and_baseline(q, k, v, mask, causal, grad_out):
+def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, padded_length):
+    """q, k, v (requiring grad) and, with padded_length, a mask under which batch row 1 sees
+    only its first padded_length keys."""
+    q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dtype, requires_grad=True)
+    mask = None
+    if padded_length:
+        lengths = torch.tensor([Sk, padded_length], device="cuda")
+        mask = (torch.arange(Sk, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    return q, k, v, mask
+
+
+def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0):
     """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv)."""
     results = []
     for dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out, _ = reference.attention(*leaves, mask, None, causal, upcast=False)
+        out, _ = reference.attention(*leaves, mask, None, window, upcast=False, softcap=softcap)
         out.backward(grad_out.to(dtype))
         results.append((out, [t.grad for t in leaves]))
     return results
@@ -38,14 +51,7 @@ def _reference_and_baseline(q, k, v, mask, causal, grad_out):
 @pytest.mark.parametrize("causal,padded", [(False, True), (True, False), (True, True)])
 def test_attention_autograd_matches_reference(backend, dtype, causal, padded):
     torch.manual_seed(0)
-    B, Hq, Hkv, Sq, Sk, D = 2, 8, 2, 300, 300, 128
-    q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dtype, requires_grad=True)
-    mask = None
-    if padded:  # row 1 sees only its first 170 keys
-        lengths = torch.tensor([Sk, 170], device="cuda")
-        mask = (torch.arange(Sk, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    q, k, v, mask = _inputs(2, 8, 2, 300, 300, 128, dtype, 170 if padded else None)
     out = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, backend=backend)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -54,6 +60,33 @@ def test_attention_autograd_matches_reference(backend, dtype, causal, padded):
     assert_within_baseline("out", out, ref_out, base_out)
     for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
         assert_within_baseline(name, got, ref, base)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap,padded", [((64, None), None, True), ((40, 10), 20.0, False),
+                                                   (None, 5.0, False)])
+def test_window_and_softcap_autograd_match_reference(backend, dtype, window, softcap, padded):
+    torch.manual_seed(2)
+    q, k, v, mask = _inputs(2, 4, 2, 200, 333, 64, dtype, 250 if padded else None)
+    out = fastattn.attention(q, k, v, attn_mask=mask, causal=True, window=window, softcap=softcap, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    left, _ = fastattn.ops.check_window(window)
+    (ref_out, ref_grads), (base_out, base_grads) = _reference_and_baseline(
+        q, k, v, mask, reference.Window(left, 0), grad_out, softcap or 0.0)
+    assert_within_baseline("out", out, ref_out, base_out)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base)
+
+
+@pytest.mark.skipif(not dispatch.backends().get("cuda", {}).get("usable"), reason="cuda backend not usable")
+def test_cuda_backend_refuses_softcap_under_a_mask():
+    q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
+    mask = torch.ones(1, 1, 16, 16, device="cuda", dtype=torch.bool)
+    with pytest.raises(ValueError, match="softcap"):
+        fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0, backend="cuda")
+    fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0)  # automatic dispatch picks another backend
 
 
 def test_automatic_dispatch_runs_a_fused_gpu_kernel():
