@@ -90,7 +90,7 @@ def _row_view(cache, block_table):
 
 def attention_with_kvcache(
     q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None, block_table=None, causal=True,
-    scale=None, return_lse=False, backend=None,
+    scale=None, return_lse=False, backend=None, window=None, softcap=None,
 ):
     """Attention of new queries against a key/value cache, appending new keys and values first.
 
@@ -104,6 +104,7 @@ def attention_with_kvcache(
     block_table: int32 (B, max_blocks): row b's position t lives in block
       block_table[b, t // block_size] at offset t % block_size.
     causal: query i sees keys j <= i + L_b - Sq (bottom-right, per row); else every j < L_b.
+    window, softcap: as in attention(), the window aligned bottom-right within each row.
     A row must have room: L_b <= S_max (contiguous) or max_blocks * block_size (paged); checked
     for CPU tensors (on a GPU the check would need a host synchronisation).
     Returns out (B, Hq, Sq, Dv) (and lse (B, Hq, Sq) float32 with return_lse).
@@ -111,6 +112,9 @@ def attention_with_kvcache(
     _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
     ops.check_flag("causal", causal)
     ops.check_flag("return_lse", return_lse)
+    left, right = ops.check_window(window)
+    rule = reference.Window(left, 0 if causal else right)
+    softcap = ops.check_softcap(softcap)
     Sq = q.shape[2]
     capacity = _capacity(k_cache, block_table)
     lengths = cache_seqlens.to(torch.int64) + (Sq if k_new is not None else 0)  # keys each row sees
@@ -126,26 +130,31 @@ def attention_with_kvcache(
         _append(k_cache, k_new, positions, block_table)
         _append(v_cache, v_new, positions, block_table)
     chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale), q.device, backend
+        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap), q.device, backend
     )
     if "kv_cache" in CAPABILITIES[chosen].features and not (torch.is_grad_enabled() and q.requires_grad):
         out, lse = torch.ops.fastattn.attn_fwd_kvcache(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.to(torch.int32), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),
-            *(reference.CAUSAL if causal else reference.UNBOUNDED)[:2],
+            *rule[:2], softcap,
         )
         return (out, lse) if return_lse else out
-    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, causal, scale, return_lse, chosen)
+    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, scale, return_lse,
+                             chosen)
 
 
-def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, causal, scale, return_lse, backend):
-    """The cache through `attention`, with a mask of each row's first `lengths` keys."""
+def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, scale, return_lse, backend):
+    """The cache through `attention`, with a mask of each row's first `lengths` keys and the
+    window `rule` aligned to each row's own last key."""
     Sq = q.shape[2]
     keys = torch.arange(capacity, device=q.device)
     visible = keys < lengths.view(-1, 1, 1)  # (B, 1, capacity)
-    if causal:
-        last_visible = lengths.view(-1, 1) - Sq + torch.arange(Sq, device=q.device)  # (B, Sq)
-        visible = visible & (keys <= last_visible.unsqueeze(-1))
+    diagonal = (lengths.view(-1, 1) - Sq + torch.arange(Sq, device=q.device)).unsqueeze(-1)  # (B, Sq, 1)
+    if rule.left >= 0:
+        visible = visible & (keys >= diagonal - rule.left)
+    if rule.right >= 0:
+        visible = visible & (keys <= diagonal + rule.right)
     mask = visible.unsqueeze(1)  # (B, 1, Sq or 1, capacity)
     k_rows, v_rows = _row_view(k_cache, block_table), _row_view(v_cache, block_table)
-    return functional.attention(q, k_rows, v_rows, attn_mask=mask, scale=scale, return_lse=return_lse, backend=backend)
+    return functional.attention(q, k_rows, v_rows, attn_mask=mask, scale=scale, return_lse=return_lse, backend=backend,
+                                softcap=softcap or None)

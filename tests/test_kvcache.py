@@ -12,13 +12,14 @@ from tolerance import assert_within_baseline
 BACKENDS = [name for name in ("cpu", "triton", "reference") if dispatch.backends()[name]["usable"]]
 
 
-def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast):
-    """Row by row: attention of q[b] to the first lengths[b] keys, bottom-right causal."""
-    rule = reference.CAUSAL if causal else reference.UNBOUNDED
+def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=None, softcap=0.0):
+    """Row by row: attention of q[b] to the first lengths[b] keys, bottom-right causal (or
+    the given window)."""
+    rule = window or (reference.CAUSAL if causal else reference.UNBOUNDED)
     outs = []
     for b, length in enumerate(lengths):
         k, v = keys[b : b + 1, :, :length].to(dtype), values[b : b + 1, :, :length].to(dtype)
-        outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, window=rule, upcast=upcast)[0])
+        outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, window=rule, upcast=upcast, softcap=softcap)[0])
     return torch.cat(outs)
 
 
@@ -69,6 +70,28 @@ def test_matches_the_per_row_reference(backend, page, Sq, causal, dtype):
         stored = k_cache[table.long()].transpose(1, 2).flatten(2, 3)
     for b, length in enumerate(lengths):
         assert torch.equal(stored[b, :, :length], k_rows[b, :, :length])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page", [None, 8])
+@pytest.mark.parametrize("Sq", [1, 6])
+def test_window_and_softcap_follow_each_row(backend, page, Sq):
+    """A causal sliding window of 5 keys ending at each row's own last key, and a softcap."""
+    seqlens = [0, 3, 16, 30]
+    q, (k_cache, v_cache), table, (k_new, v_new), (k_rows, v_rows) = _make_case(
+        4, 4, 2, Sq, 16, torch.float32, seqlens, page is not None, block_size=page or 8, capacity=48, seed=3
+    )
+    out = fastattn.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), k_new=k_new, v_new=v_new,
+        block_table=table, window=(4, None), softcap=3.0, backend=backend,
+    )
+    for b, start in enumerate(seqlens):
+        k_rows[b, :, start : start + Sq], v_rows[b, :, start : start + Sq] = k_new[b], v_new[b]
+    lengths = [s + Sq for s in seqlens]
+    rule = reference.Window(4, 0)
+    expected = _per_row_reference(q, k_rows, v_rows, lengths, True, torch.float64, True, rule, 3.0)
+    baseline = _per_row_reference(q, k_rows, v_rows, lengths, True, torch.float32, False, rule, 3.0)
+    assert_within_baseline("out", out, expected, baseline)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
