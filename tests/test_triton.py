@@ -189,6 +189,18 @@ def test_argument_errors_name_the_argument():
         OPS.triton_attn_fwd(*_qkv(1, 1, 1, 2, 2, 320, 320, torch.float32, False), None, 1.0)
 
 
+def test_autotune_keys_name_kernel_arguments():
+    """On a GPU the kernels are wrapped in autotuners keyed by these names; a key that is not
+    an argument of its kernel makes Triton refuse to build the backend (the interpreter, which
+    runs the kernels untuned here, would not notice)."""
+    from fastattn.triton import configs, kernels
+
+    for kernel in (kernels._attn_fwd_kernel, kernels._attn_bwd_dkdv_kernel, kernels._attn_bwd_dq_kernel):
+        assert set(configs.ATTN_KEY) <= set(kernel.arg_names), set(configs.ATTN_KEY) - set(kernel.arg_names)
+    for kernel in (kernels._softmax_fwd_kernel, kernels._softmax_bwd_kernel):
+        assert set(configs.SOFTMAX_KEY) <= set(kernel.arg_names), set(configs.SOFTMAX_KEY) - set(kernel.arg_names)
+
+
 def test_supports():
     q, k, v = _qkv(1, 2, 1, 4, 4, 64, 64, torch.bfloat16, False)
     assert ftriton.supports(q, k, v, None) is None
