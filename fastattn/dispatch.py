@@ -132,9 +132,7 @@ def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.
     if reason is not None:
         return reason
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))
-    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad) or CAPABILITIES[backend].feature_reason(
-        backend, _modifiers_needed(window, softcap)
-    )
+    reason = _table_reason(backend, q, v, need_grad, window, softcap)
     if reason is not None:
         return reason
     if backend == "triton":
@@ -144,10 +142,14 @@ def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.
     return None
 
 
-def _modifiers_needed(window, softcap):
-    """The capability features a call's window (beyond causal) and softcap need."""
+def _table_reason(backend, q, v, need_grad, window, softcap):
+    """What the capability table says of an attention call: dtypes, head dims (forward, and
+    backward when gradients are wanted) and the features its window (beyond causal) and
+    softcap need."""
     needed = {"window"} if window[:2] not in ((-1, -1), (-1, 0)) else set()
-    return needed | ({"softcap"} if softcap else set())
+    needed |= {"softcap"} if softcap else set()
+    caps = CAPABILITIES[backend]
+    return caps.attention_reason(backend, q, v, need_grad) or caps.feature_reason(backend, needed)
 
 
 def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0):
@@ -158,9 +160,7 @@ def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0):
     if "varlen" not in CAPABILITIES[backend].features:
         return f"the {backend} backend does not run packed (varlen) sequences"
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    reason = CAPABILITIES[backend].attention_reason(backend, q, v, need_grad) or CAPABILITIES[backend].feature_reason(
-        backend, _modifiers_needed(window, softcap)
-    )
+    reason = _table_reason(backend, q, v, need_grad, window, softcap)
     if reason is None and backend == "triton":
         return ops.triton_backend.supports(q, k, v, None)
     return reason

@@ -5,7 +5,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import dispatch, ops, reference
-from .reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
+from .reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED
 
 
 def _ops_for(backend):
@@ -82,8 +82,7 @@ def _check_options(causal, scale, dropout_p, return_lse, window, softcap):
     ops.check_scale("scale", scale, optional=True)
     ops.check_probability("dropout_p", dropout_p)
     ops.check_flag("return_lse", return_lse)
-    left, right = ops.check_window(window)
-    return Window(left, 0 if causal else right), ops.check_softcap(softcap)
+    return ops.window_rule(causal, window), ops.check_softcap(softcap)
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None, window=None,
@@ -190,12 +189,11 @@ def softmax(x, mask=None, scale=1.0, causal=False, dim=-1, *, backend=None, wind
     ops.check_flag("causal", causal)
     ops.check_dim("dim", dim, x)
     dim = dim % x.dim()
-    left, right = ops.check_window(window)
+    rule = ops.window_rule(causal, window)
     if (causal or window is not None) and (x.dim() < 2 or dim != x.dim() - 1):
         given = "causal=True" if causal else "window"
         raise ValueError(f"{given} needs x with (..., queries, keys) dims and dim=-1")
     mask = ops.prepare_mask(mask, x.shape, x, "mask")
-    rule = Window(left, 0 if causal else right)
     if dim != x.dim() - 1:
         x = x.movedim(dim, -1)
         mask = None if mask is None else mask.movedim(dim, -1)

@@ -112,8 +112,7 @@ def attention_with_kvcache(
     _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
     ops.check_flag("causal", causal)
     ops.check_flag("return_lse", return_lse)
-    left, right = ops.check_window(window)
-    rule = reference.Window(left, 0 if causal else right)
+    rule = ops.window_rule(causal, window)
     softcap = ops.check_softcap(softcap)
     Sq = q.shape[2]
     capacity = _capacity(k_cache, block_table)

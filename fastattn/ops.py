@@ -84,6 +84,13 @@ def check_window(window):
     return tuple(sides)
 
 
+def window_rule(causal, window):
+    """The reference.Window that a causal flag and a window=(left, right) make together
+    (bottom-right aligned; causal sets the right side to 0)."""
+    left, right = check_window(window)
+    return reference.Window(left, 0 if causal else right)
+
+
 def check_softcap(softcap):
     """softcap: None (no cap) or a positive finite float. Returns the kernels' value (0.0: no cap)."""
     if softcap is None:

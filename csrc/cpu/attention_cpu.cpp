@@ -127,25 +127,35 @@ struct AttnShapes {
   int64_t B, Hq, Hkv, Sq, Sk, D, Dv;
 };
 
-AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  double softcap) {
-  check_input(q, "q", 4);
-  check_input(k, "k", 4);
-  check_input(v, "v", 4);
+// q, k and v as `dims`-d CPU tensors of one supported dtype (padded: 4-d, packed: 3-d).
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
+  check_input(q, "q", dims);
+  check_input(k, "k", dims);
+  check_input(v, "v", dims);
   dtype_code(q, "q");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
+}
+
+// The head dims: k's equal to q's D, both D and Dv (v's) non-empty and within the kernels' limit.
+void check_head_dims(int64_t D, int64_t k_head_dim, int64_t Dv) {
+  TORCH_CHECK(k_head_dim == D && D > 0, "k must have q's head dim ", D, ", got ", k_head_dim);
+  TORCH_CHECK(Dv > 0, "v must have a non-empty head dim");
+  TORCH_CHECK(D <= kMaxHeadDim && Dv <= kMaxHeadDim, "the cpu kernels take head dims up to ",
+              kMaxHeadDim, ", got ", D, " (q, k) and ", Dv, " (v)");
+}
+
+AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  double softcap) {
+  check_qkv(q, k, v, 4);
   AttnShapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, "q, k and v must have the same batch size");
   TORCH_CHECK(v.size(1) == s.Hkv && s.Hkv > 0 && s.Hq % s.Hkv == 0,
               "k and v must have the same number of heads, dividing q's; got q ", q.sizes(), ", k ",
               k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(v.size(2) == s.Sk, "k and v must have the same sequence length");
-  TORCH_CHECK(k.size(3) == s.D && s.D > 0, "k must have q's head dim ", s.D, ", got ", k.size(3));
-  TORCH_CHECK(s.Dv > 0, "v must have a non-empty head dim");
-  TORCH_CHECK(s.D <= kMaxHeadDim && s.Dv <= kMaxHeadDim, "the cpu kernels take head dims up to ",
-              kMaxHeadDim, ", got ", s.D, " (q, k) and ", s.Dv, " (v)");
+  check_head_dims(s.D, k.size(3), s.Dv);
   check_softcap(softcap);
   return s;
 }
@@ -432,21 +442,12 @@ struct PackedShapes {
 PackedShapes check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softcap) {
-  check_input(q, "q", 3);
-  check_input(k, "k", 3);
-  check_input(v, "v", 3);
-  dtype_code(q, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+  check_qkv(q, k, v, 3);
   const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2);
   TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
               "k and v must have the same rows and heads, dividing q's heads; got q ", q.sizes(), ", k ", k.sizes(),
               ", v ", v.sizes());
-  TORCH_CHECK(k.size(2) == D && D > 0, "k must have q's head dim ", D, ", got ", k.size(2));
-  TORCH_CHECK(Dv > 0, "v must have a non-empty head dim");
-  TORCH_CHECK(D <= kMaxHeadDim && Dv <= kMaxHeadDim, "the cpu kernels take head dims up to ", kMaxHeadDim, ", got ",
-              D, " (q, k) and ", Dv, " (v)");
+  check_head_dims(D, k.size(2), Dv);
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ",
               max_seqlen_q, " and ", max_seqlen_k);
   check_softcap(softcap);
