@@ -143,9 +143,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& mask,
                                                         double scale, int64_t window_left,
                                                         int64_t window_right, bool window_top_left,
-                                                        double softcap) {
+                                                        double softcap, const std::optional<at::Tensor>& sinks) {
   fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left,
                                     softcap, fc::kMaxHeadDimFwd);
+  if (sinks.has_value()) {
+    check_cuda_tensor(*sinks, "sinks", q);
+    TORCH_CHECK_VALUE(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 && sinks->size(0) == p.hq &&
+                          sinks->is_contiguous(),
+                      "fastattn CUDA: sinks must be a contiguous float32 tensor of shape (", p.hq, "), got ",
+                      sinks->scalar_type(), " ", sinks->sizes());
+    p.sinks = sinks->data_ptr<float>();
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({p.b, p.hq, p.sq, p.d}, q.options());
   at::Tensor lse = at::empty({p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));

@@ -10,6 +10,10 @@
 //         window_top_left); a negative side is unbounded. Causal is (-1, 0).
 //   softcap: > 0 caps the scaled scores, softcap * tanh(scale * q.k / softcap), before the mask;
 //         0 leaves them as they are.
+//   sinks: None, or float32 (Hq,) contiguous: one logit per query head that joins every row's
+//         softmax denominator and carries no value (attention sinks). The forwards fold it into
+//         lse and softmax_stats, so the backwards, given those statistics and the output, need
+//         nothing more; the sinks' own gradient is computed by the autograd formula.
 //   lse: float32 (B, Hq, Sq), natural log; -inf for rows that see no key (their output is 0).
 //   softmax_stats: float32 (2, B, Hq, Sq): [0] the row max of the scores (scale*q.k + mask),
 //         [1] the row sum of exp(score - row max); lse = [0] + log([1]). The backward
@@ -26,7 +30,7 @@
 
 TORCH_LIBRARY(fastattn, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int window_left=-1,"
-        " int window_right=-1, bool window_top_left=False, float softcap=0.0)"
+        " int window_right=-1, bool window_top_left=False, float softcap=0.0, Tensor? sinks=None)"
         " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor? mask, float scale, bool mask_grad, int window_left=-1, int window_right=-1,"
@@ -37,7 +41,7 @@ TORCH_LIBRARY(fastattn, m) {
   // first cache_seqlens[b] keys (the window aligned bottom-right per batch).
   m.def("attn_fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
         " Tensor? block_table, float scale, int window_left=-1, int window_right=-1,"
-        " float softcap=0.0) -> (Tensor out, Tensor lse)");
+        " float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   // Packed (variable-length) sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D/Dv) and
   // int32 cu_seqlens_q/k (B + 1) cumulative lengths; sequence b's queries are rows
   // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) (keys likewise), at most max_seqlen_q/k long; the
@@ -45,7 +49,7 @@ TORCH_LIBRARY(fastattn, m) {
   // (Hq, total_q); softmax_stats (2, Hq, total_q).
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
         " int max_seqlen_q, int max_seqlen_k, float scale, int window_left=-1, int window_right=-1,"
-        " float softcap=0.0) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+        " float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale,"
         " int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
@@ -81,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
   cpu["head_dim_multiple"] = 1;
   cpu["v_head_dim_may_differ"] = true;
   // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd
-  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen");
+  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "sinks");
   cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
   cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
   cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;
@@ -89,7 +93,7 @@ PYBIND11_MODULE(_C, m) {
   cuda["head_dim_multiple"] = fastattn::cuda::kHeadDimMultiple;
   cuda["v_head_dim_may_differ"] = false;
   cuda["min_compute_capability"] = fastattn::cuda::kMinComputeCapability;
-  cuda["extra_features"] = py::make_tuple("window", "softcap");
+  cuda["extra_features"] = py::make_tuple("window", "softcap", "sinks");
   py::dict capabilities;
   capabilities["cpu"] = cpu;
   capabilities["cuda"] = cuda;

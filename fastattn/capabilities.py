@@ -88,7 +88,7 @@ def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
         "reference": Capabilities(float64, float64, None, None,
-                                  features=COMMON_FEATURES | {"window", "softcap", "varlen"}),
+                                  features=COMMON_FEATURES | {"window", "softcap", "varlen", "sinks"}),
         "triton": Capabilities(
             triton_capabilities.DTYPES, triton_capabilities.DTYPES,
             triton_capabilities.MAX_HEAD_DIM, triton_capabilities.MAX_HEAD_DIM,

@@ -12,7 +12,7 @@ def _ops_for(backend):
     return ops.TRITON_OPS if backend == "triton" else ops.NATIVE_OPS
 
 
-def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0):
+def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0, sinks=None):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
         scale = reference.default_scale(q.shape[-1])
@@ -21,14 +21,14 @@ def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0
         # for a block or the process (use_backend, FASTATTN_BACKEND), so training still runs.
         # Empty inputs have nothing to compute: the reference gives their (empty or zero)
         # results and gradients in every shape.
-        return reference.attention(q, k, v, mask, scale, window, dropout_p, softcap=softcap)
+        return reference.attention(q, k, v, mask, scale, window, dropout_p, softcap=softcap, sinks=sinks)
     chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap), q.device, backend
+        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap, sinks), q.device, backend
     )
     if chosen == "reference":
-        return reference.attention(q, k, v, mask, scale, window, softcap=softcap)
+        return reference.attention(q, k, v, mask, scale, window, softcap=softcap, sinks=sinks)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap)
+    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap, sinks)
     return out, lse
 
 
@@ -86,7 +86,7 @@ def _check_options(causal, scale, dropout_p, return_lse, window, softcap):
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None, window=None,
-              softcap=None, dropout_p=0.0):
+              softcap=None, dropout_p=0.0, sinks=None):
     """Fused attention softmax(cap(scale * q @ k^T) + mask) @ v.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (GQA/MQA:
@@ -99,20 +99,24 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     causal=True the right side is 0. Key blocks outside the window are skipped, so a window
     of width W costs O(S * W) rather than O(S^2).
     softcap: c > 0 caps the scaled scores at c * tanh(s / c) before the mask is added (Gemma 2).
+    sinks: (Hq,) float tensor, a learned logit per query head that joins each row's softmax
+    denominator and carries no value (attention sinks, gpt-oss): row i's probabilities are
+    exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). It gets a gradient.
     dropout_p: dropout of the attention probabilities; > 0 runs the unfused reference path.
     return_lse: also return the natural-log sum-exp of each row's scores, float32 (B, Hq, Sq),
-    -inf for rows that see no key (their output is zero).
+    -inf for rows that see no key (their output is zero); with sinks, the sink is included.
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
     """
     mask = ops.check_attention_inputs(q, k, v, attn_mask, enable_gqa=True)
     window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
-    out, lse = _attention(q, k, v, mask, scale, window, backend, dropout_p, softcap)
+    sinks = ops.check_sinks(sinks, q.shape[1], q)
+    out, lse = _attention(q, k, v, mask, scale, window, backend, dropout_p, softcap, sinks)
     return (out, lse) if return_lse else out
 
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None, dropout_p=0.0,
-    return_lse=False, backend=None, window=None, softcap=None,
+    return_lse=False, backend=None, window=None, softcap=None, sinks=None,
 ):
     """Attention of packed variable-length sequences (flash-attention's flash_attn_varlen_func).
 
@@ -125,7 +129,7 @@ def varlen_attention(
     checked against the lengths for CPU tensors).
     causal: bottom-right within each sequence: query i of a sequence with Sq queries and Sk keys
     sees keys j <= i + Sk - Sq.
-    window, softcap: as in attention(), the window aligned bottom-right within each sequence.
+    window, softcap, sinks: as in attention(), the window aligned bottom-right within each sequence.
     dropout_p: > 0 runs the unfused reference path, one sequence at a time, with fastattn's
     Philox decisions (sequence b as batch b): the fused kernels have no dropout yet.
     return_lse: also return the natural-log sum-exp of each row, float32 (Hq, total_q), -inf
@@ -136,16 +140,18 @@ def varlen_attention(
     """
     ops.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
+    sinks = ops.check_sinks(sinks, q.shape[1], q)
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
-    chosen = dispatch.choose(lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap), q.device, backend)
+    chosen = dispatch.choose(lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, sinks), q.device,
+                             backend)
     if chosen == "reference" or dropout_p > 0.0 or _is_empty(q, k, v):
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, dropout_p,
-                                              softcap=softcap)
+                                              softcap=softcap, sinks=sinks)
     else:
         q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
         out, lse, _ = _ops_for(chosen).varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), window.left, window.right,
-            softcap,
+            softcap, sinks,
         )
     return (out, lse) if return_lse else out
 

@@ -90,7 +90,7 @@ def _row_view(cache, block_table):
 
 def attention_with_kvcache(
     q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None, block_table=None, causal=True,
-    scale=None, return_lse=False, backend=None, window=None, softcap=None,
+    scale=None, return_lse=False, backend=None, window=None, softcap=None, sinks=None,
 ):
     """Attention of new queries against a key/value cache, appending new keys and values first.
 
@@ -104,7 +104,7 @@ def attention_with_kvcache(
     block_table: int32 (B, max_blocks): row b's position t lives in block
       block_table[b, t // block_size] at offset t % block_size.
     causal: query i sees keys j <= i + L_b - Sq (bottom-right, per row); else every j < L_b.
-    window, softcap: as in attention(), the window aligned bottom-right within each row.
+    window, softcap, sinks: as in attention(), the window aligned bottom-right within each row.
     A row must have room: L_b <= S_max (contiguous) or max_blocks * block_size (paged); checked
     for CPU tensors (on a GPU the check would need a host synchronisation).
     Returns out (B, Hq, Sq, Dv) (and lse (B, Hq, Sq) float32 with return_lse).
@@ -114,6 +114,7 @@ def attention_with_kvcache(
     ops.check_flag("return_lse", return_lse)
     rule = ops.window_rule(causal, window)
     softcap = ops.check_softcap(softcap)
+    sinks = ops.check_sinks(sinks, q.shape[1], q)
     Sq = q.shape[2]
     capacity = _capacity(k_cache, block_table)
     lengths = cache_seqlens.to(torch.int64) + (Sq if k_new is not None else 0)  # keys each row sees
@@ -129,20 +130,23 @@ def attention_with_kvcache(
         _append(k_cache, k_new, positions, block_table)
         _append(v_cache, v_new, positions, block_table)
     chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap), q.device, backend
+        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap, sinks), q.device,
+        backend,
     )
-    if "kv_cache" in CAPABILITIES[chosen].features and not (torch.is_grad_enabled() and q.requires_grad):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, sinks))
+    if "kv_cache" in CAPABILITIES[chosen].features and not needs_grad:
         out, lse = torch.ops.fastattn.attn_fwd_kvcache(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.to(torch.int32), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),
-            *rule[:2], softcap,
+            *rule[:2], softcap, sinks,
         )
         return (out, lse) if return_lse else out
-    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, scale, return_lse,
-                             chosen)
+    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, sinks, scale,
+                             return_lse, chosen)
 
 
-def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, scale, return_lse, backend):
+def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, sinks, scale, return_lse,
+                      backend):
     """The cache through `attention`, with a mask of each row's first `lengths` keys and the
     window `rule` aligned to each row's own last key."""
     Sq = q.shape[2]
@@ -156,4 +160,4 @@ def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule,
     mask = visible.unsqueeze(1)  # (B, 1, Sq or 1, capacity)
     k_rows, v_rows = _row_view(k_cache, block_table), _row_view(v_cache, block_table)
     return functional.attention(q, k_rows, v_rows, attn_mask=mask, scale=scale, return_lse=return_lse, backend=backend,
-                                softcap=softcap or None)
+                                softcap=softcap or None, sinks=sinks)

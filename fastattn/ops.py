@@ -102,6 +102,21 @@ def check_softcap(softcap):
     return float(softcap)
 
 
+def check_sinks(sinks, heads, like):
+    """sinks: None, or a floating tensor of one logit per query head (`heads`,) on `like`'s
+    device. Returns it in float32, the kernels' dtype (autograd casts its gradient back)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        got = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise TypeError(f"sinks must be a floating-point tensor of one logit per query head, got {got}")
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape ({heads},) (one logit per query head), got {tuple(sinks.shape)}")
+    if sinks.device != like.device:
+        raise ValueError(f"sinks must be on {like.device} like the inputs, got {sinks.device}")
+    return sinks.float().contiguous()
+
+
 def check_dim(name, dim, t):
     """A dimension index of `t`: an int in [-t.dim(), t.dim()) (IndexError otherwise, like torch)."""
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
@@ -229,7 +244,8 @@ def last_dim_contiguous(t):
 # Shapes and dtypes of each op's outputs, for torch.compile / FakeTensor tracing.
 
 
-def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0):
+def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0,
+                   sinks=None):
     B, Hq, Sq, _ = q.shape
     return (
         q.new_empty(B, Hq, Sq, v.shape[-1]),
@@ -246,7 +262,7 @@ def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, mask_grad
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left=-1,
-                     window_right=-1, softcap=0.0):
+                     window_right=-1, softcap=0.0, sinks=None):
     total_q, Hq, _ = q.shape
     return (
         q.new_empty(total_q, Hq, v.shape[-1]),
@@ -273,7 +289,7 @@ def _fake_dropout_keep_mask(rng_state, batch, heads, rows, cols, p):
 
 
 def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left=-1, window_right=-1,
-                           softcap=0.0):
+                           softcap=0.0, sinks=None):
     B, Hq, Sq, _ = q.shape
     return q.new_empty(B, Hq, Sq, v_cache.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
@@ -281,14 +297,14 @@ def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scal
 # ----------------------------------------------------------------------------- autograd
 
 
-def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap):
+def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap, sinks):
     """Extra dq, dk, dmask when the caller differentiates the returned log-sum-exp
     (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss.
     P is the softmax of these very scores, not exp(scores - lse): an fp32 lse keeps the row
     sum only to |lse| * 2^-24, and the kernel's row max may differ from these scores by an
     ulp, either of which costs P many times PyTorch's accuracy at large logits."""
     scores, k32 = reference.masked_scores(q, k, mask, scale, window, torch.float32, softcap)
-    probs, _ = reference._safe_softmax(scores)
+    probs, _ = reference._safe_softmax(scores, sinks)
     dscores = probs * g_lse.unsqueeze(-1)  # the mask's gradient: it is added after the cap
     dlogits = dscores
     if softcap:  # through the cap: d (c tanh(s / c)) / ds = 1 - tanh(s / c)^2
@@ -299,15 +315,15 @@ def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap):
     return dq, dk, dscores
 
 
-def _reference_backward(ctx, recompute, inputs, differentiable, n_inputs, grad_out, grad_lse):
+def _reference_backward(ctx, recompute, inputs, n_inputs, grad_out, grad_lse):
     """An op's backward through the reference recomputed under autograd: for double backward
     (the fused backward kernels have no derivative of their own) and, for packed calls, a
-    differentiated lse. recompute(*inputs) -> (out, lse); the first `differentiable` inputs
-    get gradients; returns one entry per op input (n_inputs)."""
-    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:differentiable]) if needed]
+    differentiated lse. inputs: {op input number: tensor} of the differentiable inputs;
+    recompute(*inputs.values()) -> (out, lse). Returns one entry per op input (n_inputs)."""
+    wanted = [i for i, t in inputs.items() if t is not None and ctx.needs_input_grad[i]]
     create_graph = torch.is_grad_enabled()  # double backward: the gradients are differentiable
     with torch.enable_grad():
-        out, lse = recompute(*inputs)
+        out, lse = recompute(*inputs.values())
         pairs = [(t, g) for t, g in ((out, grad_out), (lse, grad_lse)) if g is not None]
         grads = torch.autograd.grad(
             [t for t, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
@@ -319,9 +335,30 @@ def _reference_backward(ctx, recompute, inputs, differentiable, n_inputs, grad_o
     return tuple(result)
 
 
-_ATTN_FWD_INPUTS = 9  # q, k, v, mask, scale, window_left, window_right, window_top_left, softcap
-# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
-_VARLEN_FWD_INPUTS = 11
+def _sink_gradient(sinks, lse, delta, grad_lse, head_dim):
+    """d loss / d sinks. Sink h is one more logit in each row of head h, seen with probability
+    p0 = exp(sink - lse) and carrying no value, so its dS is p0 * (grad_lse - delta), delta =
+    rowsum(grad_out * out) as in every row's backward; summed over the head's rows. lse, delta
+    and grad_lse share a layout whose dim `head_dim` is the head."""
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    p0 = torch.exp(sinks.view(shape) - lse.masked_fill(lse.isneginf(), float("inf")))  # 0 in empty rows
+    dscore = -delta if grad_lse is None else grad_lse - delta
+    return (p0 * dscore).sum([d for d in range(lse.dim()) if d != head_dim])
+
+
+def _row_delta(grad_out, out):
+    """rowsum(grad_out * out) in float32 (zeros where grad_out was not given)."""
+    if grad_out is None:
+        return torch.zeros(out.shape[:-1], dtype=torch.float32, device=out.device)
+    return (grad_out.float() * out.float()).sum(-1)
+
+
+_ATTN_FWD_INPUTS = 10  # q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, sinks
+_ATTN_SINKS = 9
+# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap, sinks
+_VARLEN_FWD_INPUTS = 12
+_VARLEN_SINKS = 11
 
 
 class OpFamily:
@@ -344,20 +381,24 @@ class OpFamily:
 
     @staticmethod
     def _attention_setup(ctx, inputs, output):
-        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap = inputs
-        out, _, softmax_stats = output
-        ctx.save_for_backward(q, k, v, mask, out, softmax_stats)
+        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, sinks = inputs
+        out, lse, softmax_stats = output
+        ctx.save_for_backward(q, k, v, mask, out, softmax_stats, sinks, lse)
         ctx.scale, ctx.softcap = scale, softcap
         ctx.window = reference.Window(window_left, window_right, window_top_left)
         ctx.set_materialize_grads(False)
 
     def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, mask, out, softmax_stats = ctx.saved_tensors
+        q, k, v, mask, out, softmax_stats, sinks, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
-            def recompute(q, k, v, mask):
-                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap)
+            def recompute(q, k, v, mask, sinks):
+                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap, sinks=sinks)
 
-            return _reference_backward(ctx, recompute, (q, k, v, mask), 4, _ATTN_FWD_INPUTS, grad_out, grad_lse)
+            inputs = {0: q, 1: k, 2: v, 3: mask, _ATTN_SINKS: sinks}
+            return _reference_backward(ctx, recompute, inputs, _ATTN_FWD_INPUTS, grad_out, grad_lse)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[_ATTN_SINKS]:
+            dsinks = _sink_gradient(sinks, lse, _row_delta(grad_out, out), grad_lse, head_dim=1)
         mask_grad = ctx.needs_input_grad[3]
         if grad_out is None:  # only the lse was used
             grad_out = torch.zeros_like(out)
@@ -366,37 +407,44 @@ class OpFamily:
             ctx.softcap,
         )
         if grad_lse is not None:
-            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.window, ctx.softcap)
+            dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.window, ctx.softcap,
+                                                            sinks)
             dq, dk = dq + dq_lse.to(dq.dtype), dk + dk_lse.to(dk.dtype)
             if mask_grad:
                 dmask = dmask + dmask_lse
-        return (dq, dk, dv, dmask.to(mask.dtype) if mask_grad else None) + (None,) * (_ATTN_FWD_INPUTS - 4)
+        grads = [dq, dk, dv, dmask.to(mask.dtype) if mask_grad else None] + [None] * (_ATTN_FWD_INPUTS - 4)
+        grads[_ATTN_SINKS] = dsinks
+        return tuple(grads[: len(ctx.needs_input_grad)])  # one per input given (defaults may be left out)
 
     @staticmethod
     def _varlen_setup(ctx, inputs, output):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap = inputs
-        out, _, softmax_stats = output
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats)
+        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+         sinks) = inputs
+        out, lse, softmax_stats = output
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, sinks, lse)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.softcap = max_seqlen_q, max_seqlen_k, scale, softcap
         ctx.window = reference.Window(window_left, window_right)
         ctx.set_materialize_grads(False)
 
     def _varlen_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats = ctx.saved_tensors
+        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, sinks, lse = ctx.saved_tensors
         if torch.is_grad_enabled() or grad_lse is not None:
-            def recompute(q, k, v, cu_seqlens_q, cu_seqlens_k):
+            def recompute(q, k, v, sinks):
                 return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.scale, ctx.window,
-                                                  softcap=ctx.softcap)
+                                                  softcap=ctx.softcap, sinks=sinks)
 
-            return _reference_backward(ctx, recompute, (q, k, v, cu_seqlens_q, cu_seqlens_k), 3, _VARLEN_FWD_INPUTS,
-                                       grad_out, grad_lse)
+            inputs = {0: q, 1: k, 2: v, _VARLEN_SINKS: sinks}
+            return _reference_backward(ctx, recompute, inputs, _VARLEN_FWD_INPUTS, grad_out, grad_lse)
         if grad_out is None:  # neither output was used
             return (None,) * _VARLEN_FWD_INPUTS
         dq, dk, dv = self.varlen_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k,
             ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.window.left, ctx.window.right, ctx.softcap,
         )
-        return (dq, dk, dv) + (None,) * (_VARLEN_FWD_INPUTS - 3)
+        grads = [dq, dk, dv] + [None] * (_VARLEN_FWD_INPUTS - 3)
+        if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS]:  # out (total_q, Hq, Dv), lse (Hq, total_q)
+            grads[_VARLEN_SINKS] = _sink_gradient(sinks, lse, _row_delta(grad_out, out).t(), None, head_dim=0)
+        return tuple(grads[: len(ctx.needs_input_grad)])
 
     @staticmethod
     def _softmax_setup(ctx, inputs, output):

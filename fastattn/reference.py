@@ -71,9 +71,14 @@ def _masked_scores(scores, mask, window, softcap=0.0):
     return scores
 
 
-def _safe_softmax(scores):
+def _safe_softmax(scores, sinks=None):
     """Softmax over the last dim that gives zeros (and zero gradients) for rows with no
-    finite score, plus the natural-log sum-exp of each row (-inf for such rows)."""
+    finite score, plus the natural-log sum-exp of each row (-inf for such rows). sinks: one
+    logit per head (dim -3) that joins every row's softmax with no value (gpt-oss)."""
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs, lse = _safe_softmax(torch.cat([scores, sink_column], dim=-1))
+        return probs[..., :-1], lse
     if scores.shape[-1] == 0:  # no keys at all: amax has nothing to reduce
         row_max = scores.new_full(scores.shape[:-1] + (1,), float("-inf"))
     else:
@@ -116,18 +121,20 @@ def masked_scores(q, k, mask, scale, window, compute_dtype, softcap=0.0):
 
 
 def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, upcast=True, rng_state=None,
-              softcap=0.0, first_batch=0):
+              softcap=0.0, first_batch=0, sinks=None):
     """Reference attention. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv) with
     Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive;
     window: a Window; softcap > 0 caps the scaled scores at +-softcap (before the mask).
     upcast=False computes in the input dtype: the low-precision baseline of the tests.
     dropout_p > 0 drops probabilities as the fused kernels do under rng_state (int64 (seed,
     offset); drawn from torch's generator when None), numbering the batches from first_batch.
+    sinks: (Hq,) logits, one per query head, that join each row's softmax denominator and carry
+    no value (attention sinks, gpt-oss); the lse includes them.
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     scores, _ = masked_scores(q, k, mask, scale, window, compute_dtype, softcap)
-    probs, lse = _safe_softmax(scores)
+    probs, lse = _safe_softmax(scores, sinks)
     if dropout_p > 0.0:
         rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
         probs = dropout(probs, dropout_p, rng_state, first_batch)
@@ -137,7 +144,7 @@ def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, u
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, window=UNBOUNDED, dropout_p=0.0,
-                     upcast=True, rng_state=None, softcap=0.0):
+                     upcast=True, rng_state=None, softcap=0.0, sinks=None):
     """Reference attention of packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v
     (total_k, Hkv, Dv); sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q
     and its keys rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int cumulative lengths);
@@ -153,7 +160,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, window=UNB
             return t[bounds[b]:bounds[b + 1]].transpose(0, 1).unsqueeze(0)
 
         out, lse = attention(rows(q, bounds_q), rows(k, bounds_k), rows(v, bounds_k), None, scale, window,
-                             dropout_p, upcast, rng_state, softcap, first_batch=b)
+                             dropout_p, upcast, rng_state, softcap, first_batch=b, sinks=sinks)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     if not outs:  # no sequences

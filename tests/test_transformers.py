@@ -1,6 +1,7 @@
 """attn_implementation="fastattn" in Hugging Face transformers: the packaged pretrained MiniLM
-encoder (sentence embeddings, fine-tuning) and small random-weight GPT-2, Llama (GQA), BART
-and T5 (position bias) models against "eager": logits on padded batches, gradients, and greedy
+encoder (sentence embeddings, fine-tuning) and small random-weight GPT-2, Llama (GQA),
+Mistral and Gemma 2 (sliding windows, softcap), gpt-oss (attention sinks), BART and T5
+(position bias) models against "eager": logits on padded batches, gradients, and greedy
 generation with a KV cache."""
 import os
 
@@ -27,28 +28,32 @@ LABELS = [1, 1, 0, 1, 1, 0]
 
 
 class CallLog(list):
-    """Calls as tuples (compared as a list), and beside them each call's (window, softcap)."""
+    """Calls as tuples (compared as a list), and beside them each call's (window, softcap) and
+    its sinks (None or the tensor)."""
 
     def __init__(self):
         super().__init__()
         self.modifiers = []
+        self.sinks = []
 
     def clear(self):
         super().clear()
         self.modifiers.clear()
+        self.sinks.clear()
 
 
 @pytest.fixture
 def fastattn_calls(monkeypatch):
     """Records (mask dtype, causal, Hq, Hkv, Sq, Sk) of every attention call that reaches fastattn,
-    and its window and softcap in `calls.modifiers`."""
+    its window and softcap in `calls.modifiers` and its sinks in `calls.sinks`."""
     calls = CallLog()
     attend = fa_hf.attend
 
-    def counting(q, k, v, mask, causal, scale, dropout_p, window=None, softcap=None):
+    def counting(q, k, v, mask, causal, scale, dropout_p, window=None, softcap=None, sinks=None):
         calls.append(("none" if mask is None else str(mask.dtype), causal, *q.shape[1:3], *k.shape[1:3]))
         calls.modifiers.append((window, softcap))
-        return attend(q, k, v, mask, causal, scale, dropout_p, window, softcap)
+        calls.sinks.append(sinks)
+        return attend(q, k, v, mask, causal, scale, dropout_p, window, softcap, sinks)
 
     monkeypatch.setattr(fa_hf, "attend", counting)
     return calls
@@ -212,8 +217,20 @@ def gemma2_config():
                                      eos_token_id=None, pad_token_id=0)
 
 
+def gpt_oss_config():
+    # Sliding (window 4) and full layers with a learned sink per head; a small mixture of experts,
+    # run by transformers' plain loop (its grouped GEMM has no float64, which the ground truth needs).
+    return transformers.GptOssConfig(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                     sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                     bos_token_id=1, eos_token_id=None, pad_token_id=0,
+                                     experts_implementation="eager")
+
+
 MODELS = {
     "gpt2": (gpt2_config, transformers.AutoModelForCausalLM),
+    "gpt_oss": (gpt_oss_config, transformers.AutoModelForCausalLM),
     "llama": (llama_config, transformers.AutoModelForCausalLM),
     "mistral": (mistral_config, transformers.AutoModelForCausalLM),
     "gemma2": (gemma2_config, transformers.AutoModelForCausalLM),
@@ -222,7 +239,8 @@ MODELS = {
 }
 
 
-DECODERS = ("gpt2", "llama", "mistral", "gemma2")
+DECODERS = ("gpt2", "llama", "mistral", "gemma2", "gpt_oss")
+NO_SDPA = ("gemma2", "gpt_oss")  # transformers refuses "sdpa" for softcap and sinks
 
 
 def build(name, *impls):
@@ -269,9 +287,9 @@ def valid_positions(inputs):
 def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_padding, fastattn_calls):
     # float64 ground truth from "sdpa": "eager" gives NaN in float64 (its finfo.min masks
     # overflow to -inf on padding rows, and their NaN reaches every row through 0 * NaN).
-    # Gemma 2 refuses "sdpa" (transformers' SDPA path has no softcap): its float64 ground truth is
-    # fastattn's, which float64 runs on the pure-PyTorch reference backend.
-    eager, fast, reference = build(name, "eager", "fastattn", "fastattn" if name == "gemma2" else "sdpa")
+    # Gemma 2 and gpt-oss refuse "sdpa" (transformers' SDPA path has no softcap or sinks): their
+    # float64 ground truth is fastattn's, which float64 runs on the pure-PyTorch reference backend.
+    eager, fast, reference = build(name, "eager", "fastattn", "fastattn" if name in NO_SDPA else "sdpa")
     reference.double()
     inputs = padded_inputs(name, left=name in DECODERS, decoder_padding=decoder_padding)
     valid = valid_positions(inputs)
@@ -287,10 +305,13 @@ def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_paddin
         assert any(kind == "torch.float32" for kind, *_ in fastattn_calls)
     if not decoder_padding:  # decoder self-attention: no mask, the kernel's causal rule
         assert any(causal for _, causal, *_ in fastattn_calls)
-    if name in ("llama", "mistral", "gemma2"):  # grouped-query attention: 4 query heads read 2 key/value heads
+    if name in ("llama", "mistral", "gemma2", "gpt_oss"):  # GQA: 4 query heads read 2 key/value heads
         assert all(hq == 4 and hkv == 2 for _, _, hq, _, hkv, _ in fastattn_calls)
     if name == "gemma2":  # the cap reaches the kernel
         assert all(softcap == 5.0 for _, softcap in fastattn_calls.modifiers)
+    if name == "gpt_oss":  # the sinks reach the kernel, and get their gradient
+        assert all(sinks is not None and sinks.shape == (4,) for sinks in fastattn_calls.sinks)
+        assert any(param.endswith("sinks") for param in results["fast"][1])
     assert_within_baseline(f"{name} logits", results["fast"][0], results["reference"][0], results["eager"][0])
     assert results["fast"][1].keys() == results["reference"][1].keys()
     for param, ref in results["reference"][1].items():
@@ -323,7 +344,7 @@ def test_compiled_model_has_no_graph_break():
     torch.testing.assert_close(compiled(**inputs).logits[valid], eager(**inputs).logits[valid], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
 def test_sliding_window_reaches_the_kernel_without_padding(name, fastattn_calls):
     """Unpadded prompts longer than the window: transformers builds no mask, and the kernel
     applies the window itself (skipping the key blocks outside it)."""

@@ -188,17 +188,36 @@ void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.seqs = padded_layout(s);
 }
 
+// The sinks argument (float32 (Hq,) contiguous, or none) into p.sinks. Returns them viewed
+// to broadcast over the statistics' shape, whose dim `head_dim` of `stat_dims` is the head
+// (for merge_splits), or an undefined tensor without sinks.
+at::Tensor set_sinks(AttnFwdParams& p, const std::optional<at::Tensor>& sinks, int64_t head_dim, int64_t stat_dims) {
+  if (!sinks.has_value()) return {};
+  const at::Tensor& t = *sinks;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == p.Hq &&
+                  t.is_contiguous(),
+              "sinks must be a contiguous float32 CPU tensor of shape (", p.Hq, "), got ", t.scalar_type(), " ",
+              t.sizes());
+  p.sinks = t.data_ptr<float>();
+  std::vector<int64_t> shape(stat_dims, 1);
+  shape[head_dim] = p.Hq;
+  return t.view(shape);
+}
+
 // Merges the key splits' normalised partial outputs (nsplit, rows..., Dv) and statistics
-// (2, nsplit, rows...) in a fixed order: split c weighs row_sum_c * exp(row_max_c - row_max).
-// `out` is the output seen in the order of the statistics.
-void merge_splits(const at::Tensor& out_partial, const at::Tensor& stats_partial, at::Tensor& out,
-                  at::Tensor& lse, at::Tensor& stats) {
+// (2, nsplit, rows...) in a fixed order: split c weighs row_sum_c * exp(row_max_c - row_max),
+// a sink (sink_rows, broadcast over the rows; undefined: none) exp(sink - row_max). `out` is
+// the output seen in the order of the statistics.
+void merge_splits(const at::Tensor& out_partial, const at::Tensor& stats_partial, const at::Tensor& sink_rows,
+                  at::Tensor& out, at::Tensor& lse, at::Tensor& stats) {
   const at::Tensor max_c = stats_partial[0], sum_c = stats_partial[1];
   at::Tensor row_max = max_c.amax(0);
+  if (sink_rows.defined()) row_max = at::maximum(row_max, sink_rows);
   // Rows no split saw (row_max -inf) take weights exp(-inf) = 0 rather than NaN.
   const at::Tensor shift = row_max.masked_fill(row_max.isneginf(), 0.0);
   const at::Tensor weight = (max_c - shift).exp_().mul_(sum_c);
-  const at::Tensor row_sum = weight.sum(0);
+  at::Tensor row_sum = weight.sum(0);
+  if (sink_rows.defined()) row_sum.add_((sink_rows - shift).exp_());
   const at::Tensor divisor = row_sum.masked_fill(row_sum == 0, 1.0);
   out.copy_((out_partial * weight.unsqueeze(-1)).sum(0).div_(divisor.unsqueeze(-1)));
   stats.select(0, 0).copy_(row_max);
@@ -207,15 +226,21 @@ void merge_splits(const at::Tensor& out_partial, const at::Tensor& stats_partial
 }
 
 // Runs the forward kernels on filled-in inputs `p` (shapes, views, mask, rule, sequence
-// layout) into lse, the softmax statistics (2, lse's shape) and the output, given here in the
-// order of the statistics (lse's shape, Dv).
-void run_forward(AttnFwdParams& p, at::Tensor out, at::Tensor lse, at::Tensor stats) {
+// layout, sinks) into lse, the softmax statistics (2, lse's shape) and the output, given here
+// in the order of the statistics (lse's shape, Dv). sink_rows: set_sinks' view.
+void run_forward(AttnFwdParams& p, at::Tensor out, at::Tensor lse, at::Tensor stats, const at::Tensor& sink_rows) {
   if (out.numel() == 0 && lse.numel() == 0) return;
-  if (p.Sk == 0) {  // no keys: every row sees nothing
+  if (p.Sk == 0) {  // no keys: every row sees nothing but its sink, if any
     out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    stats.select(0, 0).fill_(-std::numeric_limits<float>::infinity());
-    stats.select(0, 1).zero_();
+    if (sink_rows.defined()) {
+      lse.copy_(sink_rows.expand_as(lse));
+      stats.select(0, 0).copy_(lse);
+      stats.select(0, 1).fill_(1.0);
+    } else {
+      lse.fill_(-std::numeric_limits<float>::infinity());
+      stats.select(0, 0).fill_(-std::numeric_limits<float>::infinity());
+      stats.select(0, 1).zero_();
+    }
     return;
   }
   p.out = out.data_ptr();
@@ -249,15 +274,17 @@ void run_forward(AttnFwdParams& p, at::Tensor out, at::Tensor lse, at::Tensor st
   }
   const auto kernel = few ? kt.attn_fwd_rows : kt.attn_fwd;
   run_items(items * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kernel(p, t, n, stride); });
-  if (p.nsplit > 1) merge_splits(out_partial, stats_partial, out, lse, stats);
+  if (p.nsplit > 1) merge_splits(out_partial, stats_partial, sink_rows, out, lse, stats);
 }
 
 // out (B, Hq, Sq, Dv), lse (B, Hq, Sq) and statistics (2, B, Hq, Sq) of a padded call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_padded_forward(AttnFwdParams& p, const at::TensorOptions& options) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_padded_forward(AttnFwdParams& p, const at::TensorOptions& options,
+                                                                  const std::optional<at::Tensor>& sinks) {
+  const at::Tensor sink_rows = set_sinks(p, sinks, /*head_dim=*/1, /*stat_dims=*/3);
   at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, options);
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
   at::Tensor stats = at::empty({kSoftmaxStats, p.B, p.Hq, p.Sq}, options.dtype(at::kFloat));
-  run_forward(p, out, lse, stats);
+  run_forward(p, out, lse, stats, sink_rows);
   return {out, lse, stats};
 }
 
@@ -266,12 +293,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q,
                                                             const std::optional<at::Tensor>& mask,
                                                             double scale, int64_t window_left,
                                                             int64_t window_right, bool window_top_left,
-                                                            double softcap) {
+                                                            double softcap, const std::optional<at::Tensor>& sinks) {
   const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   AttnFwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
                        softcap);
-  return run_padded_forward(p, q.options());
+  return run_padded_forward(p, q.options(), sinks);
 }
 
 // Attention of q (B, Hq, Sq, D) against a KV cache: contiguous (B, Hkv, S_max, D) or, with
@@ -282,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         const std::optional<at::Tensor>& block_table,
                                                         double scale, int64_t window_left, int64_t window_right,
-                                                        double softcap) {
+                                                        double softcap, const std::optional<at::Tensor>& sinks) {
   check_input(q, "q", 4);
   check_input(k_cache, "k_cache", 4);
   check_input(v_cache, "v_cache", 4);
@@ -329,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
     p.seqs.block_size = k_cache.size(2);
     p.seqs.max_blocks = max_blocks;
   }
-  auto [out, lse, stats] = run_padded_forward(p, q.options());  // forward only: no statistics kept
+  auto [out, lse, stats] = run_padded_forward(p, q.options(), sinks);  // forward only: no statistics kept
   return {out, lse};
 }
 
@@ -482,15 +509,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                               int64_t max_seqlen_k, double scale, int64_t window_left,
-                                                              int64_t window_right, double softcap) {
+                                                              int64_t window_right, double softcap,
+                                                              const std::optional<at::Tensor>& sinks) {
   const PackedShapes ps =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
   AttnFwdParams p;
   set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap);
+  const at::Tensor sink_rows = set_sinks(p, sinks, /*head_dim=*/0, /*stat_dims=*/2);
   at::Tensor out = at::empty({ps.total_q, ps.s.Hq, ps.s.Dv}, q.options());
   at::Tensor lse = at::empty({ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({kSoftmaxStats, ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
-  run_forward(p, out.transpose(0, 1), lse, stats);
+  run_forward(p, out.transpose(0, 1), lse, stats, sink_rows);
   return {out, lse, stats};
 }
 

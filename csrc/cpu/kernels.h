@@ -402,13 +402,21 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
   }
 }
 
-// One output row from its unnormalised accumulator o (Dvp long, clobbered), running max m
-// and sum l: `out_row` and `stat` are its numbers (SeqInfo::query_row, SeqInfo::stat). With one
-// key split it goes to out, lse and the statistics; else, for split c, as a normalised fp32
-// partial and its statistics, merged by the caller.
-static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t out_row, int64_t stat, float* o, float m,
-                          float l) {
+// One output row of query head hq from its unnormalised accumulator o (Dvp long, clobbered),
+// running max m and sum l: `out_row` and `stat` are its numbers (SeqInfo::query_row,
+// SeqInfo::stat). With one key split it goes to out, lse and the statistics, the head's sink
+// (if any) joining the sum; else, for split c, as a normalised fp32 partial and its
+// statistics, merged (and given the sink) by the caller.
+static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t hq, int64_t out_row, int64_t stat, float* o,
+                          float m, float l) {
   const bool whole = p.nsplit == 1;
+  float o_scale = 1.f;
+  if (whole && p.sinks) {  // one more logit in the row, with no value: rescale to the new max
+    const float sink = p.sinks[hq], m_new = std::max(m, sink);
+    o_scale = std::exp(m - m_new);  // 0 for a row that saw no key (m = kLowest)
+    l = l * o_scale + std::exp(sink - m_new);
+    m = m_new;
+  }
   const int64_t partial = c * p.seqs.rows + stat;
   char* orow = whole ? static_cast<char*>(p.out) + out_row * p.Dv * elem_size(p.dtype)
                      : reinterpret_cast<char*>(p.out_partial + partial * p.Dv);
@@ -421,7 +429,7 @@ static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t out_row, in
     store_row(orow, odtype, p.Dv, o, 1.f);
     *row_max = -kInf;
   } else {
-    store_row(orow, odtype, p.Dv, o, 1.f / l);
+    store_row(orow, odtype, p.Dv, o, o_scale / l);
     *row_max = m;
   }
   *row_sum = l;
@@ -505,7 +513,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       gemm<true>(st.p, BQ, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
     }
     for (int64_t i = 0; i < mq; ++i)
-      store_fwd_row(p, c, seq.query_row(hq, q0 + i), seq.stat(hq, q0 + i), o.p + i * Dvp, mvec.p[i], lvec.p[i]);
+      store_fwd_row(p, c, hq, seq.query_row(hq, q0 + i), seq.stat(hq, q0 + i), o.p + i * Dvp, mvec.p[i], lvec.p[i]);
   }
 }
 
@@ -683,7 +691,7 @@ static void attn_fwd_rows(const AttnFwdParams& p, int64_t begin, int64_t end, in
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t hq = hkv * G + r / sq, i = r % sq;
-      store_fwd_row(p, c, seq.query_row(hq, i), seq.stat(hq, i), o.p + r * Dvp, mvec.p[r], lvec.p[r]);
+      store_fwd_row(p, c, hq, seq.query_row(hq, i), seq.stat(hq, i), o.p + r * Dvp, mvec.p[r], lvec.p[r]);
     }
   }
 }

@@ -68,6 +68,9 @@ struct AttnFwdParams {
   float scale = 1.f;
   WindowParams window;
   float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap) before the mask
+  // (Hq) fp32, or nullptr: one logit per query head that joins each row's softmax sum with no
+  // value (attention sinks); lse and the statistics include it.
+  const float* sinks = nullptr;
   SeqLayout seqs;
   void* out = nullptr;  // contiguous, rows numbered by seqs.query_rows, dtype
   float* lse = nullptr;  // row_max + log(row_sum), numbered by seqs.stat_rows

@@ -92,6 +92,9 @@ struct AttnFwdParams {
   float scale = 1.f;  // must be > 0
   Visibility vis;
   float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap); needs no mask
+  // (Hq) fp32 on the device, or nullptr: one logit per query head that joins each row's
+  // softmax sum with no value (attention sinks); lse and the statistics include it.
+  const float* sinks = nullptr;
   DType dtype = DType::kFloat16;
   MaskView mask;
 };

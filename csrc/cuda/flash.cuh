@@ -349,8 +349,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = warp_row0 + mi * 16 + g + hf * 8;
-      const float l = quad_sum(row_sum[mi][hf]);
-      const float inv = l == 0.f ? 0.f : 1.f / l;  // NaN stays NaN
+      float l = quad_sum(row_sum[mi][hf]), m = row_max[mi][hf], o_scale = 1.f;
+      if (p.sinks != nullptr) {  // one more logit in the row, with no value: rescale to the new max
+        const float sink = p.sinks[h], m_new = fmaxf(m, sink);
+        o_scale = l == 0.f ? 0.f : expf(m - m_new);
+        l = l * o_scale + expf(sink - m_new);
+        m = m_new;
+      }
+      const float inv = l == 0.f ? 0.f : o_scale / l;  // NaN stays NaN
 #pragma unroll
       for (int di = 0; di < kDT; ++di) {
         *reinterpret_cast<uint32_t*>(sQ + r * kLd + di * 8 + 2 * t) =
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
       }
       if (t == 0 && m0 + r < p.sq) {
         const int64_t idx = static_cast<int64_t>(bh) * p.sq + m0 + r;
-        const float m = l == 0.f ? -INFINITY : row_max[mi][hf];
+        if (l == 0.f) m = -INFINITY;
         p.lse[idx] = m + logf(l);
         p.row_max[idx] = m;
         p.row_sum[idx] = l;

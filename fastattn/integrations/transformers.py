@@ -28,14 +28,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """transformers' attention-function interface. query (B, Hq, Sq, D), key/value
     (B, Hkv, Sk, D); attention_mask None, bool (True = attend, from the "sdpa" mask builder
     registered with this function) or additive float (older transformers, custom 4-d masks);
-    kwargs may carry is_causal, position_bias (T5), softcap (Gemma 2: applied by the kernel)
-    and sliding_window (Mistral, Gemma 2: applied by the kernel, which then skips the key
+    kwargs may carry is_causal, position_bias (T5), softcap (Gemma 2: applied by the kernel),
+    s_aux (gpt-oss's attention sinks, one logit per query head: applied by the kernel) and
+    sliding_window (Mistral, Gemma 2: applied by the kernel, which then skips the key
     blocks outside it, when no mask comes; a mask from transformers already holds the window).
     Returns ((B, Sq, Hq, D), None): like "sdpa", no attention weights.
     """
-    for name in ("s_aux", "head_mask"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"attn_implementation='{NAME}' does not support {name}; use 'eager' for this model")
+    if kwargs.get("head_mask") is not None:
+        raise ValueError(f"attn_implementation='{NAME}' does not support head_mask; use 'eager' for this model")
+    sinks = kwargs.get("s_aux")
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
@@ -44,7 +45,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     packed = _packed_sequences(query, key, attention_mask, kwargs)
     if packed is not None:
         return _packed_attention(query, key, value, packed, bool(is_causal), scaling, dropout_p,
-                                 kwargs.get("softcap")), None
+                                 kwargs.get("softcap"), sinks), None
     mask = attention_mask
     if mask is not None and mask.shape[-1] != kv_len:  # older transformers pass masks longer than the cache
         mask = mask[..., :kv_len]
@@ -67,7 +68,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     # Only without a mask are the keys known to end at the last query (bottom-right alignment).
     sliding_window = kwargs.get("sliding_window")
     window = (sliding_window - 1, None) if sliding_window and mask is None else None
-    out = attend(query, key, value, mask, causal, scaling, dropout_p, window, kwargs.get("softcap"))
+    out = attend(query, key, value, mask, causal, scaling, dropout_p, window, kwargs.get("softcap"), sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -109,12 +110,13 @@ def _packed_sequences(query, key, mask, kwargs):
     return cu, cu, longest, longest
 
 
-def _packed_attention(query, key, value, packed, causal, scale, dropout_p, softcap):
+def _packed_attention(query, key, value, packed, causal, scale, dropout_p, softcap, sinks):
     """The rows of query (B, Hq, S, D), key and value (B, Hkv, S, D) as packed sequences;
     returns (B, S, Hq, Dv) like attention_forward."""
     batch, heads, length, _ = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
-    out = varlen_attention(q, k, v, *packed, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap)
+    out = varlen_attention(q, k, v, *packed, causal=causal, scale=scale, dropout_p=dropout_p, softcap=softcap,
+                           sinks=sinks)
     return out.view(batch, length, heads, out.shape[-1])
 
 

@@ -6,12 +6,12 @@ from .. import functional
 from ..reference import CAUSAL_TOP_LEFT, window_visibility
 
 
-def attend(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, window=None, softcap=None):
+def attend(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, window=None, softcap=None, sinks=None):
     """(B, H, S, D) attention for the layers: the fused kernels, or, when `dropout_p > 0`,
     fastattn's unfused dropout path. `causal` is only ever set with Sq == Sk here, where the
-    top-left and bottom-right rules agree; window and softcap as in fastattn.attention."""
+    top-left and bottom-right rules agree; window, softcap and sinks as in fastattn.attention."""
     return functional.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, dropout_p=dropout_p,
-                                window=window, softcap=softcap)
+                                window=window, softcap=softcap, sinks=sinks)
 
 
 def _check_mask_dtype(mask, name):

@@ -7,4 +7,4 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # tables); D and Dv are padded up to a power of two within it.
 MAX_HEAD_DIM = 256
 # Beyond fastattn.capabilities.COMMON_FEATURES (varlen: triton_varlen_fwd / bwd).
-FEATURES = frozenset({"window", "softcap", "varlen"})
+FEATURES = frozenset({"window", "softcap", "varlen", "sinks"})

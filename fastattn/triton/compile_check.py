@@ -28,7 +28,7 @@ _FLOAT_ARGS = {"sm_scale", "scale", "softcap"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_gd", "stride_od", "stride_xc",
                  "stride_mc", "stride_gc", "stride_yc"}
 _POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX",
-             "CuSeqlensQ", "CuSeqlensK"}
+             "CuSeqlensQ", "CuSeqlensK", "Sinks"}
 
 
 def _signature(fn, dtype, pointer_dtypes, constexprs):
@@ -89,10 +89,10 @@ def _attention_jobs(quick):
               "dkdv": (kernels._attn_bwd_dkdv_kernel, configs.ATTN_BWD_DKDV),
               "dq": (kernels._attn_bwd_dq_kernel, configs.ATTN_BWD_DQ)}
     f32 = {"Lse": "fp32", "RowMax": "fp32", "RowSum": "fp32", "Delta": "fp32", "dMask": "fp32",
-           "CuSeqlensQ": "i32", "CuSeqlensK": "i32"}
+           "CuSeqlensQ": "i32", "CuSeqlensK": "i32", "Sinks": "fp32"}
     bucket_dims = {64: 64, 128: 128, 256: 256}
     for job, (fn, table) in tables.items():
-        extra = {"MASK_GRAD": True} if job == "dkdv" else {}
+        extra = {"MASK_GRAD": True} if job == "dkdv" else {"SINKS": True} if job == "fwd" else {}
         for bucket, entries in table.items():
             for m, n, w, s in entries[:1] if quick else entries:
                 flags = _attn_flags("bf16", bucket_dims[bucket], kernels.MASK_ADDITIVE, False, True, True)
@@ -106,7 +106,7 @@ def _attention_jobs(quick):
             flags = _attn_flags(dtype, d, kind, shared, window, varlen=varlen)
             m, n, w, s = table[configs.head_bucket(flags["D_PAD"], flags["DV_PAD"], 4 if dtype == "fp32" else 2)][0]
             ptrs = {**f32, "Mask": "u8"} if kind == kernels.MASK_BOOL else f32
-            extra = {"MASK_GRAD": False} if job == "dkdv" else {}
+            extra = {"MASK_GRAD": False} if job == "dkdv" else {"SINKS": False} if job == "fwd" else {}
             yield (f"{job} {label} {m}x{n} w{w} s{s}", fn, dtype, {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n},
                    w, s, ptrs)
     for varlen in (False, True):

@@ -205,7 +205,7 @@ def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN: tl.cons
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -214,13 +214,14 @@ def _attn_fwd_kernel(
     Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, SINKS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq), Sq the longest query sequence. Out is contiguous, row
     (b, h, i) at b * rows_qb + h * rows_qh + i * rows_qm (i counted from the sequence's first
     row); Lse, RowMax and RowSum (the softmax statistics) hold entry (b, h, i) at
-    b * stat_b + h * stat_h + i."""
+    b * stat_b + h * stat_h + i. SINKS: Sinks (Hq,) fp32 holds a logit per head that joins
+    each row's sum with no value; the statistics include it."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -262,6 +263,13 @@ def _attn_fwd_kernel(
             acc = _dot(_cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
             m_i = m_new
 
+    if SINKS:  # one more logit per row, with no value: rescale to the new max
+        sink = tl.load(Sinks + h)
+        m_new = tl.maximum(m_i, sink)
+        alpha = _exp_shifted(m_i, m_new)  # 0 for a row that saw no key (m_i = -inf)
+        l_i = l_i * alpha + _exp_shifted(sink, m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out_row = b * rows_qb + h * rows_qh + q_start * rows_qm

@@ -126,6 +126,15 @@ def _check_softcap(softcap):
         raise ValueError(f"softcap must be >= 0 (0: no cap), got {softcap}")
 
 
+def _check_sinks(sinks, q):
+    if sinks is not None:
+        heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
+        _check_dtype("sinks", sinks, torch.float32)
+        _check_shape("sinks", sinks, (heads,))
+        if not sinks.is_contiguous() or sinks.device != q.device:
+            raise ValueError(f"sinks must be contiguous on {q.device}")
+
+
 def _check_qkv(q, k, v, layout):
     """Dims (len(layout) names them) and dtypes of q, k and v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -265,10 +274,10 @@ def _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     )
 
 
-def _forward(q, k, v, mask, scale, window, softcap, seqs, out, lse, stats):
+def _forward(q, k, v, mask, scale, window, softcap, sinks, seqs, out, lse, stats):
     """Launches the forward into out, lse and the statistics (numbered as `seqs` says)."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
-    meta = _attention_meta(q, v, mask, window, softcap, seqs.varlen)
+    meta = {**_attention_meta(q, v, mask, window, softcap, seqs.varlen), "SINKS": sinks is not None}
     kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
     mask_t, mask_strides, _ = _mask_args(mask, q)
 
@@ -276,7 +285,7 @@ def _forward(q, k, v, mask, scale, window, softcap, seqs, out, lse, stats):
         return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
 
     wrap_triton(kernel)[grid](
-        q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k,
+        q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k, lse if sinks is None else sinks,
         *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.query_rows, *seqs.stat,
         Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *seqs.scalars(scale, softcap, window), **meta, **blocks,
     )
@@ -285,22 +294,35 @@ def _forward(q, k, v, mask, scale, window, softcap, seqs, out, lse, stats):
 def triton_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
     window_left: int = -1, window_right: int = -1, window_top_left: bool = False, softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap)
+    _check_sinks(sinks, q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
     _, Hkv, Sk, Dv = v.shape
     out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     stats = torch.empty((reference.SOFTMAX_STATS, B, Hq, Sq), dtype=torch.float32, device=q.device)
-    if Sk == 0:  # nothing to attend to: every row is empty
-        stats[0].fill_(float("-inf"))
-        stats[1].zero_()
-        return out.zero_(), lse.fill_(float("-inf")), stats
+    if Sk == 0:  # nothing to attend to: every row sees only its sink, if any
+        _fill_keyless_stats(lse, stats, None if sinks is None else sinks.view(1, Hq, 1))
+        return out.zero_(), lse, stats
     if out.numel() == 0:
         return out, lse, stats
-    _forward(q, k, v, mask, scale, window, softcap, _padded_seqs(q, k), out, lse, stats)
+    _forward(q, k, v, mask, scale, window, softcap, sinks, _padded_seqs(q, k), out, lse, stats)
     return out, lse, stats
+
+
+def _fill_keyless_stats(lse, stats, sink_rows):
+    """lse and statistics of rows without keys: -inf and 0, or with a sink (sink_rows, a view
+    broadcasting over lse) the sink alone: max = lse = sink, sum 1."""
+    if sink_rows is None:
+        lse.fill_(float("-inf"))
+        stats[1].zero_()
+    else:
+        lse.copy_(sink_rows.expand_as(lse))
+        stats[1].fill_(1.0)
+    stats[0].copy_(lse)
 
 
 def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, mask_grad, seqs, dq, dk, dv, dmask):
@@ -397,16 +419,18 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap):
 def triton_varlen_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1,
-    softcap: float = 0.0,
+    softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
+    _check_sinks(sinks, q)
     total_q, Hq, _ = q.shape
     out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
     stats = torch.empty((reference.SOFTMAX_STATS, Hq, total_q), dtype=torch.float32, device=q.device)
     if out.numel():
         seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, seqs, out, lse, stats)
+        _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, sinks, seqs, out, lse,
+                 stats)
     return out, lse, stats
 
 
