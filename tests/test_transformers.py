@@ -228,8 +228,18 @@ def gpt_oss_config():
                                      experts_implementation="eager")
 
 
+def modernbert_config():
+    # An encoder with a global layer then two local ones (tokens within 2 of each other), as
+    # ModernBERT alternates them.
+    return transformers.ModernBertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, max_position_embeddings=64, local_attention=4,
+                                         global_attn_every_n_layers=3, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2, cls_token_id=1, sep_token_id=2)
+
+
 MODELS = {
     "gpt2": (gpt2_config, transformers.AutoModelForCausalLM),
+    "modernbert": (modernbert_config, transformers.AutoModelForMaskedLM),
     "gpt_oss": (gpt_oss_config, transformers.AutoModelForCausalLM),
     "llama": (llama_config, transformers.AutoModelForCausalLM),
     "mistral": (mistral_config, transformers.AutoModelForCausalLM),
@@ -241,6 +251,7 @@ MODELS = {
 
 DECODERS = ("gpt2", "llama", "mistral", "gemma2", "gpt_oss")
 NO_SDPA = ("gemma2", "gpt_oss")  # transformers refuses "sdpa" for softcap and sinks
+GENERATORS = [name for name in MODELS if name != "modernbert"]
 
 
 def build(name, *impls):
@@ -318,7 +329,7 @@ def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_paddin
         assert_within_baseline(f"{name} d{param}", results["fast"][1][param], ref, results["eager"][1][param])
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", GENERATORS)
 def test_greedy_generation_matches_eager(name, fastattn_calls):
     eager, fast = build(name, "eager", "fastattn")
     inputs = padded_inputs(name, left=True)
@@ -344,16 +355,27 @@ def test_compiled_model_has_no_graph_break():
     torch.testing.assert_close(compiled(**inputs).logits[valid], eager(**inputs).logits[valid], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
-def test_sliding_window_reaches_the_kernel_without_padding(name, fastattn_calls):
-    """Unpadded prompts longer than the window: transformers builds no mask, and the kernel
-    applies the window itself (skipping the key blocks outside it)."""
+@pytest.mark.parametrize("name, window", [("mistral", 3), ("gemma2", 3), ("gpt_oss", 3), ("modernbert", 2)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_reaches_the_kernel(name, window, padded, fastattn_calls):
+    """Prompts longer than the window: the kernel gets the window itself, (w, w) as
+    transformers' flash-attention path reads it (the causal rule cuts the right side of
+    decoders; ModernBERT's local layers see both sides), and skips the key blocks outside it.
+    Unpadded, transformers builds no mask at all for those layers."""
     eager, fast = build(name, "eager", "fastattn")
-    ids = torch.randint(2, 96, (2, 11), generator=torch.Generator().manual_seed(3))
-    expected = eager(input_ids=ids).logits
-    got = fast(input_ids=ids).logits
-    windowed = [call for call, (window, _) in zip(fastattn_calls, fastattn_calls.modifiers) if window == (3, None)]
-    assert windowed and all(mask == "none" for mask, *_ in windowed)  # the window, not an (S, S) mask
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids}
+    if padded:  # the second prompt shorter: padded on the left (decoders) or right (encoders)
+        mask = torch.ones(2, 11, dtype=torch.long)
+        mask[1, slice(None, 4) if name in DECODERS else slice(7, None)] = 0
+        inputs["attention_mask"] = mask
+    valid = inputs.get("attention_mask", torch.ones(2, 11)).bool()
+    expected = eager(**inputs).logits[valid]
+    got = fast(**inputs).logits[valid]
+    windowed = [call for call, (w, _) in zip(fastattn_calls, fastattn_calls.modifiers) if w == (window, window)]
+    assert windowed
+    if not padded:  # the window, not an (S, S) mask
+        assert all(mask == "none" for mask, *_ in windowed)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 

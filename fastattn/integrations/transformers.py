@@ -64,10 +64,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             mask = torch.where(mask, position_bias, float("-inf"))
         else:
             mask = position_bias + mask
-    # transformers' sliding window: key kv_idx > q_idx - sliding_window, i.e. left = sliding_window - 1.
-    # Only without a mask are the keys known to end at the last query (bottom-right alignment).
+    # transformers' sliding window, as its flash-attention path reads it: keys within
+    # sliding_window - 1 of the query on each side (the causal rule or the mask cuts the right
+    # side of decoders; encoders such as ModernBERT see both). The kernel's window is aligned
+    # bottom-right, which is transformers' alignment when no mask comes (unpadded prompts) or
+    # the keys are the queries (a whole prompt: a mask then holds the same window, and the
+    # kernel skips the key blocks outside it instead of reading their mask entries).
     sliding_window = kwargs.get("sliding_window")
-    window = (sliding_window - 1, None) if sliding_window and mask is None else None
+    window = None
+    if sliding_window and (mask is None or q_len == kv_len):
+        window = (sliding_window - 1, sliding_window - 1)
     out = attend(query, key, value, mask, causal, scaling, dropout_p, window, kwargs.get("softcap"), sinks)
     return out.transpose(1, 2).contiguous(), None
 
