@@ -2,13 +2,20 @@
 full causal forward and against PyTorch SDPA given the equivalent boolean mask, and the cost
 of softcap, timed interleaved in one run (fastattn.benchmark).
 
-    python benchmarks/window.py [--quick] [--out benchmarks/results/cpu_window.json]
+    python benchmarks/window.py [--quick] [--modernbert-layers N] [--out benchmarks/results/cpu_window.json]
 
 Figures (each a ratio measured in this run), fp32 forward:
   window vs causal   causal sliding window of 256 keys over (1, 8, 16384, 64): fastattn's full
                      causal forward time / its windowed forward time
   window vs SDPA     SDPA given the window as a boolean (S, S) mask / fastattn windowed
   softcap overhead   fastattn with softcap=50 / without, (1, 8, 4096, 64), no mask and causal
+  ModernBERT         a ModernBERT-base-sized encoder from its config (random weights: 768 wide,
+                     12 heads, local windows of 128 tokens with a global layer every third),
+                     forward of a padded batch of 4 sequences of 4096, 3072, 2048 and 1024
+                     tokens: "sdpa" time / "fastattn" time through transformers. Timed with the
+                     model's first --modernbert-layers layers (default 3: one global and two
+                     local, the model's own pattern, so the ratio is the 22-layer model's up to
+                     its embeddings and head).
 """
 import json
 import os
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastattn  # noqa: E402
+import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.benchmark.measure import Timing, time_named  # noqa: E402
 from fastattn.benchmark.report import check_figures, command_line, environment, script_args  # noqa: E402
@@ -31,11 +39,33 @@ TARGETS = {  # figure: (bound, "min" = at least / "max" = at most)
     "window vs SDPA with the boolean mask speedup": (20.0, "min"),
     "softcap time / no softcap (no mask)": (1.3, "max"),
     "softcap time / no softcap (causal)": (1.3, "max"),
+    "ModernBERT padded batch forward speedup vs sdpa": (3.0, "min"),
 }
 
 
+def modernbert_forward(layers, lengths, impl):
+    """A no-grad forward of a ModernBERT-base-sized encoder (random weights) with `layers`
+    layers over a right-padded batch of `lengths`, through attn_implementation `impl`."""
+    import transformers
+
+    config = transformers.ModernBertConfig(num_hidden_layers=layers, global_attn_every_n_layers=3,
+                                           local_attention=128, max_position_embeddings=max(lengths))
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config, attn_implementation=impl).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, config.vocab_size, (len(lengths), max(lengths)), generator=g)
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths).view(-1, 1)).long()
+
+    def run():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return run, mask.bool()
+
+
 def main():
-    args = script_args(__doc__, "cpu_window.json", "shorter sequences and fewer repetitions")
+    args = script_args(__doc__, "cpu_window.json", "shorter sequences and fewer repetitions",
+                       extra=[("--modernbert-layers", dict(type=int, default=3))])
     timing = Timing(min_reps=2, budget_s=0.3, max_reps=5) if args.quick else Timing(min_reps=3, budget_s=2.0, max_reps=10)
     seq, cap_seq = (4096, 1024) if args.quick else (16384, 4096)
     g = torch.Generator().manual_seed(0)
@@ -61,6 +91,16 @@ def main():
         rows.append({"case": f"softcap {SOFTCAP:g}, {name}, B1 H8 S{cap_seq} D64 fp32 fwd",
                      **{n: round(t, 2) for n, t in ms.items()}})
         figures[f"softcap time / no softcap ({name})"] = ms["softcap"] / ms["plain"]
+
+    fastattn_hf.register()
+    lengths = [1024, 768, 512, 256] if args.quick else [4096, 3072, 2048, 1024]
+    runs = {impl: modernbert_forward(args.modernbert_layers, lengths, impl) for impl in ("fastattn", "sdpa")}
+    (fast_run, valid), (sdpa_run, _) = runs["fastattn"], runs["sdpa"]
+    difference = (fast_run()[valid] - sdpa_run()[valid]).abs().max().item()  # same weights, same tokens
+    ms = time_named({impl: run for impl, (run, _) in runs.items()}, Timing(min_reps=2, budget_s=0.0, max_reps=2))
+    rows.append({"case": f"ModernBERT-base {args.modernbert_layers} layers, padded {lengths} fp32 fwd",
+                 **{n: round(t, 1) for n, t in ms.items()}, "max |fastattn - sdpa|": difference})
+    figures["ModernBERT padded batch forward speedup vs sdpa"] = ms["sdpa"] / ms["fastattn"]
 
     checked = check_figures(rows, figures, TARGETS)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -239,12 +239,14 @@ def format_targets(checked):
     return "\n".join(lines) + "\n"
 
 
-def script_args(doc, out_name, quick_help):
-    """Arguments of a standalone benchmark script: --quick and --out (default
-    benchmarks/results/<out_name>)."""
+def script_args(doc, out_name, quick_help, extra=()):
+    """Arguments of a standalone benchmark script: --quick, --out (default
+    benchmarks/results/<out_name>) and the script's own `extra` ((flag, add_argument kwargs))."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", out_name))
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
     return parser.parse_args()
 
 
