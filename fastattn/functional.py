@@ -4,7 +4,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import dispatch, ops, reference
+from . import dispatch, ops, philox, reference
 from .reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED
 
 
@@ -12,23 +12,33 @@ def _ops_for(backend):
     return ops.TRITON_OPS if backend == "triton" else ops.NATIVE_OPS
 
 
+def _rng_state(dropout_p, device):
+    """The (seed, offset) of one dropout call, drawn here rather than in a kernel, so that
+    torch.manual_seed reproduces it, a checkpointed recomputation restores it, and compiled
+    graphs need no break; None without dropout."""
+    return philox.draw_rng_state(device) if dropout_p > 0.0 else None
+
+
 def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0, sinks=None):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
         scale = reference.default_scale(q.shape[-1])
-    if dropout_p > 0.0 or _is_empty(q, k, v):
-        # No fused dropout yet: the reference path applies it, also where a backend was forced
-        # for a block or the process (use_backend, FASTATTN_BACKEND), so training still runs.
+    rng_state = _rng_state(dropout_p, q.device)
+    if _is_empty(q, k, v):
         # Empty inputs have nothing to compute: the reference gives their (empty or zero)
         # results and gradients in every shape.
-        return reference.attention(q, k, v, mask, scale, window, dropout_p, softcap=softcap, sinks=sinks)
+        return reference.attention(q, k, v, mask, scale, window, dropout_p, rng_state=rng_state, softcap=softcap,
+                                   sinks=sinks)
     chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap, sinks), q.device, backend
+        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap, dropout_p, sinks),
+        q.device, backend,
     )
     if chosen == "reference":
-        return reference.attention(q, k, v, mask, scale, window, softcap=softcap, sinks=sinks)
+        return reference.attention(q, k, v, mask, scale, window, dropout_p, rng_state=rng_state, softcap=softcap,
+                                   sinks=sinks)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap, sinks)
+    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap, float(dropout_p), rng_state,
+                                            sinks)
     return out, lse
 
 
@@ -142,16 +152,18 @@ def varlen_attention(
     window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
     sinks = ops.check_sinks(sinks, q.shape[1], q)
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
-    chosen = dispatch.choose(lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, sinks), q.device,
-                             backend)
-    if chosen == "reference" or dropout_p > 0.0 or _is_empty(q, k, v):
+    rng_state = _rng_state(dropout_p, q.device)
+    chosen = dispatch.choose(
+        lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, dropout_p, sinks), q.device, backend
+    )
+    if chosen == "reference" or _is_empty(q, k, v):
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, dropout_p,
-                                              softcap=softcap, sinks=sinks)
+                                              rng_state=rng_state, softcap=softcap, sinks=sinks)
     else:
         q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
         out, lse, _ = _ops_for(chosen).varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), window.left, window.right,
-            softcap, sinks,
+            softcap, float(dropout_p), rng_state, sinks,
         )
     return (out, lse) if return_lse else out
 

@@ -130,8 +130,8 @@ def attention_with_kvcache(
         _append(k_cache, k_new, positions, block_table)
         _append(v_cache, v_new, positions, block_table)
     chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap, sinks), q.device,
-        backend,
+        lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap, sinks=sinks),
+        q.device, backend,
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, sinks))
     if "kv_cache" in CAPABILITIES[chosen].features and not needs_grad:

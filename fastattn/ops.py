@@ -245,7 +245,7 @@ def last_dim_contiguous(t):
 
 
 def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0,
-                   sinks=None):
+                   dropout_p=0.0, rng_state=None, sinks=None):
     B, Hq, Sq, _ = q.shape
     return (
         q.new_empty(B, Hq, Sq, v.shape[-1]),
@@ -255,14 +255,14 @@ def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window
 
 
 def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, mask_grad, window_left=-1, window_right=-1,
-                   window_top_left=False, softcap=0.0):
+                   window_top_left=False, softcap=0.0, dropout_p=0.0, rng_state=None):
     B, Hq, Sq, _ = q.shape
     dmask_shape = (B, Hq, Sq, k.shape[2]) if mask_grad else (0,)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left=-1,
-                     window_right=-1, softcap=0.0, sinks=None):
+                     window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None):
     total_q, Hq, _ = q.shape
     return (
         q.new_empty(total_q, Hq, v.shape[-1]),
@@ -272,7 +272,7 @@ def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _fake_varlen_bwd(grad_out, q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     scale, window_left=-1, window_right=-1, softcap=0.0):
+                     scale, window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -354,11 +354,13 @@ def _row_delta(grad_out, out):
     return (grad_out.float() * out.float()).sum(-1)
 
 
-_ATTN_FWD_INPUTS = 10  # q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, sinks
-_ATTN_SINKS = 9
-# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap, sinks
-_VARLEN_FWD_INPUTS = 12
-_VARLEN_SINKS = 11
+# q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state, sinks
+_ATTN_FWD_INPUTS = 12
+_ATTN_SINKS = 11
+# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+# dropout_p, rng_state, sinks
+_VARLEN_FWD_INPUTS = 14
+_VARLEN_SINKS = 13
 
 
 class OpFamily:
@@ -381,18 +383,20 @@ class OpFamily:
 
     @staticmethod
     def _attention_setup(ctx, inputs, output):
-        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, sinks = inputs
+        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state, sinks = inputs
         out, lse, softmax_stats = output
-        ctx.save_for_backward(q, k, v, mask, out, softmax_stats, sinks, lse)
-        ctx.scale, ctx.softcap = scale, softcap
+        # rng_state is kept, not a mask: the backward regenerates the forward's keep decisions.
+        ctx.save_for_backward(q, k, v, mask, out, softmax_stats, rng_state, sinks, lse)
+        ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
         ctx.window = reference.Window(window_left, window_right, window_top_left)
         ctx.set_materialize_grads(False)
 
     def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, mask, out, softmax_stats, sinks, lse = ctx.saved_tensors
+        q, k, v, mask, out, softmax_stats, rng_state, sinks, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
             def recompute(q, k, v, mask, sinks):
-                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap, sinks=sinks)
+                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, ctx.dropout_p, rng_state=rng_state,
+                                           softcap=ctx.softcap, sinks=sinks)
 
             inputs = {0: q, 1: k, 2: v, 3: mask, _ATTN_SINKS: sinks}
             return _reference_backward(ctx, recompute, inputs, _ATTN_FWD_INPUTS, grad_out, grad_lse)
@@ -404,7 +408,7 @@ class OpFamily:
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dmask = self.attn_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, mask, ctx.scale, mask_grad, *ctx.window,
-            ctx.softcap,
+            ctx.softcap, ctx.dropout_p, rng_state,
         )
         if grad_lse is not None:
             dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.window, ctx.softcap,
@@ -419,19 +423,20 @@ class OpFamily:
     @staticmethod
     def _varlen_setup(ctx, inputs, output):
         (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
-         sinks) = inputs
+         dropout_p, rng_state, sinks) = inputs
         out, lse, softmax_stats = output
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, sinks, lse)
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state, sinks, lse)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.softcap = max_seqlen_q, max_seqlen_k, scale, softcap
+        ctx.dropout_p = dropout_p
         ctx.window = reference.Window(window_left, window_right)
         ctx.set_materialize_grads(False)
 
     def _varlen_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, sinks, lse = ctx.saved_tensors
+        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state, sinks, lse = ctx.saved_tensors
         if torch.is_grad_enabled() or grad_lse is not None:
             def recompute(q, k, v, sinks):
                 return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.scale, ctx.window,
-                                                  softcap=ctx.softcap, sinks=sinks)
+                                                  ctx.dropout_p, rng_state=rng_state, softcap=ctx.softcap, sinks=sinks)
 
             inputs = {0: q, 1: k, 2: v, _VARLEN_SINKS: sinks}
             return _reference_backward(ctx, recompute, inputs, _VARLEN_FWD_INPUTS, grad_out, grad_lse)
@@ -440,6 +445,7 @@ class OpFamily:
         dq, dk, dv = self.varlen_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k,
             ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.window.left, ctx.window.right, ctx.softcap,
+            ctx.dropout_p, rng_state,
         )
         grads = [dq, dk, dv] + [None] * (_VARLEN_FWD_INPUTS - 3)
         if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS]:  # out (total_q, Hq, Dv), lse (Hq, total_q)

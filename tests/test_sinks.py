@@ -200,10 +200,10 @@ def test_sinks_gradient_in_low_precision_parameter():
 
 def test_opcheck_and_compile_with_sinks():
     q, k, v, sinks = _padded(1, 2, 1, 16, 24, 32, torch.float32, seed=17)
-    torch.library.opcheck(ops.NATIVE_OPS.attn_fwd, (q, k, v, None, 0.2, -1, 0, False, 0.0, sinks))
+    torch.library.opcheck(ops.NATIVE_OPS.attn_fwd, (q, k, v, None, 0.2, -1, 0, False, 0.0, 0.0, None, sinks))
     cu = torch.tensor([0, 16], dtype=torch.int32)
     packed = [t[0].transpose(0, 1).contiguous() for t in (q, k[:, :, :16], v[:, :, :16])]
-    torch.library.opcheck(ops.NATIVE_OPS.varlen_fwd, (*packed, cu, cu, 16, 16, 0.2, -1, 0, 0.0, sinks))
+    torch.library.opcheck(ops.NATIVE_OPS.varlen_fwd, (*packed, cu, cu, 16, 16, 0.2, -1, 0, 0.0, 0.0, None, sinks))
     leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
 
     def run(q, k, v, sinks):

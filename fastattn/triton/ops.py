@@ -135,6 +135,11 @@ def _check_sinks(sinks, q):
             raise ValueError(f"sinks must be contiguous on {q.device}")
 
 
+def _check_dropout(dropout_p):
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: the triton kernels do not apply dropout (capability 'dropout'), got {dropout_p}")
+
+
 def _check_qkv(q, k, v, layout):
     """Dims (len(layout) names them) and dtypes of q, k and v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -294,9 +299,10 @@ def _forward(q, k, v, mask, scale, window, softcap, sinks, seqs, out, lse, stats
 def triton_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
     window_left: int = -1, window_right: int = -1, window_top_left: bool = False, softcap: float = 0.0,
-    sinks: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap)
+    _check_dropout(dropout_p)
     _check_sinks(sinks, q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
@@ -379,8 +385,11 @@ def triton_attn_bwd(
     window_right: int = -1,
     window_top_left: bool = False,
     softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap)
+    _check_dropout(dropout_p)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -419,9 +428,11 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap):
 def triton_varlen_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1,
-    softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+    softcap: float = 0.0, dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
+    _check_dropout(dropout_p)
     _check_sinks(sinks, q)
     total_q, Hq, _ = q.shape
     out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
@@ -438,8 +449,10 @@ def triton_varlen_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     softmax_stats: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
     max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
+    _check_dropout(dropout_p)
     total_q, Hq, _ = q.shape
     _check_shape("grad_out", grad_out, (total_q, Hq, v.shape[-1]))
     _check_shape("out", out, (total_q, Hq, v.shape[-1]))
