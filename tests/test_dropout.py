@@ -267,3 +267,42 @@ def test_dispatch_reads_the_dropout_capability():
     without = [name for name, caps in CAPABILITIES.items() if "dropout" not in caps.features]
     for name in without:
         assert CAPABILITIES[name].feature_reason(name, {"dropout"}) == f"the {name} kernels do not support dropout"
+
+
+def test_reference_recomputations_drop_the_same_scores(fused_backend):
+    """Double backward and a differentiated packed lse recompute through the reference, which
+    must drop what the kernel dropped: both against the reference under the same rng_state."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g).requires_grad_() for _ in range(3))
+
+    def double_backward(q, k, v, attend):
+        (dq,) = torch.autograd.grad(attend(q, k, v).pow(2).sum(), q, create_graph=True)
+        return torch.autograd.grad(dq.sum(), (q, k, v))
+
+    torch.manual_seed(8)
+    grads = double_backward(q, k, v, lambda *t: fastattn.attention(*t, dropout_p=0.3, backend=fused_backend))
+    state = _rng_state_after(8)
+
+    def reference_double_backward(dtype, upcast):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        return double_backward(*leaves, lambda *t: reference.attention(*t, dropout_p=0.3, upcast=upcast,
+                                                                       rng_state=state)[0])
+
+    for name, grad, ref, base in zip(("ddq", "ddk", "ddv"), grads, reference_double_backward(F64, True),
+                                     reference_double_backward(F32, False)):
+        assert_within_baseline(name, grad, ref, base)
+
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(9)
+    out, lse = fastattn.varlen_attention(*packed, cu, cu, 14, 14, dropout_p=0.3, return_lse=True, backend=fused_backend)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), packed)
+    state = _rng_state_after(9)
+
+    def reference_grads(dtype, upcast):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in packed]
+        out, lse = reference.varlen_attention(*leaves, cu, cu, None, reference.UNBOUNDED, 0.3, upcast, state)
+        return torch.autograd.grad(out.sum() + lse.sum(), leaves)
+
+    for name, grad, ref, base in zip(("dq", "dk", "dv"), grads, reference_grads(F64, True), reference_grads(F32, False)):
+        assert_within_baseline(name, grad, ref, base)
