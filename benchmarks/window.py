@@ -17,7 +17,6 @@ Figures (each a ratio measured in this run), fp32 forward:
                      local, the model's own pattern, so the ratio is the 22-layer model's up to
                      its embeddings and head).
 """
-import json
 import os
 import sys
 
@@ -30,7 +29,7 @@ import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.benchmark.measure import Timing, time_named  # noqa: E402
-from fastattn.benchmark.report import check_figures, command_line, environment, script_args  # noqa: E402
+from fastattn.benchmark.report import script_args, write_figures  # noqa: E402
 
 WINDOW = 256
 SOFTCAP = 50.0  # Gemma 2's attention cap
@@ -102,12 +101,7 @@ def main():
                  **{n: round(t, 1) for n, t in ms.items()}, "max |fastattn - sdpa|": difference})
     figures["ModernBERT padded batch forward speedup vs sdpa"] = ms["sdpa"] / ms["fastattn"]
 
-    checked = check_figures(rows, figures, TARGETS)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": command_line(), "environment": environment("cpu"), "threads": torch.get_num_threads(),
-                   "rows": rows, "targets": checked}, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_figures(args.out, rows, figures, TARGETS)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ PYBIND11_MODULE(_C, m) {
   cpu["max_head_dim_bwd"] = fastattn::cpu::kMaxHeadDim;
   cpu["head_dim_multiple"] = 1;
   cpu["v_head_dim_may_differ"] = true;
-  // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd
-  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "sinks");
+  // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd; dropout: in attn_fwd/bwd, varlen_fwd/bwd
+  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "dropout", "sinks");
   cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
   cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
   cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;

@@ -112,7 +112,10 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     sinks: (Hq,) float tensor, a learned logit per query head that joins each row's softmax
     denominator and carries no value (attention sinks, gpt-oss): row i's probabilities are
     exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). It gets a gradient.
-    dropout_p: dropout of the attention probabilities; > 0 runs the unfused reference path.
+    dropout_p: dropout of the attention probabilities, inside the kernels of backends with the
+    "dropout" capability (others are skipped): kept probabilities are scaled by 1 / (1 - p),
+    the decisions regenerated from a per-call rng state in the backward (docs/design.md); the
+    returned lse is the undropped softmax's.
     return_lse: also return the natural-log sum-exp of each row's scores, float32 (B, Hq, Sq),
     -inf for rows that see no key (their output is zero); with sinks, the sink is included.
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
@@ -140,8 +143,8 @@ def varlen_attention(
     causal: bottom-right within each sequence: query i of a sequence with Sq queries and Sk keys
     sees keys j <= i + Sk - Sq.
     window, softcap, sinks: as in attention(), the window aligned bottom-right within each sequence.
-    dropout_p: > 0 runs the unfused reference path, one sequence at a time, with fastattn's
-    Philox decisions (sequence b as batch b): the fused kernels have no dropout yet.
+    dropout_p: as in attention(), sequence b dropping like batch b (its queries and keys
+    numbered from 0).
     return_lse: also return the natural-log sum-exp of each row, float32 (Hq, total_q), -inf
     for rows that see no key (their output is zero).
     backend: force "cpu", "triton" or "reference" (the cuda kernels do not take packed
@@ -173,8 +176,8 @@ def scaled_dot_product_attention(
 ):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (same signature, same
     results). Differences: rows with no visible key give zeros instead of NaN; attn_mask and
-    is_causal may be combined; dropout_p > 0 runs the unfused reference path. Inputs may be
-    (B, H, S, D) or (B, S, D)."""
+    is_causal may be combined; dropout draws fastattn's Philox decisions (not torch's), in the
+    fused kernels where the backend has them. Inputs may be (B, H, S, D) or (B, S, D)."""
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
