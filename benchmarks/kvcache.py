@@ -12,7 +12,6 @@ Figures (each a ratio measured in this run):
   bandwidth            cache bytes read per second by the decode step, against a copy of the
                        same bytes (torch.Tensor.copy_), for the contiguous fp32 step
 """
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastattn  # noqa: E402
 from fastattn.benchmark.measure import Timing, time_named  # noqa: E402
-from fastattn.benchmark.report import check_figures, command_line, environment, script_args  # noqa: E402
+from fastattn.benchmark.report import script_args, write_figures  # noqa: E402
 
 PAGE = 64
 TARGETS = {  # figure: (bound, "min" = at least / "max" = at most)
@@ -108,12 +107,7 @@ def main():
     rows.append({"case": f"split-KV B=1 Hq=32 Hkv=8 keys={long_cached + 1} fp32",
                  "1 thread": round(per_threads[1], 3), f"{threads} threads": round(per_threads[threads], 3)})
 
-    checked = check_figures(rows, figures, TARGETS)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": command_line(), "environment": environment("cpu"), "threads": threads,
-                   "rows": rows, "targets": checked}, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_figures(args.out, rows, figures, TARGETS)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Figures (each a ratio measured in this run), fp32 forward:
   window vs SDPA     SDPA given the window as a boolean (S, S) mask / fastattn windowed
   softcap overhead   fastattn with softcap=50 / without, (1, 8, 4096, 64), no mask and causal
 """
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastattn  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.benchmark.measure import Timing, time_named  # noqa: E402
-from fastattn.benchmark.report import check_figures, command_line, environment, script_args  # noqa: E402
+from fastattn.benchmark.report import script_args, write_figures  # noqa: E402
 
 WINDOW = 256
 SOFTCAP = 50.0  # Gemma 2's attention cap
@@ -62,12 +61,7 @@ def main():
                      **{n: round(t, 2) for n, t in ms.items()}})
         figures[f"softcap time / no softcap ({name})"] = ms["softcap"] / ms["plain"]
 
-    checked = check_figures(rows, figures, TARGETS)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": command_line(), "environment": environment("cpu"), "threads": torch.get_num_threads(),
-                   "rows": rows, "targets": checked}, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_figures(args.out, rows, figures, TARGETS)
 
 
 if __name__ == "__main__":

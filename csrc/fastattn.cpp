@@ -10,6 +10,11 @@
 //         window_top_left); a negative side is unbounded. Causal is (-1, 0).
 //   softcap: > 0 caps the scaled scores, softcap * tanh(scale * q.k / softcap), before the mask;
 //         0 leaves them as they are.
+//   dropout_p, rng_state: dropout of the probabilities; with dropout_p > 0, rng_state (int64
+//         (seed, offset), on the inputs' device, read there) is required and score (b, h, i, j)
+//         is kept under the Philox decision of csrc/philox.h, scaled by 1 / (1 - dropout_p).
+//         The statistics and lse stay those of the undropped softmax; the backward takes the
+//         same rng_state and regenerates the decisions (no mask is stored).
 //   lse: float32 (B, Hq, Sq), natural log; -inf for rows that see no key (their output is 0).
 //   softmax_stats: float32 (2, B, Hq, Sq): [0] the row max of the scores (scale*q.k + mask),
 //         [1] the row sum of exp(score - row max); lse = [0] + log([1]). The backward
@@ -26,11 +31,11 @@
 
 TORCH_LIBRARY(fastattn, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int window_left=-1,"
-        " int window_right=-1, bool window_top_left=False, float softcap=0.0)"
-        " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+        " int window_right=-1, bool window_top_left=False, float softcap=0.0, float dropout_p=0.0,"
+        " Tensor? rng_state=None) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor? mask, float scale, bool mask_grad, int window_left=-1, int window_right=-1,"
-        " bool window_top_left=False, float softcap=0.0)"
+        " bool window_top_left=False, float softcap=0.0, float dropout_p=0.0, Tensor? rng_state=None)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Forward against a KV cache: k_cache/v_cache contiguous (B, Hkv, S_max, D) or, with an
   // int32 block_table (B, max_blocks), pages (num_blocks, Hkv, block_size, D); batch b sees its
@@ -45,10 +50,12 @@ TORCH_LIBRARY(fastattn, m) {
   // (Hq, total_q); softmax_stats (2, Hq, total_q).
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
         " int max_seqlen_q, int max_seqlen_k, float scale, int window_left=-1, int window_right=-1,"
-        " float softcap=0.0) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+        " float softcap=0.0, float dropout_p=0.0, Tensor? rng_state=None)"
+        " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale,"
-        " int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " int window_left=-1, int window_right=-1, float softcap=0.0, float dropout_p=0.0,"
+        " Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int window_left=-1, int window_right=-1,"
         " bool window_top_left=False) -> Tensor");
   m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
@@ -80,8 +87,8 @@ PYBIND11_MODULE(_C, m) {
   cpu["max_head_dim_bwd"] = fastattn::cpu::kMaxHeadDim;
   cpu["head_dim_multiple"] = 1;
   cpu["v_head_dim_may_differ"] = true;
-  // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd
-  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen");
+  // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd; dropout: in attn_fwd/bwd, varlen_fwd/bwd
+  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "dropout");
   cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
   cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
   cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;
@@ -89,7 +96,8 @@ PYBIND11_MODULE(_C, m) {
   cuda["head_dim_multiple"] = fastattn::cuda::kHeadDimMultiple;
   cuda["v_head_dim_may_differ"] = false;
   cuda["min_compute_capability"] = fastattn::cuda::kMinComputeCapability;
-  cuda["extra_features"] = py::make_tuple("window", "softcap");
+  // dropout: in attn_fwd/bwd (csrc/cuda/flash.cuh)
+  cuda["extra_features"] = py::make_tuple("window", "softcap", "dropout");
   py::dict capabilities;
   capabilities["cpu"] = cpu;
   capabilities["cuda"] = cuda;

@@ -19,6 +19,8 @@ from .triton import capabilities as triton_capabilities
 #   window    sliding windows (attention(window=...)), key blocks outside them skipped
 #   softcap   the logit cap c * tanh(s / c) (attention(softcap=...)), forward and backward
 #   varlen    packed variable-length sequences (varlen_attention); dispatch skips the others
+#   dropout   dropout of the probabilities in the kernels, forward and backward, with the Philox
+#             decisions of csrc/philox.h regenerated from the call's rng_state (no stored mask)
 COMMON_FEATURES = frozenset({"gqa", "mask", "mask_grad", "causal", "lse", "backward", "softmax"})
 
 
@@ -88,7 +90,7 @@ def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
         "reference": Capabilities(float64, float64, None, None,
-                                  features=COMMON_FEATURES | {"window", "softcap", "varlen"}),
+                                  features=COMMON_FEATURES | {"window", "softcap", "varlen", "dropout"}),
         "triton": Capabilities(
             triton_capabilities.DTYPES, triton_capabilities.DTYPES,
             triton_capabilities.MAX_HEAD_DIM, triton_capabilities.MAX_HEAD_DIM,

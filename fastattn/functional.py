@@ -4,7 +4,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import dispatch, ops, reference
+from . import dispatch, ops, philox, reference
 from .reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED
 
 
@@ -12,23 +12,30 @@ def _ops_for(backend):
     return ops.TRITON_OPS if backend == "triton" else ops.NATIVE_OPS
 
 
+def _rng_state(dropout_p, device):
+    """The (seed, offset) of one dropout call, drawn here rather than in a kernel, so that
+    torch.manual_seed reproduces it, a checkpointed recomputation restores it, and compiled
+    graphs need no break; None without dropout."""
+    return philox.draw_rng_state(device) if dropout_p > 0.0 else None
+
+
 def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
         scale = reference.default_scale(q.shape[-1])
-    if dropout_p > 0.0 or _is_empty(q, k, v):
-        # No fused dropout yet: the reference path applies it, also where a backend was forced
-        # for a block or the process (use_backend, FASTATTN_BACKEND), so training still runs.
+    rng_state = _rng_state(dropout_p, q.device)
+    if _is_empty(q, k, v):
         # Empty inputs have nothing to compute: the reference gives their (empty or zero)
         # results and gradients in every shape.
-        return reference.attention(q, k, v, mask, scale, window, dropout_p, softcap=softcap)
+        return reference.attention(q, k, v, mask, scale, window, dropout_p, rng_state=rng_state, softcap=softcap)
     chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap), q.device, backend
+        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap, dropout_p), q.device,
+        backend,
     )
     if chosen == "reference":
-        return reference.attention(q, k, v, mask, scale, window, softcap=softcap)
+        return reference.attention(q, k, v, mask, scale, window, dropout_p, rng_state=rng_state, softcap=softcap)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
-    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap)
+    out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap, float(dropout_p), rng_state)
     return out, lse
 
 
@@ -99,7 +106,10 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     causal=True the right side is 0. Key blocks outside the window are skipped, so a window
     of width W costs O(S * W) rather than O(S^2).
     softcap: c > 0 caps the scaled scores at c * tanh(s / c) before the mask is added (Gemma 2).
-    dropout_p: dropout of the attention probabilities; > 0 runs the unfused reference path.
+    dropout_p: dropout of the attention probabilities, inside the kernels of backends with the
+    "dropout" capability (others are skipped): kept probabilities are scaled by 1 / (1 - p),
+    the decisions regenerated from a per-call rng state in the backward (docs/design.md); the
+    returned lse is the undropped softmax's.
     return_lse: also return the natural-log sum-exp of each row's scores, float32 (B, Hq, Sq),
     -inf for rows that see no key (their output is zero).
     backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
@@ -126,8 +136,8 @@ def varlen_attention(
     causal: bottom-right within each sequence: query i of a sequence with Sq queries and Sk keys
     sees keys j <= i + Sk - Sq.
     window, softcap: as in attention(), the window aligned bottom-right within each sequence.
-    dropout_p: > 0 runs the unfused reference path, one sequence at a time, with fastattn's
-    Philox decisions (sequence b as batch b): the fused kernels have no dropout yet.
+    dropout_p: as in attention(), sequence b dropping like batch b (its queries and keys
+    numbered from 0).
     return_lse: also return the natural-log sum-exp of each row, float32 (Hq, total_q), -inf
     for rows that see no key (their output is zero).
     backend: force "cpu", "triton" or "reference" (the cuda kernels do not take packed
@@ -137,15 +147,18 @@ def varlen_attention(
     ops.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
-    chosen = dispatch.choose(lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap), q.device, backend)
-    if chosen == "reference" or dropout_p > 0.0 or _is_empty(q, k, v):
+    rng_state = _rng_state(dropout_p, q.device)
+    chosen = dispatch.choose(
+        lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, dropout_p), q.device, backend
+    )
+    if chosen == "reference" or _is_empty(q, k, v):
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, dropout_p,
-                                              softcap=softcap)
+                                              rng_state=rng_state, softcap=softcap)
     else:
         q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
         out, lse, _ = _ops_for(chosen).varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), window.left, window.right,
-            softcap,
+            softcap, float(dropout_p), rng_state,
         )
     return (out, lse) if return_lse else out
 
@@ -155,8 +168,8 @@ def scaled_dot_product_attention(
 ):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (same signature, same
     results). Differences: rows with no visible key give zeros instead of NaN; attn_mask and
-    is_causal may be combined; dropout_p > 0 runs the unfused reference path. Inputs may be
-    (B, H, S, D) or (B, S, D)."""
+    is_causal may be combined; dropout draws fastattn's Philox decisions (not torch's), in the
+    fused kernels where the backend has them. Inputs may be (B, H, S, D) or (B, S, D)."""
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

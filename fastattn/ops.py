@@ -229,7 +229,8 @@ def last_dim_contiguous(t):
 # Shapes and dtypes of each op's outputs, for torch.compile / FakeTensor tracing.
 
 
-def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0):
+def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0,
+                   dropout_p=0.0, rng_state=None):
     B, Hq, Sq, _ = q.shape
     return (
         q.new_empty(B, Hq, Sq, v.shape[-1]),
@@ -239,14 +240,14 @@ def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window
 
 
 def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, mask_grad, window_left=-1, window_right=-1,
-                   window_top_left=False, softcap=0.0):
+                   window_top_left=False, softcap=0.0, dropout_p=0.0, rng_state=None):
     B, Hq, Sq, _ = q.shape
     dmask_shape = (B, Hq, Sq, k.shape[2]) if mask_grad else (0,)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left=-1,
-                     window_right=-1, softcap=0.0):
+                     window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None):
     total_q, Hq, _ = q.shape
     return (
         q.new_empty(total_q, Hq, v.shape[-1]),
@@ -256,7 +257,7 @@ def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _fake_varlen_bwd(grad_out, q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     scale, window_left=-1, window_right=-1, softcap=0.0):
+                     scale, window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -319,9 +320,11 @@ def _reference_backward(ctx, recompute, inputs, differentiable, n_inputs, grad_o
     return tuple(result)
 
 
-_ATTN_FWD_INPUTS = 9  # q, k, v, mask, scale, window_left, window_right, window_top_left, softcap
-# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
-_VARLEN_FWD_INPUTS = 11
+# q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state
+_ATTN_FWD_INPUTS = 11
+# q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+# dropout_p, rng_state
+_VARLEN_FWD_INPUTS = 13
 
 
 class OpFamily:
@@ -344,18 +347,20 @@ class OpFamily:
 
     @staticmethod
     def _attention_setup(ctx, inputs, output):
-        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap = inputs
+        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state = inputs
         out, _, softmax_stats = output
-        ctx.save_for_backward(q, k, v, mask, out, softmax_stats)
-        ctx.scale, ctx.softcap = scale, softcap
+        # rng_state is kept, not a mask: the backward regenerates the forward's keep decisions.
+        ctx.save_for_backward(q, k, v, mask, out, softmax_stats, rng_state)
+        ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
         ctx.window = reference.Window(window_left, window_right, window_top_left)
         ctx.set_materialize_grads(False)
 
     def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, mask, out, softmax_stats = ctx.saved_tensors
+        q, k, v, mask, out, softmax_stats, rng_state = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
             def recompute(q, k, v, mask):
-                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, softcap=ctx.softcap)
+                return reference.attention(q, k, v, mask, ctx.scale, ctx.window, ctx.dropout_p,
+                                           rng_state=rng_state, softcap=ctx.softcap)
 
             return _reference_backward(ctx, recompute, (q, k, v, mask), 4, _ATTN_FWD_INPUTS, grad_out, grad_lse)
         mask_grad = ctx.needs_input_grad[3]
@@ -363,7 +368,7 @@ class OpFamily:
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dmask = self.attn_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, mask, ctx.scale, mask_grad, *ctx.window,
-            ctx.softcap,
+            ctx.softcap, ctx.dropout_p, rng_state,
         )
         if grad_lse is not None:
             dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.window, ctx.softcap)
@@ -374,19 +379,21 @@ class OpFamily:
 
     @staticmethod
     def _varlen_setup(ctx, inputs, output):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap = inputs
+        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+         dropout_p, rng_state) = inputs
         out, _, softmax_stats = output
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats)
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.softcap = max_seqlen_q, max_seqlen_k, scale, softcap
+        ctx.dropout_p = dropout_p
         ctx.window = reference.Window(window_left, window_right)
         ctx.set_materialize_grads(False)
 
     def _varlen_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats = ctx.saved_tensors
+        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state = ctx.saved_tensors
         if torch.is_grad_enabled() or grad_lse is not None:
             def recompute(q, k, v, cu_seqlens_q, cu_seqlens_k):
                 return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.scale, ctx.window,
-                                                  softcap=ctx.softcap)
+                                                  ctx.dropout_p, rng_state=rng_state, softcap=ctx.softcap)
 
             return _reference_backward(ctx, recompute, (q, k, v, cu_seqlens_q, cu_seqlens_k), 3, _VARLEN_FWD_INPUTS,
                                        grad_out, grad_lse)
@@ -395,6 +402,7 @@ class OpFamily:
         dq, dk, dv = self.varlen_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k,
             ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.window.left, ctx.window.right, ctx.softcap,
+            ctx.dropout_p, rng_state,
         )
         return (dq, dk, dv) + (None,) * (_VARLEN_FWD_INPUTS - 3)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import reference
+from fastattn.capabilities import CAPABILITIES
 from tolerance import assert_within_baseline
 
 CPU_BACKENDS = [name for name in ("cpu", "triton", "reference") if fastattn.backends()[name]["usable"]]
@@ -190,11 +191,14 @@ def test_sdpa_drop_in_matches_torch(backend, case):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), atol=2e-5, rtol=1e-4)
 
 
-def test_sdpa_dropout_runs_unfused_and_scales_kept_values():
+DROPOUT_BACKENDS = [name for name in CPU_BACKENDS if "dropout" in CAPABILITIES[name].features]
+
+
+def test_sdpa_dropout_scales_kept_values():
     torch.manual_seed(0)
     q, k = rand(1, 1, 64, 16), rand(1, 1, 64, 16)
     v = torch.ones(1, 1, 64, 16)
-    for forced in (None, "cpu"):  # a backend forced for a block still trains with dropout
+    for forced in (None, *DROPOUT_BACKENDS):  # automatic, and each backend with fused dropout forced
         with fastattn.use_backend(forced) if forced else contextlib.nullcontext():
             out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
         # each output is (sum of kept probabilities) / (1 - p): not all equal to 1, mean near 1

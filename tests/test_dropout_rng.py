@@ -1,7 +1,7 @@
 """The counter-based dropout generator: Philox-4x32-10 known answers, the C++ decisions
 (csrc/philox.h) equal to the torch ones (fastattn/philox.py) bit for bit, and the reference's
-dropout built on them: reproducible under torch.manual_seed, fresh per call, recomputed alike
-under activation checkpointing, traceable by torch.compile."""
+dropout built on them. Dropout through the public functions on every backend, and its rng
+state (seeded, fresh per call, checkpointing, compile): tests/test_dropout.py."""
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -49,32 +49,3 @@ def test_reference_dropout_applies_the_keep_mask():
     probs = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1)
     keep = philox.keep_mask(state, (2, 3, 9, 9), 0.25)
     torch.testing.assert_close(out, (probs * keep / 0.75) @ v)
-
-
-def _dropout_attention(q, k, v):
-    return fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
-
-
-def test_manual_seed_reproduces_and_calls_differ():
-    q = torch.randn(1, 2, 16, 8)
-    torch.manual_seed(1)
-    first, second = _dropout_attention(q, q, q), _dropout_attention(q, q, q)
-    torch.manual_seed(1)
-    assert torch.equal(_dropout_attention(q, q, q), first)
-    assert not torch.equal(first, second)
-
-
-def test_checkpointing_recomputes_the_same_mask():
-    q = torch.randn(1, 2, 16, 8, requires_grad=True)
-    torch.manual_seed(2)
-    plain = torch.autograd.grad(_dropout_attention(q, q, q).pow(2).sum(), q)[0]
-    torch.manual_seed(2)
-    out = torch.utils.checkpoint.checkpoint(_dropout_attention, q, q, q, use_reentrant=False)
-    torch.testing.assert_close(torch.autograd.grad(out.pow(2).sum(), q)[0], plain)
-
-
-def test_dropout_compiles_without_graph_breaks():
-    q = torch.randn(1, 2, 16, 8)
-    compiled = torch.compile(_dropout_attention, fullgraph=True)
-    out = compiled(q, q, q)
-    assert out.shape == q.shape and not torch.equal(out, compiled(q, q, q))

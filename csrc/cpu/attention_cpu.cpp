@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../philox.h"
 #include "params.h"
 
 namespace fastattn {
@@ -104,6 +105,26 @@ void check_softcap(double softcap) {
   TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: no cap), got ", softcap);
 }
 
+// dropout_p in [0, 1] and, when it is > 0, rng_state: an int64 CPU tensor (seed, offset).
+DropoutParams dropout_params(double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p must be in [0, 1], got ", dropout_p);
+  DropoutParams d;
+  if (dropout_p == 0.0) return d;
+  TORCH_CHECK_VALUE(rng_state.has_value(), "rng_state must be given when dropout_p > 0 (an int64 tensor (seed, "
+                    "offset)), got None with dropout_p=", dropout_p);
+  const at::Tensor& state = *rng_state;
+  TORCH_CHECK_VALUE(state.device().is_cpu() && state.scalar_type() == at::kLong && state.numel() == 2,
+                    "rng_state must be an int64 CPU tensor of 2 elements (seed, offset), got ", state.scalar_type(),
+                    " ", state.sizes(), " on ", state.device());
+  const at::Tensor seed_offset = state.contiguous();
+  d.p = float(dropout_p);
+  d.seed = uint64_t(seed_offset.data_ptr<int64_t>()[0]);
+  d.offset = uint32_t(seed_offset.data_ptr<int64_t>()[1]);
+  d.threshold = uint32_t(std::min<uint64_t>(philox::drop_threshold(dropout_p), UINT32_MAX));
+  d.keep_scale = dropout_p < 1.0 ? float(1.0 / (1.0 - dropout_p)) : 0.f;
+  return d;
+}
+
 // Runs items [0, n) round-robin over the intra-op threads.
 template <class F>
 void run_items(int64_t n, const F& f) {
@@ -171,11 +192,11 @@ SeqLayout padded_layout(const AttnShapes& s) {
 }
 
 // The fields the forward and backward parameter structs share: inputs, shapes, mask, window,
-// score modifiers, and the padded sequence layout (packed calls replace it).
+// score modifiers, dropout, and the padded sequence layout (packed calls replace it).
 template <class Params>
 void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const AttnShapes& s, const std::optional<at::Tensor>& mask, double scale,
-                          const WindowParams& window, double softcap) {
+                          const WindowParams& window, double softcap, const DropoutParams& dropout) {
   p.q = view4(q);
   p.k = view4(k);
   p.v = view4(v);
@@ -185,6 +206,7 @@ void set_attention_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.scale = float(scale);
   p.window = window;
   p.softcap = float(softcap);
+  p.dropout = dropout;
   p.seqs = padded_layout(s);
 }
 
@@ -266,11 +288,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q,
                                                             const std::optional<at::Tensor>& mask,
                                                             double scale, int64_t window_left,
                                                             int64_t window_right, bool window_top_left,
-                                                            double softcap) {
+                                                            double softcap, double dropout_p,
+                                                            const std::optional<at::Tensor>& rng_state) {
   const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   AttnFwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
-                       softcap);
+                       softcap, dropout_params(dropout_p, rng_state));
   return run_padded_forward(p, q.options());
 }
 
@@ -322,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
   const AttnShapes s{B, q.size(1), Hkv, q.size(2), room, q.size(3), v_cache.size(3)};
   AttnFwdParams p;
   set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, window_params(window_left, window_right, false),
-                       softcap);
+                       softcap, DropoutParams{});
   p.seqs.seqlens_k = cache_seqlens.data_ptr<int32_t>();
   if (pages) {
     p.seqs.block_table = pages;
@@ -386,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& softmax_stats, const std::optional<at::Tensor>& mask,
     double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
-    double softcap) {
+    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   const at::Tensor stats = check_backward_inputs(grad_out, q, out, softmax_stats, {s.B, s.Hq, s.Sq, s.Dv},
                                                  {kSoftmaxStats, s.B, s.Hq, s.Sq});
@@ -397,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
                                : at::empty({0}, q.options().dtype(at::kFloat));
   AttnBwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
-                       softcap);
+                       softcap, dropout_params(dropout_p, rng_state));
   p.out = view4(out);
   p.dout = view4(grad_out);
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
@@ -462,9 +485,10 @@ PackedShapes check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const
 template <class Params>
 void set_varlen_inputs(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const PackedShapes& ps, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                       double scale, int64_t window_left, int64_t window_right, double softcap) {
+                       double scale, int64_t window_left, int64_t window_right, double softcap,
+                       const DropoutParams& dropout) {
   set_attention_inputs(p, q, k, v, ps.s, std::nullopt, scale, window_params(window_left, window_right, false),
-                       softcap);
+                       softcap, dropout);
   p.q = packed_view(q);
   p.k = packed_view(k);
   p.v = packed_view(v);
@@ -482,11 +506,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                               int64_t max_seqlen_k, double scale, int64_t window_left,
-                                                              int64_t window_right, double softcap) {
+                                                              int64_t window_right, double softcap,
+                                                              double dropout_p,
+                                                              const std::optional<at::Tensor>& rng_state) {
   const PackedShapes ps =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
   AttnFwdParams p;
-  set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap);
+  set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap,
+                    dropout_params(dropout_p, rng_state));
   at::Tensor out = at::empty({ps.total_q, ps.s.Hq, ps.s.Dv}, q.options());
   at::Tensor lse = at::empty({ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({kSoftmaxStats, ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
@@ -498,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_stats, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
-    double softcap) {
+    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   const PackedShapes ps =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
   const at::Tensor stats = check_backward_inputs(grad_out, q, out, softmax_stats, {ps.total_q, ps.s.Hq, ps.s.Dv},
@@ -507,7 +534,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   AttnBwdParams p;
-  set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap);
+  set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap,
+                    dropout_params(dropout_p, rng_state));
   p.out = packed_view(out);
   p.dout = packed_view(grad_out);
   run_backward(p, stats, dq, dk, dv);

@@ -6,6 +6,7 @@
 #include <limits>
 #include <new>
 
+#include "../philox.h"
 #include "params.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)

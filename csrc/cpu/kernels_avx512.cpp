@@ -9,6 +9,7 @@
 #include <limits>
 #include <new>
 
+#include "../philox.h"
 #include "params.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)

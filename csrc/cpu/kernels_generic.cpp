@@ -7,6 +7,7 @@
 #include <limits>
 #include <new>
 
+#include "../philox.h"
 #include "params.h"
 
 namespace fastattn {

@@ -27,6 +27,18 @@ struct WindowParams {
   bool top_left = false;
 };
 
+// Dropout of the attention probabilities (csrc/philox.h): score (b, h, i, j) of sequence b,
+// query head h, query i and key j (both within the sequence) is kept iff word j % 4 of
+// Philox(counter (j / 4, i, b * Hq + h, offset), key seed) is >= threshold, and a kept
+// probability is multiplied by keep_scale. p == 0: no dropout.
+struct DropoutParams {
+  float p = 0.f;
+  uint64_t seed = 0;
+  uint32_t offset = 0;
+  uint32_t threshold = 0;  // floor(p * 2^32), at most 2^32 - 1 (p = 1 keeps nothing: keep_scale 0)
+  float keep_scale = 1.f;  // 1 / (1 - p), 0 for p = 1
+};
+
 // A 4-d tensor view with a contiguous last dim (strides in elements).
 struct View4 {
   const void* ptr = nullptr;
@@ -68,6 +80,7 @@ struct AttnFwdParams {
   float scale = 1.f;
   WindowParams window;
   float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap) before the mask
+  DropoutParams dropout;  // applied after the softmax statistics: they and lse stay undropped
   SeqLayout seqs;
   void* out = nullptr;  // contiguous, rows numbered by seqs.query_rows, dtype
   float* lse = nullptr;  // row_max + log(row_sum), numbered by seqs.stat_rows
@@ -96,6 +109,7 @@ struct AttnBwdParams {
   float scale = 1.f;
   WindowParams window;
   float softcap = 0.f;
+  DropoutParams dropout;  // the forward's, regenerated
   SeqLayout seqs;  // sequences (padded or packed; no KV cache) and output numbering
   int64_t nchunks = 1;  // key-block chunks per (batch, kv head); > 1 writes dq_partial
   void* dq = nullptr;   // contiguous, rows numbered by seqs.query_rows, dtype (nchunks == 1)

@@ -92,4 +92,26 @@ struct Vec {
     R hidden = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()));
     return _mm256_and_ps(hidden, _mm256_set1_ps(-__builtin_inff()));
   }
+
+  // 32-bit unsigned lanes, for the dropout generator (Philox, kernels.h).
+  using U = __m256i;
+  static inline U u_set1(uint32_t x) { return _mm256_set1_epi32(int(x)); }
+  static inline U u_iota(uint32_t first) {  // first, first + 1, ...
+    return _mm256_add_epi32(u_set1(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline U u_xor(U a, U b) { return _mm256_xor_si256(a, b); }
+  // The high and low words of a * m (32 x 32 -> 64 bits) per lane: _mm256_mul_epu32 multiplies
+  // the even lanes, so the odd ones are shifted down for a second multiply.
+  static inline void mulhilo(U a, uint32_t m, U* hi, U* lo) {
+    const U mul = u_set1(m);
+    const U even = _mm256_mul_epu32(a, mul);
+    const U odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), mul);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  }
+  // Lane-wise word >= threshold (unsigned) ? x : 0.
+  static inline R select_ge(U word, U threshold, R x) {
+    const U ge = _mm256_cmpeq_epi32(_mm256_max_epu32(word, threshold), word);
+    return _mm256_and_ps(_mm256_castsi256_ps(ge), x);
+  }
 };

@@ -85,4 +85,25 @@ struct Vec {
     __mmask16 keep = _mm_test_epi8_mask(b, b);
     return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), _mm512_setzero_ps());
   }
+
+  // 32-bit unsigned lanes, for the dropout generator (Philox, kernels.h).
+  using U = __m512i;
+  static inline U u_set1(uint32_t x) { return _mm512_set1_epi32(int(x)); }
+  static inline U u_iota(uint32_t first) {  // first, first + 1, ...
+    return _mm512_add_epi32(u_set1(first), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  static inline U u_xor(U a, U b) { return _mm512_xor_si512(a, b); }
+  // The high and low words of a * m (32 x 32 -> 64 bits) per lane: _mm512_mul_epu32 multiplies
+  // the even lanes, so the odd ones are shifted down for a second multiply.
+  static inline void mulhilo(U a, uint32_t m, U* hi, U* lo) {
+    const U mul = u_set1(m);
+    const U even = _mm512_mul_epu32(a, mul);
+    const U odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), mul);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  }
+  // Lane-wise word >= threshold (unsigned) ? x : 0.
+  static inline R select_ge(U word, U threshold, R x) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_epu32_mask(word, threshold, _MM_CMPINT_NLT), x);
+  }
 };

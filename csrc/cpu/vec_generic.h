@@ -96,4 +96,33 @@ struct Vec {
     for (int i = 0; i < W; ++i) r.v[i] = p[i] ? 0.f : -std::numeric_limits<float>::infinity();
     return r;
   }
+
+  // 32-bit unsigned lanes, for the dropout generator (Philox, kernels.h).
+  struct U {
+    uint32_t v[8];
+  };
+  static inline U u_set1(uint32_t x) {
+    U r;
+    for (int i = 0; i < W; ++i) r.v[i] = x;
+    return r;
+  }
+  static inline U u_iota(uint32_t first) {
+    U r;
+    for (int i = 0; i < W; ++i) r.v[i] = first + uint32_t(i);
+    return r;
+  }
+  static inline U u_xor(U a, U b) {
+    for (int i = 0; i < W; ++i) a.v[i] ^= b.v[i];
+    return a;
+  }
+  static inline void mulhilo(U a, uint32_t m, U* hi, U* lo) {
+    for (int i = 0; i < W; ++i) {
+      const uint64_t product = uint64_t(a.v[i]) * m;
+      hi->v[i] = uint32_t(product >> 32), lo->v[i] = uint32_t(product);
+    }
+  }
+  static inline R select_ge(U word, U threshold, R x) {
+    for (int i = 0; i < W; ++i) x.v[i] = word.v[i] >= threshold.v[i] ? x.v[i] : 0.f;
+    return x;
+  }
 };

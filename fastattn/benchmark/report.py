@@ -266,6 +266,17 @@ def check_figures(rows, figures, targets):
     return checked
 
 
+def write_figures(path, rows, figures, targets):
+    """A standalone script's results: the rows and figures checked against their targets
+    (check_figures, printed), written with the run's command and environment as JSON at path."""
+    checked = check_figures(rows, figures, targets)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"command": command_line(), "environment": environment("cpu"), "threads": torch.get_num_threads(),
+                   "rows": rows, "targets": checked}, f, indent=1)
+    print(f"\nwrote {path}")
+
+
 def write_json(path, results, meta):
     document = dict(meta)
     document["results"] = [r.to_dict() for r in results]

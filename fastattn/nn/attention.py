@@ -7,8 +7,8 @@ from ..reference import CAUSAL_TOP_LEFT, window_visibility
 
 
 def attend(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, window=None, softcap=None):
-    """(B, H, S, D) attention for the layers: the fused kernels, or, when `dropout_p > 0`,
-    fastattn's unfused dropout path. `causal` is only ever set with Sq == Sk here, where the
+    """(B, H, S, D) attention for the layers: the fused kernels (with dropout where the backend
+    has it). `causal` is only ever set with Sq == Sk here, where the
     top-left and bottom-right rules agree; window and softcap as in fastattn.attention."""
     return functional.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, dropout_p=dropout_p,
                                 window=window, softcap=softcap)
@@ -81,7 +81,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     - `need_weights=True` (torch's default) must materialise the (N, H, L, S) weights, so it
       computes them with fastattn's fused softmax and a plain matmul instead of the fused
       attention kernel: pass `need_weights=False` for speed (the transformer layers do).
-    - In training mode with `dropout > 0`, attention runs fastattn's unfused dropout path.
+    - In training mode with `dropout > 0`, attention drops probabilities with fastattn's
+      Philox decisions, inside the fused kernels where the backend has dropout.
     - A query that sees no key returns zeros (and zero weights) instead of NaN.
     """
 
