@@ -5,8 +5,11 @@ runs repeat, consecutive calls differ, checkpointing recomputes the same mask, t
 traces the call whole.
 
 Backends: each CPU instruction-set variant this machine runs (FASTATTN_CPU_ISA), the
-reference, and any other usable backend whose capability table lists "dropout" (Triton joins
-here once its kernels have it)."""
+reference, and Triton where it runs CPU tensors (interpreted, TRITON_INTERPRET=1, which
+conftest.py sets without a GPU); the CUDA kernels' dropout is tested in test_cuda_kernels.py
+and test_gpu_api.py."""
+import os
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -24,9 +27,14 @@ def _has_dropout(name):
     return fastattn.backends()[name]["usable"] and "dropout" in CAPABILITIES[name].features
 
 
+def _takes_cpu_tensors(name):
+    """The tests below pass CPU tensors, which Triton runs only interpreted."""
+    return name != "triton" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # (backend, FASTATTN_CPU_ISA or None): the parametrisation every test below runs over.
 BACKENDS = [("cpu", isa) for isa in ISAS if _has_dropout("cpu")]
-BACKENDS += [(name, None) for name in ("triton", "reference") if _has_dropout(name)]
+BACKENDS += [(name, None) for name in ("triton", "reference") if _has_dropout(name) and _takes_cpu_tensors(name)]
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b[0] if b[1] is None else f"{b[0]}-{b[1]}")
