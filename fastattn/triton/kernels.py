@@ -199,12 +199,17 @@ def _dropout_keep(seed, offset, bh, offs_m, start_n, drop_threshold, BLOCK_M: tl
     c2 = tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32) + bh.to(tl.uint32)
     c3 = tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32) + offset.to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
-    # Interleave the words so that key 4 * a + w gets word w of block a.
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N))
+    # Words are unsigned 32-bit and the threshold may be 2^32 (p = 1): compared as int64. The
+    # decisions are interleaved as bytes (key 4 * a + w gets word w of block a), a quarter of
+    # the data the words would move through the layout conversion.
+    k0 = (w0.to(tl.int64) >= drop_threshold).to(tl.int8)
+    k1 = (w1.to(tl.int64) >= drop_threshold).to(tl.int8)
+    k2 = (w2.to(tl.int64) >= drop_threshold).to(tl.int8)
+    k3 = (w3.to(tl.int64) >= drop_threshold).to(tl.int8)
+    keep = tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (BLOCK_M, BLOCK_N))
     if TRANSPOSED:
-        words = tl.trans(words)
-    # Words are unsigned 32-bit and the threshold may be 2^32 (p = 1): compared as int64.
-    return words.to(tl.int64) >= drop_threshold
+        keep = tl.trans(keep)
+    return keep != 0
 
 
 @triton.jit
