@@ -17,7 +17,6 @@ import torch.utils.checkpoint
 import fastattn
 from fastattn import dispatch, ops, philox, reference
 from fastattn.capabilities import CAPABILITIES
-from test_cpu_kernels import ISAS
 from tolerance import assert_within_baseline
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
@@ -32,17 +31,39 @@ def _takes_cpu_tensors(name):
     return name != "triton" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# (backend, FASTATTN_CPU_ISA or None): the parametrisation every test below runs over.
-BACKENDS = [("cpu", isa) for isa in ISAS if _has_dropout("cpu")]
-BACKENDS += [(name, None) for name in ("triton", "reference") if _has_dropout(name) and _takes_cpu_tensors(name)]
+CPU_BUILT = fastattn.backends()["cpu"]["usable"]
+if CPU_BUILT:  # test_cpu_kernels skips itself (and whoever imports it) where fastattn._C is missing
+    from test_cpu_kernels import ISAS
+else:
+    ISAS = []
+needs_cpu = pytest.mark.skipif(not CPU_BUILT, reason="fastattn._C (CPU kernels) is not built")
+
+# (backend, FASTATTN_CPU_ISA or None): the kernels with dropout, then every backend (the
+# comparisons with the reference run over the first, the rest over both).
+FUSED = [("cpu", isa) for isa in ISAS if _has_dropout("cpu")]
+FUSED += [("triton", None)] if _has_dropout("triton") and _takes_cpu_tensors("triton") else []
+BACKENDS = FUSED + [("reference", None)]
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda b: b[0] if b[1] is None else f"{b[0]}-{b[1]}")
-def backend(request, monkeypatch):
+def _use(request, monkeypatch):
     name, isa = request.param
     if isa is not None:
         monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
     return name
+
+
+def _label(backend):
+    return backend[0] if backend[1] is None else f"{backend[0]}-{backend[1]}"
+
+
+@pytest.fixture(params=BACKENDS, ids=_label)
+def backend(request, monkeypatch):
+    return _use(request, monkeypatch)
+
+
+@pytest.fixture(params=FUSED, ids=_label)
+def fused_backend(request, monkeypatch):
+    return _use(request, monkeypatch)
 
 
 def _rng_state_after(seed):
@@ -111,13 +132,14 @@ CASES = {  # B, Hq, Hkv, Sq, Sk, D, Dv, attention() options
 }
 
 
-def _options(options, B, Hq, Sq, Sk):
+def _options(options, B, Hq, Sq, Sk, dtype):
+    """The options with the mask made: bool, or float in dtype and differentiated."""
     options = dict(options)
     g = torch.Generator().manual_seed(9)
     if options.get("attn_mask") == "bool":
         options["attn_mask"] = torch.rand(B, 1, Sq, Sk, generator=g) > 0.3
     elif options.get("attn_mask") == "float":
-        options["attn_mask"] = torch.randn(1, Hq, Sq, Sk, generator=g)
+        options["attn_mask"] = torch.randn(1, Hq, Sq, Sk, generator=g).to(dtype).requires_grad_()
     return options
 
 
@@ -125,38 +147,40 @@ def _window_of(options):
     return ops.window_rule(options.get("causal", False), options.get("window"))
 
 
-def _reference_run(q, k, v, grad_out, options, p, state, dtype, upcast):
-    """out and (dq, dk, dv) of the reference on inputs cast to dtype."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    mask = options.get("attn_mask")
-    mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
-    out, _ = reference.attention(*leaves, mask, None, _window_of(options), p, upcast, state,
+def _reference_run(inputs, grad_out, options, p, state, dtype, upcast):
+    """out and the gradients of `inputs` (q, k, v and a float mask, if any) of the reference
+    on inputs cast to dtype."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    mask = leaves[3] if len(leaves) > 3 else options.get("attn_mask")
+    out, _ = reference.attention(*leaves[:3], mask, None, _window_of(options), p, upcast, state,
                                  ops.check_softcap(options.get("softcap")))
     return out, torch.autograd.grad(out, leaves, grad_out.to(dtype))
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_forward_and_backward_match_the_reference(backend, case, dtype):
+def test_forward_and_backward_match_the_reference(fused_backend, case, dtype):
     B, Hq, Hkv, Sq, Sk, D, Dv, options = CASES[case]
-    options = _options(options, B, Hq, Sq, Sk)
+    options = _options(options, B, Hq, Sq, Sk, dtype)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, h, s, d, generator=g).to(dtype).requires_grad_()
                for h, s, d in ((Hq, Sq, D), (Hkv, Sk, D), (Hkv, Sk, Dv)))
     grad_out = torch.randn(B, Hq, Sq, Dv, generator=g).to(dtype)
     p = 0.2
     torch.manual_seed(5)
-    out = fastattn.attention(q, k, v, dropout_p=p, backend=backend, **options)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    out = fastattn.attention(q, k, v, dropout_p=p, backend=fused_backend, **options)
+    mask = options.get("attn_mask")
+    inputs = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad_out)
     state = _rng_state_after(5)
-    ref_out, ref_grads = _reference_run(q, k, v, grad_out, options, p, state, F64, True)
-    base_out, base_grads = _reference_run(q, k, v, grad_out, options, p, state, dtype, False)
+    ref_out, ref_grads = _reference_run(inputs, grad_out, options, p, state, F64, True)
+    base_out, base_grads = _reference_run(inputs, grad_out, options, p, state, dtype, False)
     assert_within_baseline("out", out, ref_out, base_out)
-    for name, grad, ref, base in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+    for name, grad, ref, base in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, base_grads):
         assert_within_baseline(name, grad, ref, base)
 
 
-def test_packed_forward_and_backward_match_the_reference(backend):
+def test_packed_forward_and_backward_match_the_reference(fused_backend):
     lengths_q, lengths_k = [5, 70, 1, 33], [8, 70, 0, 50]
     Hq, Hkv, D, p = 4, 2, 40, 0.25
     cu_q = torch.tensor([0] + lengths_q).cumsum(0).int()
@@ -166,7 +190,7 @@ def test_packed_forward_and_backward_match_the_reference(backend):
     k, v = (torch.randn(int(cu_k[-1]), Hkv, D, generator=g).requires_grad_() for _ in range(2))
     grad_out = torch.randn(int(cu_q[-1]), Hq, D, generator=g)
     torch.manual_seed(6)
-    out = fastattn.varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, dropout_p=p, backend=backend)
+    out = fastattn.varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, dropout_p=p, backend=fused_backend)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     state = _rng_state_after(6)
 
@@ -216,6 +240,7 @@ def test_compiles_without_graph_breaks(backend):
 # ----------------------------------------------------------------------------- ops and dispatch
 
 
+@needs_cpu
 def test_ops_pass_opcheck_with_dropout():
     """The C++ ops with dropout under torch.library.opcheck (schema, fake kernels, autograd)."""
     g = torch.Generator().manual_seed(7)
@@ -241,6 +266,7 @@ def test_ops_pass_opcheck_with_dropout():
     )
 
 
+@needs_cpu
 def test_dropout_needs_rng_state():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="rng_state must be given when dropout_p > 0"):
@@ -257,3 +283,42 @@ def test_dispatch_reads_the_dropout_capability():
     without = [name for name, caps in CAPABILITIES.items() if "dropout" not in caps.features]
     for name in without:
         assert CAPABILITIES[name].feature_reason(name, {"dropout"}) == f"the {name} kernels do not support dropout"
+
+
+def test_reference_recomputations_drop_the_same_scores(fused_backend):
+    """Double backward and a differentiated packed lse recompute through the reference, which
+    must drop what the kernel dropped: both against the reference under the same rng_state."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g).requires_grad_() for _ in range(3))
+
+    def double_backward(q, k, v, attend):
+        (dq,) = torch.autograd.grad(attend(q, k, v).pow(2).sum(), q, create_graph=True)
+        return torch.autograd.grad(dq.sum(), (q, k, v))
+
+    torch.manual_seed(8)
+    grads = double_backward(q, k, v, lambda *t: fastattn.attention(*t, dropout_p=0.3, backend=fused_backend))
+    state = _rng_state_after(8)
+
+    def reference_double_backward(dtype, upcast):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        return double_backward(*leaves, lambda *t: reference.attention(*t, dropout_p=0.3, upcast=upcast,
+                                                                       rng_state=state)[0])
+
+    for name, grad, ref, base in zip(("ddq", "ddk", "ddv"), grads, reference_double_backward(F64, True),
+                                     reference_double_backward(F32, False)):
+        assert_within_baseline(name, grad, ref, base)
+
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(9)
+    out, lse = fastattn.varlen_attention(*packed, cu, cu, 14, 14, dropout_p=0.3, return_lse=True, backend=fused_backend)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), packed)
+    state = _rng_state_after(9)
+
+    def reference_grads(dtype, upcast):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in packed]
+        out, lse = reference.varlen_attention(*leaves, cu, cu, None, reference.UNBOUNDED, 0.3, upcast, state)
+        return torch.autograd.grad(out.sum() + lse.sum(), leaves)
+
+    for name, grad, ref, base in zip(("dq", "dk", "dv"), grads, reference_grads(F64, True), reference_grads(F32, False)):
+        assert_within_baseline(name, grad, ref, base)

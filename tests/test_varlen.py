@@ -216,8 +216,9 @@ def test_bad_arguments_name_the_argument(change, error, message):
 
 
 def test_dropout_decides_like_the_padded_batch():
-    """Dropout runs the reference path with sequence b as batch b: the same keep decisions,
-    and so the same rows, as the padded batch with a key-padding mask under one rng state."""
+    """Packed dropout numbers sequence b as batch b: the same keep decisions, and so the same
+    rows, as the padded batch with a key-padding mask under one rng state (float64: the
+    reference; the kernels' packed decisions: tests/test_dropout.py)."""
     lengths = [5, 2, 7]
     q, k, v, cu_q, cu_k = packed(lengths, lengths, 2, 2, 16, 16, torch.float64, seed=5)
     torch.manual_seed(11)

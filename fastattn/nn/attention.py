@@ -8,8 +8,8 @@ from ..reference import CAUSAL_TOP_LEFT, window_visibility
 
 def attend(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, window=None, softcap=None):
     """(B, H, S, D) attention for the layers: the fused kernels (with dropout where the backend
-    has it). `causal` is only ever set with Sq == Sk here, where the
-    top-left and bottom-right rules agree; window and softcap as in fastattn.attention."""
+    has it). `causal` is only ever set with Sq == Sk here, where the top-left and bottom-right
+    rules agree; window and softcap as in fastattn.attention."""
     return functional.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, dropout_p=dropout_p,
                                 window=window, softcap=softcap)
 
