@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "cuda/fastattn_cuda.h"
+#include "philox.h"
 
 namespace {
 
@@ -135,6 +136,27 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   return p;
 }
 
+// Dropout with probability dropout_p under rng_state (int64 (seed, offset) on q's device),
+// which the kernels read from device memory.
+void set_dropout(fc::AttnFwdParams& p, double dropout_p, const std::optional<at::Tensor>& rng_state,
+                 const at::Tensor& q) {
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p <= 1, "fastattn CUDA: dropout_p must be in [0, 1], got ",
+                    dropout_p);
+  if (dropout_p == 0) return;
+  TORCH_CHECK_VALUE(rng_state.has_value(),
+                    "fastattn CUDA: rng_state must be given when dropout_p > 0: an int64 (seed, offset) "
+                    "tensor, got None");
+  const at::Tensor& state = *rng_state;
+  check_cuda_tensor(state, "rng_state", q);
+  TORCH_CHECK_VALUE(state.scalar_type() == at::kLong && state.dim() == 1 && state.size(0) == 2 &&
+                        state.is_contiguous(),
+                    "fastattn CUDA: rng_state must be a contiguous int64 (seed, offset) tensor of shape (2,), got ",
+                    state.scalar_type(), " ", state.sizes());
+  p.rng_state = state.data_ptr<int64_t>();
+  p.drop_threshold = fastattn::philox::drop_threshold(dropout_p);
+  p.keep_scale = dropout_p < 1 ? static_cast<float>(1 / (1 - dropout_p)) : 0.f;  // p = 1 drops everything
+}
+
 // The forward's softmax statistics (2, B, Hq, Sq): row max, row sum (see csrc/fastattn.cpp).
 constexpr int64_t kSoftmaxStats = 2;
 
@@ -143,9 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& mask,
                                                         double scale, int64_t window_left,
                                                         int64_t window_right, bool window_top_left,
-                                                        double softcap, const std::optional<at::Tensor>& sinks) {
+                                                        double softcap, double dropout_p,
+                                                        const std::optional<at::Tensor>& rng_state,
+                                                        const std::optional<at::Tensor>& sinks) {
   fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left,
                                     softcap, fc::kMaxHeadDimFwd);
+  set_dropout(p, dropout_p, rng_state, q);
   if (sinks.has_value()) {
     check_cuda_tensor(*sinks, "sinks", q);
     TORCH_CHECK_VALUE(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 && sinks->size(0) == p.hq &&
@@ -171,11 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& stats_in, const std::optional<at::Tensor>& mask,
     double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
-    double softcap) {
+    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   fc::AttnBwdParams p;
   p.fwd = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left, softcap,
                       fc::kMaxHeadDimBwd);
   fc::AttnFwdParams& f = p.fwd;
+  set_dropout(f, dropout_p, rng_state, q);
   check_attn_operand(grad_out, "grad_out", q);
   check_attn_operand(out, "out", q);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastattn import reference
+from fastattn import philox, reference
 from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -224,6 +224,130 @@ def test_backward_is_deterministic():
     second = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.09, False, *CAUSAL_TOP_LEFT)
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def _rng_state(seed, offset):
+    return torch.tensor([seed, offset], device=DEVICE, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("Sq, D, window", [(100, 64, UNBOUNDED), (37, 128, CAUSAL), (130, 32, Window(20, 5)),
+                                           (70, 96, CAUSAL_TOP_LEFT), (64, 256, UNBOUNDED)])
+@pytest.mark.parametrize("p", [0.1, 0.6])
+def test_dropout_keep_pattern_is_philox_bit_for_bit(Sq, D, window, p):
+    """q = 0 and v = identity (Sk = D): out row i is the dropped probability row, 1 / (n (1 - p))
+    where kept (n: the keys row i sees) and exactly 0 where fastattn.philox.keep_mask drops."""
+    B, Hq, Hkv, Sk = 2, 4, 2, D
+    q = torch.zeros(B, Hq, Sq, D, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=torch.float16)
+    v = torch.eye(Sk, device=DEVICE, dtype=torch.float16).expand(B, Hkv, Sk, D)
+    state = _rng_state(0x123456789ABC, 77)
+    out, _, _ = OPS.attn_fwd(q, k, v, None, D ** -0.5, *window, 0.0, p, state)
+    visible = reference.window_visibility(Sq, Sk, window, DEVICE)
+    kept = philox.keep_mask(state, (B, Hq, Sq, Sk), p) & visible
+    assert torch.equal(out != 0, kept)
+    seen = visible.sum(-1, keepdim=True).clamp(min=1).expand(B, Hq, Sq, Sk)
+    torch.testing.assert_close(out[kept].float(), (1.0 / (seen * (1 - p)))[kept].float(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_dropout_backward_keep_pattern_is_philox_bit_for_bit(D):
+    """The dK/dV kernel's decisions: with q = 0, v = identity and grad_out row i = e_i, dV[j, i]
+    is the dropped probability of (i, j), nonzero exactly where keep_mask keeps it."""
+    B, H, Sq, Sk, p = 2, 3, D - 5, D, 0.3
+    q = torch.zeros(B, H, Sq, D, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(B, H, Sk, D, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.eye(Sk, device=DEVICE, dtype=torch.bfloat16).expand(B, H, Sk, D)
+    grad_out = torch.eye(Sq, D, device=DEVICE, dtype=torch.bfloat16).expand(B, H, Sq, D)
+    state = _rng_state(31337, 2**32 - 1)
+    out, _, stats = OPS.attn_fwd(q, k, v, None, 0.1, -1, -1, False, 0.0, p, state)
+    _, _, dv, _ = OPS.attn_bwd(grad_out, q, k, v, out, stats, None, 0.1, False, -1, -1, False, 0.0, p, state)
+    assert torch.equal(dv[:, :, :, :Sq].transpose(-2, -1) != 0, philox.keep_mask(state, (B, H, Sq, Sk), p))
+
+
+# (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, softcap); head dim 256 runs the forward only
+DROPOUT_CASES = [
+    (2, 4, 2, 113, 203, 64, UNBOUNDED, None, torch.float16, 0.0),
+    (1, 2, 1, 203, 113, 128, CAUSAL, None, torch.bfloat16, 0.0),
+    (2, 2, 2, 150, 260, 96, Window(30, 20), "padding_bool", torch.bfloat16, 0.0),
+    (1, 3, 3, 100, 130, 32, CAUSAL_TOP_LEFT, "additive", torch.float16, 0.0),
+    (1, 4, 2, 256, 256, 64, CAUSAL, None, torch.bfloat16, 30.0),
+    (1, 2, 1, 77, 90, 256, UNBOUNDED, "bool", torch.float16, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_dropout_matches_reference(case):
+    """Output, lse (the undropped softmax's) and gradients against the reference dropping the same
+    scores under the same rng_state."""
+    B, Hq, Hkv, Sq, Sk, D, window, kind, dtype, softcap = case
+    torch.manual_seed(Sq * Sk + D)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, False)
+    mask = _mask(kind, B, Hq, Sq, Sk, dtype)
+    mask_grad = kind is not None and mask.dtype != torch.bool
+    scale, p = D ** -0.5, 0.2
+    state = _rng_state(2**40 + 12345, 99)
+    grad_out = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=dtype)
+
+    def run_reference(to_dtype):
+        leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
+        m = mask
+        if mask_grad:
+            m = mask.detach().to(to_dtype).contiguous().requires_grad_()
+            leaves.append(m)
+        o, lse = reference.attention(*leaves[:3], m, scale, window, p, upcast=False, rng_state=state, softcap=softcap)
+        return o, lse, torch.autograd.grad(o, leaves, grad_out.to(to_dtype)) if D <= 128 else None
+
+    _poison_allocator()
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *window, softcap, p, state)
+    (ref_out, ref_lse, ref_grads), (base_out, base_lse, base_grads) = run_reference(torch.float64), run_reference(dtype)
+    assert_within_baseline("out", out, ref_out, base_out)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~finite)
+    assert_within_baseline("lse", lse[finite], ref_lse[finite].float(), base_lse[finite])
+    if D > 128:
+        return
+    _poison_allocator()
+    grads = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *window, softcap, p, state)
+    names = ("dq", "dk", "dv", "dmask") if mask_grad else ("dq", "dk", "dv")
+    for name, got, ref, base in zip(names, grads, ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base.to(got.dtype))
+
+
+def test_dropout_reads_rng_state_on_the_device():
+    """A captured CUDA graph replays with the (seed, offset) the state tensor holds at replay: the
+    kernels read it from device memory, so no value is baked into the launch."""
+    torch.manual_seed(6)
+    q, k, v = _qkv(1, 2, 2, 96, 96, 64, torch.float16, False)
+    state = _rng_state(1, 0)
+
+    def forward():
+        return OPS.attn_fwd(q, k, v, None, 0.125, -1, -1, False, 0.0, 0.5, state)[0]
+
+    forward()  # warm-up: kernel attributes are set outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward()
+    replays = []
+    for seed in (5, 6):
+        state.copy_(torch.tensor([seed, 9]))
+        graph.replay()
+        assert torch.equal(captured, forward())
+        replays.append(captured.clone())
+    assert not torch.equal(*replays)
+
+
+def test_dropout_argument_errors():
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="rng_state must be given when dropout_p > 0"):
+        OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 0.1, None)
+    with pytest.raises(ValueError, match="rng_state must be a contiguous int64"):
+        OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 0.1, torch.tensor([1.0, 2.0], device=DEVICE))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 1.5, _rng_state(1, 2))
 
 
 def test_unsupported_inputs_raise_clear_errors():

@@ -5,8 +5,11 @@ runs repeat, consecutive calls differ, checkpointing recomputes the same mask, t
 traces the call whole.
 
 Backends: each CPU instruction-set variant this machine runs (FASTATTN_CPU_ISA), the
-reference, and any other usable backend whose capability table lists "dropout" (Triton joins
-here once its kernels have it)."""
+reference, and Triton where it runs CPU tensors (interpreted, TRITON_INTERPRET=1, which
+conftest.py sets without a GPU); the CUDA kernels' dropout is tested in test_cuda_kernels.py
+and test_gpu_api.py."""
+import os
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -23,6 +26,11 @@ def _has_dropout(name):
     return fastattn.backends()[name]["usable"] and "dropout" in CAPABILITIES[name].features
 
 
+def _takes_cpu_tensors(name):
+    """The tests below pass CPU tensors, which Triton runs only interpreted."""
+    return name != "triton" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 CPU_BUILT = fastattn.backends()["cpu"]["usable"]
 if CPU_BUILT:  # test_cpu_kernels skips itself (and whoever imports it) where fastattn._C is missing
     from test_cpu_kernels import ISAS
@@ -33,7 +41,7 @@ needs_cpu = pytest.mark.skipif(not CPU_BUILT, reason="fastattn._C (CPU kernels) 
 # (backend, FASTATTN_CPU_ISA or None): the kernels with dropout, then every backend (the
 # comparisons with the reference run over the first, the rest over both).
 FUSED = [("cpu", isa) for isa in ISAS if _has_dropout("cpu")]
-FUSED += [("triton", None)] if _has_dropout("triton") else []
+FUSED += [("triton", None)] if _has_dropout("triton") and _takes_cpu_tensors("triton") else []
 BACKENDS = FUSED + [("reference", None)]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import dispatch, reference
+from fastattn import dispatch, philox, reference
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerance import assert_within_baseline  # noqa: E402
@@ -35,12 +35,13 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, padded_length):
     return q, k, v, mask
 
 
-def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0):
+def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropout_p=0.0, rng_state=None):
     """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv)."""
     results = []
     for dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out, _ = reference.attention(*leaves, mask, None, window, upcast=False, softcap=softcap)
+        out, _ = reference.attention(*leaves, mask, None, window, dropout_p, upcast=False, rng_state=rng_state,
+                                     softcap=softcap)
         out.backward(grad_out.to(dtype))
         results.append((out, [t.grad for t in leaves]))
     return results
@@ -78,6 +79,43 @@ def test_window_and_softcap_autograd_match_reference(backend, dtype, window, sof
     assert_within_baseline("out", out, ref_out, base_out)
     for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
         assert_within_baseline(name, got, ref, base)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,padded", [(False, True), (True, False)])
+def test_dropout_autograd_matches_reference(backend, dtype, causal, padded):
+    """attention(dropout_p=...) draws its rng_state from the CUDA generator: re-seeding and drawing
+    gives the state the reference then drops the same scores with."""
+    torch.manual_seed(4)
+    q, k, v, mask = _inputs(2, 8, 2, 300, 277, 128, dtype, 170 if padded else None)
+    grad_out = torch.randn(2, 8, 300, 128, device="cuda", dtype=dtype)
+    torch.manual_seed(11)
+    out = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=0.15, backend=backend)
+    out.backward(grad_out)
+    torch.manual_seed(11)
+    state = philox.draw_rng_state(q.device)
+    (ref_out, ref_grads), (base_out, base_grads) = _reference_and_baseline(
+        q, k, v, mask, reference.CAUSAL if causal else reference.UNBOUNDED, grad_out, dropout_p=0.15, rng_state=state)
+    assert_within_baseline("out", out, ref_out, base_out)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_dropout_compiles_fullgraph_and_seeds_reproduce(backend):
+    torch._dynamo.reset()
+    q = torch.randn(1, 4, 200, 64, device="cuda", dtype=torch.bfloat16)
+
+    def call(q):
+        return fastattn.attention(q, q, q, causal=True, dropout_p=0.3, backend=backend)
+
+    compiled = torch.compile(call, fullgraph=True)
+    torch.manual_seed(8)
+    first, second = compiled(q), compiled(q)
+    torch.manual_seed(8)
+    assert torch.equal(compiled(q), first)
+    assert not torch.equal(first, second)
 
 
 @pytest.mark.skipif(not dispatch.backends().get("cuda", {}).get("usable"), reason="cuda backend not usable")

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # must happen before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastattn.triton as ftriton  # noqa: E402
-from fastattn import reference  # noqa: E402
+from fastattn import philox, reference  # noqa: E402
 from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -187,6 +187,27 @@ def test_argument_errors_name_the_argument():
         OPS.triton_attn_fwd(q, k.half(), v, None, 1.0)
     with pytest.raises(ValueError, match="head dims"):
         OPS.triton_attn_fwd(*_qkv(1, 1, 1, 2, 2, 320, 320, torch.float32, False), None, 1.0)
+    with pytest.raises(ValueError, match="rng_state must be given when dropout_p > 0"):
+        OPS.triton_attn_fwd(q, k, v, None, 1.0, dropout_p=0.1)
+    with pytest.raises(ValueError, match="rng_state must be an int64"):
+        OPS.triton_attn_fwd(q, k, v, None, 1.0, dropout_p=0.1, rng_state=torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        OPS.triton_attn_fwd(q, k, v, None, 1.0, dropout_p=-0.5, rng_state=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+
+
+def test_dropout_backward_keep_pattern_is_philox_bit_for_bit():
+    """The dK/dV kernel's decisions (transposed tiles): with q = 0, v = identity and grad_out row
+    i = e_i, dV[j, i] is the dropped probability of (i, j), nonzero exactly where
+    fastattn.philox.keep_mask keeps it. (The forward's and dQ's decisions: tests/test_dropout.py.)"""
+    B, H, Sq, Sk, p = 2, 3, 27, 40, 0.3
+    q = torch.zeros(B, H, Sq, 16, device=DEVICE)
+    k = torch.randn(B, H, Sk, 16, device=DEVICE)
+    v = torch.eye(Sk, device=DEVICE).expand(B, H, Sk, Sk)
+    grad_out = torch.eye(Sq, Sk, device=DEVICE).expand(B, H, Sq, Sk)
+    state = torch.tensor([31337, 2**32 - 1], device=DEVICE)
+    out, _, stats = OPS.triton_attn_fwd(q, k, v, None, 0.1, dropout_p=p, rng_state=state)
+    _, _, dv, _ = OPS.triton_attn_bwd(grad_out, q, k, v, out, stats, None, 0.1, False, dropout_p=p, rng_state=state)
+    assert torch.equal(dv[..., :Sq].transpose(-2, -1) != 0, philox.keep_mask(state, (B, H, Sq, Sk), p))
 
 
 def test_autotune_keys_name_kernel_arguments():

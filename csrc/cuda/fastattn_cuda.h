@@ -97,6 +97,14 @@ struct AttnFwdParams {
   const float* sinks = nullptr;
   DType dtype = DType::kFloat16;
   MaskView mask;
+  // Dropout (csrc/philox.h's decisions): rng_state, the call's int64 (seed, offset) in device
+  // memory, read by the kernels (no host sync: CUDA graphs replay it); nullptr: no dropout. A
+  // score is dropped when its Philox word is < drop_threshold = floor(p * 2^32); kept
+  // probabilities are scaled by keep_scale = 1 / (1 - p). The softmax statistics stay the
+  // undropped softmax's.
+  const int64_t* rng_state = nullptr;
+  uint64_t drop_threshold = 0;
+  float keep_scale = 1.f;
 };
 
 struct AttnBwdParams {

@@ -13,8 +13,14 @@
 // Backward is deterministic: one kernel owns a key block and loops over the query blocks of
 // every query head of its GQA group (dK, dV in registers, no atomics); a second kernel owns a
 // query block and computes dQ (and the optional dmask = dS).
+//
+// Dropout (kDropout): every kernel regenerates the keep decisions of its tiles from the call's
+// (seed, offset) with Philox (csrc/philox.h); no mask is stored. The forward drops P after the
+// row sums (the statistics stay the undropped softmax's) and scales the output by 1 / (1 - p);
+// the backward uses dV = (P*Z/(1-p))^T dO and dP = (dO V^T)*Z/(1-p), Z the keep mask.
 #pragma once
 
+#include "../philox.h"
 #include "utils.cuh"
 
 namespace fastattn {
@@ -35,6 +41,64 @@ __device__ __forceinline__ void load_row_stats(const AttnFwdParams& f, int64_t i
   const float l = in_range ? f.row_sum[idx] : 0.f;
   row_max = l == 0.f ? INFINITY : f.row_max[idx];
   inv_sum = l == 0.f ? 0.f : 1.f / l;
+}
+
+
+// Dropout's per-call state, read once per thread (rng_state lives in device memory).
+struct DropoutRng {
+  uint64_t seed = 0;
+  uint32_t offset = 0;
+  uint64_t threshold = 0;
+  float keep_scale = 1.f;
+};
+
+__device__ __forceinline__ DropoutRng load_dropout_rng(const AttnFwdParams& p) {
+  DropoutRng rng;
+  rng.seed = static_cast<uint64_t>(p.rng_state[0]);
+  rng.offset = static_cast<uint32_t>(p.rng_state[1]);
+  rng.threshold = p.drop_threshold;
+  rng.keep_scale = p.keep_scale;
+  return rng;
+}
+
+// Word w of a Philox block, chosen with selects: indexing the block at run time would put it
+// in local memory.
+__device__ __forceinline__ uint32_t philox_word(const philox::Block& block, int w) {
+  return w == 0 ? block.x[0] : w == 1 ? block.x[1] : w == 2 ? block.x[2] : block.x[3];
+}
+
+// Dropout of a C-fragment tile whose rows are queries (forward P, dQ's dP) of head bh = b * Hq
+// + h: element e of x[mi][ni] is query row_base + 16 mi + 8 (e / 2), key col_base + 8 ni +
+// e % 2. col_base is even, so both keys of a pair lie in one Philox block (words col % 4 and
+// col % 4 + 1): one block per two elements. Kept entries are multiplied by `scale`, dropped
+// ones become 0.
+template <int MT, int NT>
+__device__ __forceinline__ void dropout_query_rows(float (&x)[MT][NT][4], const DropoutRng& rng,
+                                                   uint32_t bh, int row_base, int col_base,
+                                                   float scale) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = row_base + mi * 16 + hf * 8, col = col_base + ni * 8;
+        const philox::Block block = philox::keep_words(rng.seed, rng.offset, bh, row, col / 4);
+        const int w = col % 4;
+        x[mi][ni][2 * hf] = philox_word(block, w) >= rng.threshold ? x[mi][ni][2 * hf] * scale : 0.f;
+        x[mi][ni][2 * hf + 1] =
+            philox_word(block, w + 1) >= rng.threshold ? x[mi][ni][2 * hf + 1] * scale : 0.f;
+      }
+    }
+  }
+}
+
+// Whether dropout keeps score (query, key) of head bh: one element of the dK/dV kernel's
+// transposed tiles (rows = keys), whose neighbours lie in other Philox blocks.
+__device__ __forceinline__ bool dropout_keeps(const DropoutRng& rng, uint32_t bh, int query,
+                                              int key) {
+  return philox_word(philox::keep_words(rng.seed, rng.offset, bh, query, key / 4), key % 4) >=
+         rng.threshold;
 }
 
 
@@ -215,7 +279,7 @@ __device__ __forceinline__ void zero(float (&a)[MT][NT][4]) {
 
 // ---------------------------------------------------------------------------------------
 // Forward. Grid (B * Hq, ceil(Sq / kBlockM)); kNWarps warps, each owning 16 * kMT query rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     fwd_kernel(const AttnFwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -245,6 +309,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int n_begin = key_block_begin(p.vis, m0, kBlockN);
   const int n_end = key_block_end(p.vis, m0, kBlockM, p.sk, kBlockN);
   const float inv_scale = 1.f / p.scale;
+  DropoutRng rng;
+  if constexpr (kDropout) rng = load_dropout_rng(p);
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, m0, p.sq, p.d, tid);
   if (n_begin < n_end)
@@ -332,6 +398,9 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         }
       }
     }
+    if constexpr (kDropout) {  // after the row sums; 1 / (1 - p) is applied in the epilogue
+      dropout_query_rows<kMT, kNT>(s, rng, bh, m0 + warp_row0 + g, n0 + 2 * t, 1.f);
+    }
     uint32_t pa[kMT][kNT / 2][4];
     acc_to_a<T, kMT, kNT>(pa, s);
 
@@ -356,7 +425,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         l = l * o_scale + expf(sink - m_new);
         m = m_new;
       }
-      const float inv = l == 0.f ? 0.f : o_scale / l;  // NaN stays NaN
+      float inv = l == 0.f ? 0.f : o_scale / l;  // NaN stays NaN
+      if constexpr (kDropout) inv *= p.keep_scale;
 #pragma unroll
       for (int di = 0; di < kDT; ++di) {
         *reinterpret_cast<uint32_t*>(sQ + r * kLd + di * 8 + 2 * t) =
@@ -401,7 +471,7 @@ __global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
 }
 
 // dQ (and dmask). Grid (B * Hq, ceil(Sq / kBlockM)); each warp owns 16 query rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dq_kernel(const AttnBwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -432,6 +502,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int n_begin = key_block_begin(f.vis, m0, kBlockN);
   const int n_end = key_block_end(f.vis, m0, kBlockM, f.sk, kBlockN);
   const float inv_scale = 1.f / f.scale;
+  DropoutRng rng;
+  if constexpr (kDropout) rng = load_dropout_rng(f);
 
   load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
   load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
@@ -472,6 +544,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     cp_async_wait<0>();  // V ready
     __syncthreads();
     gemm_ss_nt<T, 1, kNT, kHeadDim>(dp, sdO + warp_row0 * kLd, kLd, sV, kLd, lane);
+    if constexpr (kDropout) dropout_query_rows<1, kNT>(dp, rng, bh, m0 + warp_row0 + g, n0 + 2 * t, rng.keep_scale);
 
     // Keys past Sk and (on blocks the window cuts) keys outside the window.
     const bool edge = n0 + kBlockN > f.sk || partial_tile(f.vis, m0, kBlockM, n0, kBlockN);
@@ -521,7 +594,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 // dK, dV. Grid (B * Hkv, ceil(Sk / kBlockN)); each warp owns 16 keys and loops over the
 // query blocks of every query head in its GQA group, so dK/dV need no atomics.
 // Scores are computed transposed (rows = keys, columns = queries).
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dkdv_kernel(const AttnBwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -555,6 +628,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int m_blocks = query_block_end(f.vis, n0, kBlockN, f.sq, kBlockM);
   const float scale_log2 = f.scale * kLog2e;
   const float inv_scale = 1.f / f.scale;
+  DropoutRng rng;
+  if constexpr (kDropout) rng = load_dropout_rng(f);
 
   float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
   zero(acc_dk);
@@ -621,8 +696,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           } else {
             pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
           }
-          st[0][ni][e] = pr;
-          dpt[0][ni][e] = pr * (dpt[0][ni][e] - dsum[ni][e & 1]) * slope;
+          float dp = dpt[0][ni][e], pv = pr;  // pv: the probability that reached V
+          if constexpr (kDropout) {
+            const bool kept = dropout_keeps(rng, static_cast<uint32_t>(bh), query, key);
+            dp = kept ? dp * rng.keep_scale : 0.f;
+            pv = kept ? pr * rng.keep_scale : 0.f;
+          }
+          st[0][ni][e] = pv;
+          dpt[0][ni][e] = pr * (dp - dsum[ni][e & 1]) * slope;
         }
       }
       uint32_t pa[1][kQT / 2][4];

@@ -13,22 +13,27 @@ namespace flash {
 // Forward: 128 x 64 tiles, 4 warps of 32 query rows. Head dim 256, and 128 with a mask (whose
 // addressing needs registers too), use 64-row query blocks (16 rows a warp); head dims 96/128
 // with 128-row blocks use 32-key blocks: scores and output accumulator stay in registers.
-template <int kHeadDim, Scores kScores>
+// Dropout (whose Philox rounds need registers too) always takes 64-row blocks, and 32-key
+// blocks from head dim 96: with 128 rows, or 64 keys at 96 (masked) and 256, they spilled 4-40
+// bytes (ptxas, sm_90).
+template <int kHeadDim, Scores kScores, bool kDropout>
 struct FwdConfig {
   static constexpr bool kHasMask = kScores == Scores::kMasked;
-  static constexpr int kBlockM = kHeadDim > 128 || (kHasMask && kHeadDim == 128) ? 64 : 128;
-  static constexpr int kBlockN = (kHeadDim == 96 || kHeadDim == 128) && kBlockM == 128 ? 32 : 64;
+  static constexpr int kBlockM = kDropout || kHeadDim > 128 || (kHasMask && kHeadDim == 128) ? 64 : 128;
+  static constexpr int kBlockN =
+      (kDropout && kHeadDim >= 96) || ((kHeadDim == 96 || kHeadDim == 128) && kBlockM == 128) ? 32 : 64;
   static constexpr int kNWarps = 4;
 };
 
 // Backward: 4 warps of 16 rows own 64 rows (keys for dK/dV, queries for dQ) and step over
 // the other sequence kStep at a time (narrower at head dim 128 to keep accumulators in
-// registers).
-template <int kHeadDim>
+// registers). Dropout halves the step: at the full step the dK/dV kernel spilled 4-24 bytes
+// (ptxas, sm_90).
+template <int kHeadDim, bool kDropout>
 struct BwdConfig {
   static constexpr int kNWarps = 4;
   static constexpr int kRows = 16 * kNWarps;
-  static constexpr int kStep = kHeadDim >= 96 ? 32 : 64;
+  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kDropout ? 2 : 1);
 };
 
 template <typename Kernel, typename Params>
@@ -47,30 +52,34 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
 template <typename T, int kHeadDim>
 cudaError_t run_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   return FA_SCORES_SWITCH(p, kScores, [&] {
-    using C = FwdConfig<kHeadDim, kScores>;
-    const dim3 grid(p.b * p.hq, (p.sq + C::kBlockM - 1) / C::kBlockM);
-    const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
-    return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kScores>, grid,
-                  C::kNWarps * 32, smem, stream, p);
+    return FA_BOOL_SWITCH(p.rng_state != nullptr, kDropout, [&] {
+      using C = FwdConfig<kHeadDim, kScores, kDropout>;
+      const dim3 grid(p.b * p.hq, (p.sq + C::kBlockM - 1) / C::kBlockM);
+      const size_t smem = (C::kBlockM + 2 * C::kBlockN) * (kHeadDim + 8) * sizeof(T);
+      return launch(fwd_kernel<T, kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, kScores, kDropout>,
+                    grid, C::kNWarps * 32, smem, stream, p);
+    });
   });
 }
 
 template <typename T, int kHeadDim>
 cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
-  using C = BwdConfig<kHeadDim>;
   const AttnFwdParams& f = p.fwd;
   const int64_t rows = static_cast<int64_t>(f.b) * f.hq * f.sq;
   cudaError_t err = launch(bwd_dsum_kernel<T>, dim3((rows + 7) / 8), 256, 0, stream, p);
   if (err != cudaSuccess) return err;
-  const size_t smem = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
   return FA_SCORES_SWITCH(f, kScores, [&] {
-    cudaError_t e = launch(
-        bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kScores>,
-        dim3(f.b * f.hkv, (f.sk + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem, stream, p);
-    if (e != cudaSuccess) return e;
-    return launch(bwd_dq_kernel<T, kHeadDim, C::kRows, C::kStep, C::kNWarps, kScores>,
-                  dim3(f.b * f.hq, (f.sq + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem,
-                  stream, p);
+    return FA_BOOL_SWITCH(f.rng_state != nullptr, kDropout, [&] {
+      using C = BwdConfig<kHeadDim, kDropout>;
+      const size_t smem = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
+      cudaError_t e = launch(
+          bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kScores, kDropout>,
+          dim3(f.b * f.hkv, (f.sk + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem, stream, p);
+      if (e != cudaSuccess) return e;
+      return launch(bwd_dq_kernel<T, kHeadDim, C::kRows, C::kStep, C::kNWarps, kScores, kDropout>,
+                    dim3(f.b * f.hq, (f.sq + C::kRows - 1) / C::kRows), C::kNWarps * 32, smem,
+                    stream, p);
+    });
   });
 }
 

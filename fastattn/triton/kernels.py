@@ -22,6 +22,10 @@ softcap and mask-gradient output so the compiler drops what a call does not use.
   * Head dims are padded to a power of two in registers (D_PAD >= 16) and the tail is masked.
   * Rows that see no key produce zeros, lse = -inf, row max -inf and row sum 0; in the
     backward pass their probabilities are 0, so their gradients are 0.
+  * Dropout (DROPOUT): `_dropout_keep` regenerates each tile's keep decisions from the call's
+    (seed, offset), read from the rng_state tensor in device memory; no mask is stored. The
+    softmax statistics and lse stay those of the undropped softmax; kept probabilities reach V
+    scaled by keep_scale = 1 / (1 - p).
 """
 import triton
 import triton.language as tl
@@ -168,6 +172,53 @@ def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, M
 
 
 @triton.jit
+def _rng_state(RngState, DROPOUT: tl.constexpr):
+    """(seed, offset) of a dropout call, read from the int64 rng_state tensor on the device (no
+    host sync, so CUDA graphs can replay the call); zeros without dropout."""
+    if DROPOUT:
+        seed = tl.load(RngState)
+        offset = tl.load(RngState + 1)
+    else:  # one return: its types differ between the two cases
+        seed, offset = 0, 0
+    return seed, offset
+
+
+@triton.jit
+def _dropout_keep(seed, offset, bh, offs_m, start_n, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TRANSPOSED: tl.constexpr):
+    """Which scores of a tile dropout keeps, bit for bit csrc/philox.h's rule: score (i, j) of
+    head bh = b * Hq + h is kept iff word j % 4 of Philox4x32-10(counter=(j // 4, i, bh, offset),
+    key=(seed low, seed high)) is >= drop_threshold (tl.philox splits the seed into that key).
+    Queries offs_m, keys [start_n, start_n + BLOCK_N) (start_n a multiple of 4): one Philox
+    block decides four keys, so a tile costs BLOCK_M * BLOCK_N / 4 blocks. (BLOCK_M, BLOCK_N),
+    or (BLOCK_N, BLOCK_M) when TRANSPOSED."""
+    key4 = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    rows = offs_m.to(tl.uint32)
+    c0 = key4[None, :] + tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32)
+    c1 = rows[:, None] + tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32)
+    c2 = tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32) + bh.to(tl.uint32)
+    c3 = tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32) + offset.to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    # Words are unsigned 32-bit and the threshold may be 2^32 (p = 1): compared as int64. The
+    # decisions are interleaved as bytes (key 4 * a + w gets word w of block a), a quarter of
+    # the data the words would move through the layout conversion.
+    k0 = (w0.to(tl.int64) >= drop_threshold).to(tl.int8)
+    k1 = (w1.to(tl.int64) >= drop_threshold).to(tl.int8)
+    k2 = (w2.to(tl.int64) >= drop_threshold).to(tl.int8)
+    k3 = (w3.to(tl.int64) >= drop_threshold).to(tl.int8)
+    keep = tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (BLOCK_M, BLOCK_N))
+    if TRANSPOSED:
+        keep = tl.trans(keep)
+    return keep != 0
+
+
+@triton.jit
+def _dropped(x, keep, keep_scale):
+    """x where dropout keeps the score, scaled by 1 / (1 - p); 0 where it drops it."""
+    return tl.where(keep, x * keep_scale, 0.0)
+
+
+@triton.jit
 def _load_rows(base, offs_rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
     """(len(offs_rows), COLS_PAD) tile of a row-major matrix view; padding reads 0."""
     cols = tl.arange(0, COLS_PAD)
@@ -205,22 +256,23 @@ def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN: tl.cons
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, Sinks,
+    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, RngState, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     rows_qb, rows_qh, rows_qm, stat_b, stat_h,
-    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr, SINKS: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq), Sq the longest query sequence. Out is contiguous, row
     (b, h, i) at b * rows_qb + h * rows_qh + i * rows_qm (i counted from the sequence's first
     row); Lse, RowMax and RowSum (the softmax statistics) hold entry (b, h, i) at
-    b * stat_b + h * stat_h + i. SINKS: Sinks (Hq,) fp32 holds a logit per head that joins
+    b * stat_b + h * stat_h + i. With DROPOUT, Out is the dropped attention; the statistics
+    are the undropped softmax's. SINKS: Sinks (Hq,) fp32 holds a logit per head that joins
     each row's sum with no value; the statistics include it."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -230,6 +282,7 @@ def _attn_fwd_kernel(
     q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
     if start_m >= Sq:  # a packed sequence shorter than the longest
         return
+    seed, offset = _rng_state(RngState, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
@@ -256,6 +309,9 @@ def _attn_fwd_kernel(
             p = _exp_shifted(s, m_safe[:, None])
             alpha = _exp_shifted(m_i, m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:  # dropped after the row sum: the statistics are the undropped softmax's
+                p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, False),
+                             p, 0.0)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
             # P is rounded to V's dtype for the tensor cores, as PyTorch rounds its P: relative to
             # the running max it is at most 1, so the rounding error is relative to each entry
@@ -272,8 +328,11 @@ def _attn_fwd_kernel(
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * keep_scale
     out_row = b * rows_qb + h * rows_qh + q_start * rows_qm
-    _store_rows(Out + out_row * DV, acc / l_safe[:, None], offs_m, Sq, rows_qm * DV, DV, DV_PAD, PRECISION)
+    _store_rows(Out + out_row * DV, out, offs_m, Sq, rows_qm * DV, DV, DV_PAD, PRECISION)
     row_max = tl.where(empty, float("-inf"), m_i)
     in_range = offs_m < Sq
     stat = b * stat_b + h * stat_h + q_start + offs_m
@@ -322,25 +381,26 @@ def _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq):
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK, RngState,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     rows_kb, rows_kh, rows_kn, stat_b, stat_h,
-    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
+    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV (contiguous, row (b, hk, j) at b * rows_kb + hk * rows_kh + j * rows_kn, j
     counted from the sequence's first key) for one key block, and dMask (contiguous fp32
     (B, Hq, Sq, Sk), zero-filled by the caller; padded calls only) for the tiles it visits.
     Grid (cdiv(Sk, BLOCK_N), B * Hkv), Sk the longest key sequence. The query heads of a GQA
     group are summed inside the program, so every output element has one writer: no atomics,
-    deterministic."""
+    deterministic. With DROPOUT the keep decisions are regenerated: dV = (P*Z/(1-p))^T dO and
+    dP = (dO V^T)*Z/(1-p), Z the keep mask."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
@@ -348,6 +408,7 @@ def _attn_bwd_dkdv_kernel(
     q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
     if start_n >= Sk:  # a packed sequence shorter than the longest
         return
+    seed, offset = _rng_state(RngState, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, offs_n, Sk, stride_kn, stride_kd, D,
                    D_PAD)
@@ -379,8 +440,15 @@ def _attn_bwd_dkdv_kernel(
                                        WINDOW, SOFTCAP, PRECISION, True)
                 row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, stat, offs_m, Sq)
                 p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
-                dv = _dot(_cast(p_t, do.dtype, PRECISION), do, dv, PRECISION)
+                p_used_t = p_t  # the probabilities that reached V
+                if DROPOUT:
+                    keep_t = _dropout_keep(seed, offset, b * Hq + h, offs_m, start_n, drop_threshold, BLOCK_M,
+                                           BLOCK_N, True)
+                    p_used_t = _dropped(p_t, keep_t, keep_scale)
+                dv = _dot(_cast(p_used_t, do.dtype, PRECISION), do, dv, PRECISION)
                 dp_t = _dot(v, tl.trans(do), None, PRECISION)
+                if DROPOUT:
+                    dp_t = _dropped(dp_t, keep_t, keep_scale)
                 ds_t = p_t * (dp_t - delta[None, :])  # d loss / d (scale * q k^T + mask), transposed
                 if MASK_GRAD:
                     ptrs = dMask + ((b * Hq + h) * Sq + offs_m[None, :]) * Sk + offs_n[:, None]
@@ -394,17 +462,17 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK, RngState,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     rows_qb, rows_qh, rows_qm, stat_b, stat_h,
-    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (contiguous, rows numbered like the forward's Out) for one query block. Grid
@@ -417,6 +485,7 @@ def _attn_bwd_dq_kernel(
     q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
     if start_m >= Sq:  # a packed sequence shorter than the longest
         return
+    seed, offset = _rng_state(RngState, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
     do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
@@ -441,6 +510,9 @@ def _attn_bwd_dq_kernel(
                                SOFTCAP, PRECISION, False)
             p = _exp_shifted(s, row_max[:, None]) * inv_sum[:, None]
             dp = _dot(do, tl.trans(v), None, PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offset, bh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, False)
+                dp = _dropped(dp, keep, keep_scale)
             ds = p * (dp - delta[:, None]) * slope
             dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
     q_row = b * rows_qb + h * rows_qh + q_start * rows_qm

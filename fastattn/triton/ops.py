@@ -16,7 +16,7 @@ import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .. import reference
+from .. import philox, reference
 from . import configs, kernels
 from .capabilities import DTYPES, MAX_HEAD_DIM
 
@@ -135,9 +135,16 @@ def _check_sinks(sinks, q):
             raise ValueError(f"sinks must be contiguous on {q.device}")
 
 
-def _check_dropout(dropout_p):
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p: the triton kernels do not apply dropout (capability 'dropout'), got {dropout_p}")
+def _check_dropout(dropout_p, rng_state, q):
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p == 0.0:
+        return
+    if rng_state is None:
+        raise ValueError("rng_state must be given when dropout_p > 0: an int64 (seed, offset) tensor, got None")
+    if rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,) or rng_state.device != q.device:
+        raise ValueError(f"rng_state must be an int64 (seed, offset) tensor of shape (2,) on {q.device}, got "
+                         f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}")
 
 
 def _check_qkv(q, k, v, layout):
@@ -151,7 +158,7 @@ def _check_qkv(q, k, v, layout):
     _check_dtype("v", v, q.dtype)
 
 
-def _check_attention(q, k, v, mask, softcap):
+def _check_attention(q, k, v, mask, softcap, dropout_p, rng_state):
     _check_qkv(q, k, v, ("batch", "heads", "seq", "head_dim"))
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -162,6 +169,7 @@ def _check_attention(q, k, v, mask, softcap):
         raise ValueError(f"q/v head dims must be at most {MAX_HEAD_DIM}, got {D} and {Dv}")
     _check_mask(mask, (B, Hq, Sq, Sk), q.dtype)
     _check_softcap(softcap)
+    _check_dropout(dropout_p, rng_state, q)
 
 
 # ----------------------------------------------------------------------------- launch helpers
@@ -188,7 +196,7 @@ def _pad(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _attention_meta(q, v, mask, window, softcap, varlen):
+def _attention_meta(q, v, mask, window, softcap, dropout_p, varlen):
     """Constexpr launch arguments shared by the attention kernels."""
     d, dv = q.shape[-1], v.shape[-1]
     return {
@@ -201,6 +209,7 @@ def _attention_meta(q, v, mask, window, softcap, varlen):
         "WINDOW": window != reference.UNBOUNDED,
         "SOFTCAP": softcap > 0.0,
         "VARLEN": varlen,
+        "DROPOUT": dropout_p > 0.0,
         "PRECISION": _dot_precision(q.dtype),
     }
 
@@ -221,6 +230,11 @@ def _window_offsets(window, sq, sk, varlen=False):
     win_lo = offset - window.left if window.left >= 0 else -(sq + sk)
     win_hi = offset + window.right if window.right >= 0 else sq + sk
     return win_lo, win_hi
+
+
+def _rng_arg(rng_state, seqs):
+    """The kernels' RngState pointer: the call's (seed, offset), or a placeholder without dropout."""
+    return seqs.cu_q if rng_state is None else rng_state
 
 
 def _seq_bucket(sq, sk):
@@ -258,10 +272,12 @@ class _Seqs(NamedTuple):
         """(batch, head, row, dim) strides of an input, output or gradient view."""
         return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
 
-    def scalars(self, scale, softcap, window):
-        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, bucket."""
+    def scalars(self, scale, softcap, window, dropout_p):
+        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, bucket,
+        dropout's threshold (words below it drop their score) and the scale of kept probabilities."""
+        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0  # p = 1 drops everything
         return (scale, softcap, *_window_offsets(window, self.max_q, self.max_k, self.varlen),
-                _seq_bucket(self.max_q, self.max_k))
+                _seq_bucket(self.max_q, self.max_k), philox.drop_threshold(dropout_p), keep_scale)
 
 
 def _padded_seqs(q, k):
@@ -279,10 +295,10 @@ def _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     )
 
 
-def _forward(q, k, v, mask, scale, window, softcap, sinks, seqs, out, lse, stats):
+def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, seqs, out, lse, stats):
     """Launches the forward into out, lse and the statistics (numbered as `seqs` says)."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
-    meta = {**_attention_meta(q, v, mask, window, softcap, seqs.varlen), "SINKS": sinks is not None}
+    meta = {**_attention_meta(q, v, mask, window, softcap, dropout_p, seqs.varlen), "SINKS": sinks is not None}
     kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
     mask_t, mask_strides, _ = _mask_args(mask, q)
 
@@ -290,9 +306,10 @@ def _forward(q, k, v, mask, scale, window, softcap, sinks, seqs, out, lse, stats
         return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
 
     wrap_triton(kernel)[grid](
-        q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k, lse if sinks is None else sinks,
+        q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k, _rng_arg(rng_state, seqs),
+        lse if sinks is None else sinks,
         *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.query_rows, *seqs.stat,
-        Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *seqs.scalars(scale, softcap, window), **meta, **blocks,
+        Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *seqs.scalars(scale, softcap, window, dropout_p), **meta, **blocks,
     )
 
 
@@ -301,8 +318,7 @@ def triton_attn_fwd(
     window_left: int = -1, window_right: int = -1, window_top_left: bool = False, softcap: float = 0.0,
     dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_attention(q, k, v, mask, softcap)
-    _check_dropout(dropout_p)
+    _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
@@ -315,7 +331,7 @@ def triton_attn_fwd(
         return out.zero_(), lse, stats
     if out.numel() == 0:
         return out, lse, stats
-    _forward(q, k, v, mask, scale, window, softcap, sinks, _padded_seqs(q, k), out, lse, stats)
+    _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, _padded_seqs(q, k), out, lse, stats)
     return out, lse, stats
 
 
@@ -331,14 +347,16 @@ def _fill_keyless_stats(lse, stats, sink_rows):
     stats[0].copy_(lse)
 
 
-def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, mask_grad, seqs, dq, dk, dv, dmask):
+def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, mask_grad,
+              seqs, dq, dk, dv, dmask):
     """Launches the backward (delta, then dk/dv, then dq) into dq, dk, dv and dmask."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
     Dv = v.shape[-1]
     stats = softmax_stats.contiguous()
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
-    meta = _attention_meta(q, v, mask, window, softcap, seqs.varlen)
+    meta = _attention_meta(q, v, mask, window, softcap, dropout_p, seqs.varlen)
     mask_t, mask_strides, _ = _mask_args(mask, q)
+    rng = _rng_arg(rng_state, seqs)
     block_delta = 16 if INTERPRET else 64
     wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(seqs.max_q, block_delta), seqs.batch * Hq)](
         out, grad_out, delta, seqs.cu_q, seqs.cu_k, *seqs.strides(out), *seqs.strides(grad_out), *seqs.stat,
@@ -347,7 +365,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
     common = (
         *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.strides(grad_out),
     )
-    scalars = seqs.scalars(scale, softcap, window)
+    scalars = seqs.scalars(scale, softcap, window, dropout_p)
 
     kernel, blocks = _attention_kernel("dkdv", meta, q.element_size())
 
@@ -355,7 +373,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
         return (triton.cdiv(seqs.max_k, m["BLOCK_N"]), seqs.batch * Hkv)
 
     wrap_triton(kernel)[grid_dkdv](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, rng, *common,
         *seqs.key_rows, *seqs.stat, Hq, Hkv, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, MASK_GRAD=mask_grad,
         **meta, **blocks,
     )
@@ -366,7 +384,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
         return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
 
     wrap_triton(kernel)[grid_dq](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, rng, *common,
         *seqs.query_rows, *seqs.stat, Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, **meta, **blocks,
     )
 
@@ -388,8 +406,7 @@ def triton_attn_bwd(
     dropout_p: float = 0.0,
     rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_attention(q, k, v, mask, softcap)
-    _check_dropout(dropout_p)
+    _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -405,12 +422,12 @@ def triton_attn_bwd(
     dmask = torch.zeros(dmask_shape, dtype=torch.float32, device=q.device)
     if Sq == 0 or Sk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, mask_grad, _padded_seqs(q, k), dq,
-              dk, dv, dmask)
+    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, mask_grad,
+              _padded_seqs(q, k), dq, dk, dv, dmask)
     return dq, dk, dv, dmask
 
 
-def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap):
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state):
     _check_qkv(q, k, v, ("total tokens", "heads", "head_dim"))
     total_q, Hq, D = q.shape
     total_k, Hkv, Dv = v.shape
@@ -423,6 +440,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] != cu_seqlens_q.shape[0] or cu.shape[0] == 0:
             raise ValueError(f"{name} must be 1-d int32 with B + 1 entries like cu_seqlens_q, got {cu.dtype} {tuple(cu.shape)}")
     _check_softcap(softcap)
+    _check_dropout(dropout_p, rng_state, q)
 
 
 def triton_varlen_fwd(
@@ -431,8 +449,7 @@ def triton_varlen_fwd(
     softcap: float = 0.0, dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
-    _check_dropout(dropout_p)
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
     total_q, Hq, _ = q.shape
     out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
@@ -440,8 +457,8 @@ def triton_varlen_fwd(
     stats = torch.empty((reference.SOFTMAX_STATS, Hq, total_q), dtype=torch.float32, device=q.device)
     if out.numel():
         seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, sinks, seqs, out, lse,
-                 stats)
+        _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, dropout_p, rng_state,
+                 sinks, seqs, out, lse, stats)
     return out, lse, stats
 
 
@@ -451,8 +468,7 @@ def triton_varlen_bwd(
     max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
     dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap)
-    _check_dropout(dropout_p)
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
     total_q, Hq, _ = q.shape
     _check_shape("grad_out", grad_out, (total_q, Hq, v.shape[-1]))
     _check_shape("out", out, (total_q, Hq, v.shape[-1]))
@@ -463,7 +479,7 @@ def triton_varlen_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _backward(grad_out, q, k, v, out, softmax_stats, None, scale, reference.Window(window_left, window_right), softcap,
-              False, seqs, dq, dk, dv, dq.new_empty(0))
+              dropout_p, rng_state, False, seqs, dq, dk, dv, dq.new_empty(0))
     return dq, dk, dv
 
 
