@@ -35,13 +35,17 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, padded_length):
     return q, k, v, mask
 
 
-def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropout_p=0.0, rng_state=None):
-    """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv)."""
+def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropout_p=0.0, rng_state=None,
+                            sinks=None):
+    """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv), then dsinks
+    when sinks are given (float32 in the baseline, as the kernels take them)."""
     results = []
     for dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out, _ = reference.attention(*leaves, mask, None, window, dropout_p, upcast=False, rng_state=rng_state,
-                                     softcap=softcap)
+        if sinks is not None:
+            leaves.append(sinks.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_())
+        out, _ = reference.attention(*leaves[:3], mask, None, window, dropout_p, upcast=False, rng_state=rng_state,
+                                     softcap=softcap, sinks=leaves[3] if sinks is not None else None)
         out.backward(grad_out.to(dtype))
         results.append((out, [t.grad for t in leaves]))
     return results
@@ -79,6 +83,24 @@ def test_window_and_softcap_autograd_match_reference(backend, dtype, window, sof
     assert_within_baseline("out", out, ref_out, base_out)
     for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
         assert_within_baseline(name, got, ref, base)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,padded,window", [(True, False, None), (False, True, None), (True, False, (40, None))])
+def test_sinks_autograd_match_reference(backend, dtype, causal, padded, window):
+    torch.manual_seed(4)
+    q, k, v, mask = _inputs(2, 8, 2, 200, 260, 64, dtype, 150 if padded else None)
+    sinks = (torch.randn(8, device="cuda") * 2).requires_grad_()
+    out = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, window=window, sinks=sinks, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    rule = fastattn.ops.window_rule(causal, window)
+    (ref_out, ref_grads), (base_out, base_grads) = _reference_and_baseline(q, k, v, mask, rule, grad_out, sinks=sinks)
+    assert_within_baseline("out", out, ref_out, base_out)
+    got = (q.grad, k.grad, v.grad, sinks.grad)
+    for name, grad, ref, base in zip(("dq", "dk", "dv", "dsinks"), got, ref_grads, base_grads):
+        assert_within_baseline(name, grad, ref, base)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
