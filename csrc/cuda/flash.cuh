@@ -320,11 +320,15 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 
   float acc_o[kMT][kDT][4];
   zero(acc_o);
+  // The online softmax starts from the head's sink, if any: one more logit per row, with no
+  // value (its exp(0) = 1 counted once per quad, which sums its lanes' row sums at the end).
+  const float sink = p.sinks != nullptr ? p.sinks[h] : -INFINITY;
+  const float sink_sum = t == 0 && sink > -INFINITY ? 1.f : 0.f;
   float row_max[kMT][2], row_sum[kMT][2];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
-    row_max[mi][0] = row_max[mi][1] = -INFINITY;
-    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+    row_max[mi][0] = row_max[mi][1] = sink;
+    row_sum[mi][0] = row_sum[mi][1] = sink_sum;
   }
 
   for (int n = n_begin; n < n_end; ++n) {
@@ -418,14 +422,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = warp_row0 + mi * 16 + g + hf * 8;
-      float l = quad_sum(row_sum[mi][hf]), m = row_max[mi][hf], o_scale = 1.f;
-      if (p.sinks != nullptr) {  // one more logit in the row, with no value: rescale to the new max
-        const float sink = p.sinks[h], m_new = fmaxf(m, sink);
-        o_scale = l == 0.f ? 0.f : expf(m - m_new);
-        l = l * o_scale + expf(sink - m_new);
-        m = m_new;
-      }
-      float inv = l == 0.f ? 0.f : o_scale / l;  // NaN stays NaN
+      const float l = quad_sum(row_sum[mi][hf]);
+      float inv = l == 0.f ? 0.f : 1.f / l;  // NaN stays NaN
       if constexpr (kDropout) inv *= p.keep_scale;
 #pragma unroll
       for (int di = 0; di < kDT; ++di) {
@@ -434,7 +432,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
       }
       if (t == 0 && m0 + r < p.sq) {
         const int64_t idx = static_cast<int64_t>(bh) * p.sq + m0 + r;
-        if (l == 0.f) m = -INFINITY;
+        const float m = l == 0.f ? -INFINITY : row_max[mi][hf];
         p.lse[idx] = m + logf(l);
         p.row_max[idx] = m;
         p.row_sum[idx] = l;
