@@ -15,10 +15,19 @@ Packed batches (padding-free training: several sequences end to end in a row, as
 attending only to itself, instead of on the dense block-diagonal mask transformers builds for
 them: when the `cu_seq_lens_q/k`, `max_length_q/k` kwargs arrive, or when `position_ids`
 restart inside a row and the mask (if any) already separates the sequences there.
+
+Queries against a cache (decoding steps, and prefill into a static cache, whose keys are all of
+its preallocated slots) read only the filled part of each row. On CPU tensors, outside
+torch.compile, the mask transformers builds is read on the host (no device to synchronise):
+when it is the causal rule over each row's first keys (no padding), the call runs on
+`attention_with_kvcache` with those per-row lengths and no mask; otherwise (left padding) the
+keys past the last one any row sees are cut off and the rest keeps the mask. Elsewhere the
+dense mask runs as is, and the kernels skip the key blocks it hides.
 """
 import torch
 
 from ..functional import varlen_attention
+from ..kvcache import attention_with_kvcache
 from ..nn.attention import attend
 
 NAME = "fastattn"
@@ -49,6 +58,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if mask is not None and mask.shape[-1] != kv_len:  # older transformers pass masks longer than the cache
         mask = mask[..., :kv_len]
     position_bias = kwargs.get("position_bias")
+    if _reads_cache(query, key, value, mask, bool(is_causal), dropout_p, position_bias, kwargs):
+        return _cached_attention(query, key, value, mask, scaling, kwargs.get("softcap")), None
     # Without a mask, causal layers use SDPA's rule (top-left, as transformers expects);
     # a single query needs no causal mask.
     causal = bool(is_causal) and mask is None and q_len > 1
@@ -69,6 +80,52 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     window = (sliding_window - 1, None) if sliding_window and mask is None else None
     out = attend(query, key, value, mask, causal, scaling, dropout_p, window, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _reads_cache(query, key, value, mask, is_causal, dropout_p, position_bias, kwargs):
+    """Whether this call is causal queries against a cache, whose filled part
+    `_cached_attention` can find on the host: fewer queries than keys on CPU tensors, a
+    boolean (B or 1, 1, Sq, Sk) mask or, for a single query, none; no dropout, gradient,
+    position bias or sliding window (sliding caches keep their own layout), not traced."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not is_causal or q_len >= kv_len or dropout_p > 0.0 or position_bias is not None:
+        return False
+    if kwargs.get("sliding_window") or query.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return False
+    if mask is None:
+        return q_len == 1
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+
+
+def _cached_attention(query, key, value, mask, scale, softcap):
+    """Attention of query (B, Hq, Sq, D) against the first keys of each row of key/value
+    (B, Hkv, Sk, D) that `mask` (bool (B or 1, 1, Sq, Sk), or None: all) lets any query see.
+    Row b holds L_b keys, L_b one past the last key its last query sees. When the mask is exactly
+    the bottom-right causal rule over those keys, the call runs on `attention_with_kvcache`
+    with cache_seqlens L_b; otherwise the keys past max_b L_b are cut off and the mask applies.
+    Returns (B, Sq, Hq, D) like attention_forward."""
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if mask is None:
+        lengths = torch.full((batch,), kv_len, dtype=torch.int32)
+        out = attention_with_kvcache(query, key, value, cache_seqlens=lengths, scale=scale, softcap=softcap)
+        return out.transpose(1, 2).contiguous()
+    visible = mask[:, 0]  # (B or 1, Sq, Sk)
+    # One past each query's last visible key (0 for a query that sees none).
+    ends = torch.where(visible.any(-1), kv_len - visible.flip(-1).to(torch.uint8).argmax(-1), 0)
+    lengths = ends[:, -1]
+    keys = torch.arange(kv_len)
+    causal_prefix = keys < (lengths.view(-1, 1) - q_len + 1 + torch.arange(q_len)).unsqueeze(-1)
+    if torch.equal(visible, causal_prefix):
+        lengths = lengths.to(torch.int32).expand(batch).contiguous()
+        out = attention_with_kvcache(query, key, value, cache_seqlens=lengths, scale=scale, softcap=softcap)
+    else:
+        longest = int(ends.max())
+        out = attend(query, key[:, :, :longest], value[:, :, :longest], mask[..., :longest], False, scale, 0.0,
+                     None, softcap)
+    return out.transpose(1, 2).contiguous()
 
 
 def _packed_sequences(query, key, mask, kwargs):
