@@ -133,6 +133,26 @@ def test_queries_against_a_cache_read_only_filled_keys(case, kvcache_calls):
     assert_within_baseline(case, out.transpose(1, 2), expected, baseline)
 
 
+def test_a_mask_changed_in_place_is_read_again(kvcache_calls):
+    """What the integration reads of a mask is kept for the next layer's call with the same
+    mask, but not once the mask has changed in place."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    module = FakeModule(is_causal=True)
+    first, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    again, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert len(kvcache_calls) == 2 and torch.equal(first, again)
+    mask[1, ..., :5] = False  # left padding: the mask now hides keys inside row 1
+    padded, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert len(kvcache_calls) == 2
+    torch.testing.assert_close(padded[0], first[0])
+    expected = torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:, :, 5:], v[1:, :, 5:], scale=0.3,
+                                                                enable_gqa=True)
+    torch.testing.assert_close(padded[1], expected[0].transpose(0, 1))
+
+
 # ------------------------------------------------------------------------ pretrained MiniLM
 
 def minilm_path():

@@ -24,6 +24,8 @@ when it is the causal rule over each row's first keys (no padding), the call run
 keys past the last one any row sees are cut off and the rest keeps the mask. Elsewhere the
 dense mask runs as is, and the kernels skip the key blocks it hides.
 """
+import weakref
+
 import torch
 
 from ..functional import varlen_attention
@@ -106,26 +108,45 @@ def _cached_attention(query, key, value, mask, scale, softcap):
     the bottom-right causal rule over those keys, the call runs on `attention_with_kvcache`
     with cache_seqlens L_b; otherwise the keys past max_b L_b are cut off and the mask applies.
     Returns (B, Sq, Hq, D) like attention_forward."""
-    batch, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
+    batch, kv_len = query.shape[0], key.shape[2]
     if mask is None:
-        lengths = torch.full((batch,), kv_len, dtype=torch.int32)
-        out = attention_with_kvcache(query, key, value, cache_seqlens=lengths, scale=scale, softcap=softcap)
-        return out.transpose(1, 2).contiguous()
+        lengths, longest = torch.full((batch,), kv_len, dtype=torch.int32), kv_len
+    else:
+        lengths, longest = _filled_keys(mask)
+    if lengths is not None:
+        out = attention_with_kvcache(query, key, value, cache_seqlens=lengths.expand(batch), scale=scale,
+                                     softcap=softcap)
+    else:
+        out = attend(query, key[:, :, :longest], value[:, :, :longest], mask[..., :longest], False, scale, 0.0,
+                     None, softcap)
+    return out.transpose(1, 2).contiguous()
+
+
+_last_filled_keys = None  # (weak reference to a mask, its version, _filled_keys(mask))
+
+
+def _filled_keys(mask):
+    """(lengths, longest) of a boolean (B or 1, 1, Sq, Sk) mask: longest is one past the last
+    key any query sees; lengths is int32 (B or 1,), one past the last key each row's last query
+    sees, when the mask is exactly the bottom-right causal rule over each row's first lengths
+    keys, else None. Remembered for the last mask (unless modified since; inference tensors
+    keep no version counter, so theirs are not): transformers hands the same mask to every
+    layer of a forward."""
+    global _last_filled_keys
+    version = None if mask.is_inference() else mask._version
+    if _last_filled_keys is not None and version is not None:
+        ref, last_version, filled = _last_filled_keys
+        if ref() is mask and last_version == version:
+            return filled
+    q_len, kv_len = mask.shape[2:]
     visible = mask[:, 0]  # (B or 1, Sq, Sk)
     # One past each query's last visible key (0 for a query that sees none).
     ends = torch.where(visible.any(-1), kv_len - visible.flip(-1).to(torch.uint8).argmax(-1), 0)
     lengths = ends[:, -1]
-    keys = torch.arange(kv_len)
-    causal_prefix = keys < (lengths.view(-1, 1) - q_len + 1 + torch.arange(q_len)).unsqueeze(-1)
-    if torch.equal(visible, causal_prefix):
-        lengths = lengths.to(torch.int32).expand(batch).contiguous()
-        out = attention_with_kvcache(query, key, value, cache_seqlens=lengths, scale=scale, softcap=softcap)
-    else:
-        longest = int(ends.max())
-        out = attend(query, key[:, :, :longest], value[:, :, :longest], mask[..., :longest], False, scale, 0.0,
-                     None, softcap)
-    return out.transpose(1, 2).contiguous()
+    causal_prefix = torch.arange(kv_len) < (lengths.view(-1, 1) - q_len + 1 + torch.arange(q_len)).unsqueeze(-1)
+    filled = (lengths.to(torch.int32) if torch.equal(visible, causal_prefix) else None), int(ends.max())
+    _last_filled_keys = weakref.ref(mask), version, filled
+    return filled
 
 
 def _packed_sequences(query, key, mask, kwargs):
