@@ -239,12 +239,14 @@ def format_targets(checked):
     return "\n".join(lines) + "\n"
 
 
-def script_args(doc, out_name, quick_help):
-    """Arguments of a standalone benchmark script: --quick and --out (default
-    benchmarks/results/<out_name>)."""
+def script_args(doc, out_name, quick_help, parts=()):
+    """Arguments of a standalone benchmark script: --quick, --out (default
+    benchmarks/results/<out_name>) and, when the script has `parts` (names), --only PART."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", out_name))
+    if parts:
+        parser.add_argument("--only", choices=parts, help="run this part only (default: all)")
     return parser.parse_args()
 
 
