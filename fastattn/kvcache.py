@@ -117,9 +117,11 @@ def attention_with_kvcache(
     sinks = ops.check_sinks(sinks, q.shape[1], q)
     Sq = q.shape[2]
     capacity = _capacity(k_cache, block_table)
-    lengths = cache_seqlens.to(torch.int64) + (Sq if k_new is not None else 0)  # keys each row sees
+    added = Sq if k_new is not None else 0
+    lengths = cache_seqlens + added if added else cache_seqlens  # keys each row sees (int32)
     if q.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
-        longest, shortest = int(lengths.max()), int(cache_seqlens.min())
+        shortest, longest = (int(end) for end in torch.aminmax(cache_seqlens))
+        longest += added
         if longest > capacity or shortest < 0:
             raise ValueError(
                 f"cache_seqlens (+ {Sq} new tokens) must stay within [0, {capacity}] (the cache's room per row), "
@@ -136,7 +138,7 @@ def attention_with_kvcache(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, sinks))
     if "kv_cache" in CAPABILITIES[chosen].features and not needs_grad:
         out, lse = torch.ops.fastattn.attn_fwd_kvcache(
-            ops.last_dim_contiguous(q), k_cache, v_cache, lengths.to(torch.int32), block_table,
+            ops.last_dim_contiguous(q), k_cache, v_cache, lengths.contiguous(), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),
             *rule[:2], softcap, sinks,
         )

@@ -103,6 +103,61 @@ def test_attention_function_against_reference(case):
     assert_within_baseline(case, out.transpose(1, 2), expected, baseline)
 
 
+@pytest.mark.parametrize("case", ["prefix", "left_padded", "decode_no_mask", "prefix_softcap"])
+def test_queries_against_a_cache_read_only_filled_keys(case, kvcache_calls):
+    """Causal queries against a cache of 12 slots: rows holding 7 and 10 keys (the causal rule
+    over them as a boolean mask, as transformers builds it for a static cache), left padding
+    hiding the first keys of one row, or one query and no mask (a dynamic cache). The causal
+    prefix runs on attention_with_kvcache, which reads no slot past a row's keys; padding keeps
+    the mask over the keys up to the longest row (zeros past a shorter row's end, as a static
+    cache holds them). Slots that must not be read hold NaN: an output without NaN shows they
+    were not."""
+    from fastattn.reference import UNBOUNDED, attention as reference
+
+    g = torch.Generator().manual_seed(8)
+    sq, sk = (1, 12) if case == "decode_no_mask" else (2, 12)
+    lengths = torch.tensor([sk, sk]) if case == "decode_no_mask" else torch.tensor([7, 10])
+    q = torch.randn(2, 4, sq, 16, generator=g)
+    k, v = torch.randn(2, 2, sk, 16, generator=g), torch.randn(2, 2, sk, 16, generator=g)  # GQA
+    keys, queries = torch.arange(sk), torch.arange(sq)
+    keep = (keys < (lengths.view(-1, 1) - sq + 1 + queries).unsqueeze(-1)).unsqueeze(1)  # (2, 1, Sq, Sk)
+    if case == "left_padded":
+        keep[1, ..., :3] = False
+    unread = keys >= (lengths.max() if case == "left_padded" else lengths.view(-1, 1))
+    for t in (k, v):
+        t.masked_fill_(((keys >= lengths.view(-1, 1)) & ~unread).view(-1, 1, sk, 1), 0.0)
+        t.masked_fill_(unread.view(-1, 1, sk, 1), float("nan"))
+    mask = None if case == "decode_no_mask" else keep
+    softcap = 4.0 if case == "prefix_softcap" else None
+    out, _ = fa_hf.attention_forward(FakeModule(is_causal=True), q, k, v, mask, scaling=0.3, softcap=softcap)
+    assert kvcache_calls == ([] if case == "left_padded" else [(sq, sk, lengths.tolist())])
+    finite_k, finite_v = k.nan_to_num(), v.nan_to_num()
+    expected, _ = reference(q.double(), finite_k.double(), finite_v.double(),
+                            keep, 0.3, UNBOUNDED, softcap=softcap or 0.0)
+    baseline, _ = reference(q, finite_k, finite_v, keep, 0.3, UNBOUNDED, softcap=softcap or 0.0, upcast=False)
+    assert_within_baseline(case, out.transpose(1, 2), expected, baseline)
+
+
+def test_a_mask_changed_in_place_is_read_again(kvcache_calls):
+    """What the integration reads of a mask is kept for the next layer's call with the same
+    mask, but not once the mask has changed in place."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    module = FakeModule(is_causal=True)
+    first, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    again, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert len(kvcache_calls) == 2 and torch.equal(first, again)
+    mask[1, ..., :5] = False  # left padding: the mask now hides keys inside row 1
+    padded, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert len(kvcache_calls) == 2
+    torch.testing.assert_close(padded[0], first[0])
+    expected = torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:, :, 5:], v[1:, :, 5:], scale=0.3,
+                                                                enable_gqa=True)
+    torch.testing.assert_close(padded[1], expected[0].transpose(0, 1))
+
+
 # ------------------------------------------------------------------------ pretrained MiniLM
 
 def minilm_path():
@@ -329,13 +384,29 @@ def test_logits_and_gradients_match_eager_on_padded_batches(name, decoder_paddin
         assert_within_baseline(f"{name} d{param}", results["fast"][1][param], ref, results["eager"][1][param])
 
 
-@pytest.mark.parametrize("name", GENERATORS)
-def test_greedy_generation_matches_eager(name, fastattn_calls):
+@pytest.fixture
+def kvcache_calls(monkeypatch):
+    """Records (Sq, Sk, cache_seqlens) of every attention_with_kvcache call the integration makes."""
+    calls = []
+    with_kvcache = fa_hf.attention_with_kvcache
+
+    def counting(q, k_cache, v_cache, **kwargs):
+        calls.append((q.shape[2], k_cache.shape[2], kwargs["cache_seqlens"].tolist()))
+        return with_kvcache(q, k_cache, v_cache, **kwargs)
+
+    monkeypatch.setattr(fa_hf, "attention_with_kvcache", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name,cache", [(name, "dynamic") for name in GENERATORS] + [(name, "static") for name in DECODERS])
+def test_greedy_generation_matches_eager(name, cache, fastattn_calls, kvcache_calls):
     eager, fast = build(name, "eager", "fastattn")
     inputs = padded_inputs(name, left=True)
     inputs.pop("decoder_input_ids", None)
     inputs.pop("decoder_attention_mask", None)
-    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    new_tokens = 20
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache)
     expected = eager.generate(**inputs, **kwargs)
     fastattn_calls.clear()
     tokens = fast.generate(**inputs, **kwargs)
@@ -343,7 +414,35 @@ def test_greedy_generation_matches_eager(name, fastattn_calls):
     # Decoding reads the KV cache: one new query against all the keys seen so far (Mistral, whose
     # every layer slides, keeps only its window: the last 3 keys and the new one).
     kept = 3 if name == "mistral" else 11
-    assert any(sq == 1 and sk > kept for *_, sq, _, sk in fastattn_calls), sorted(set(fastattn_calls))[:5]
+    decoding = [sk for *_, sq, _, sk in fastattn_calls if sq == 1] + [sk for sq, _, lengths in kvcache_calls
+                                                                       for sk in lengths if sq == 1]
+    assert any(sk > kept for sk in decoding), sorted(set(fastattn_calls))[:5]
+    if name in ("gpt2", "llama", "gemma2"):
+        # Decoder self-attention on the left-padded batch: the padding keeps the mask, over the
+        # filled keys only (the prompt and the tokens so far), never the static cache's empty slots.
+        steps = [sk for *_, sq, _, sk in fastattn_calls if sq == 1]
+        assert steps and max(steps) == 11 + new_tokens - 1 and not kvcache_calls, sorted(set(steps))
+
+
+def unpadded_prompts(batch=3, length=9):
+    return torch.randint(2, 96, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_without_padding_reads_each_rows_filled_keys(cache, fastattn_calls, kvcache_calls):
+    """Unpadded prompts: every decoding step runs on attention_with_kvcache, each row holding the
+    prompt and the tokens so far (the static cache's empty slots unread), tokens equal to eager."""
+    eager, fast = build("llama", "eager", "fastattn")
+    ids, new_tokens = unpadded_prompts(), 6
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache)
+    expected = eager.generate(input_ids=ids, **kwargs)
+    fastattn_calls.clear()
+    assert torch.equal(fast.generate(input_ids=ids, **kwargs), expected)
+    layers = fast.config.num_hidden_layers
+    filled = [length for length in range(ids.shape[1] + 1, ids.shape[1] + new_tokens) for _ in range(layers)]
+    assert [(sq, lengths) for sq, _, lengths in kvcache_calls] == [(1, [n] * 3) for n in filled]
+    assert all(sq == ids.shape[1] for *_, sq, _, _ in fastattn_calls)  # the prompt, in one call per layer
 
 
 def test_compiled_model_has_no_graph_break():

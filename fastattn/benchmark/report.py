@@ -239,14 +239,17 @@ def format_targets(checked):
     return "\n".join(lines) + "\n"
 
 
-def script_args(doc, out_name, quick_help, extra=()):
+def script_args(doc, out_name, quick_help, extra=(), parts=()):
     """Arguments of a standalone benchmark script: --quick, --out (default
-    benchmarks/results/<out_name>) and the script's own `extra` ((flag, add_argument kwargs))."""
+    benchmarks/results/<out_name>), the script's own `extra` ((flag, add_argument kwargs)) and,
+    when the script has `parts` (names), --only PART."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", out_name))
     for flag, options in extra:
         parser.add_argument(flag, **options)
+    if parts:
+        parser.add_argument("--only", choices=parts, help="run this part only (default: all)")
     return parser.parse_args()
 
 

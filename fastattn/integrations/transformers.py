@@ -15,10 +15,21 @@ Packed batches (padding-free training: several sequences end to end in a row, as
 attending only to itself, instead of on the dense block-diagonal mask transformers builds for
 them: when the `cu_seq_lens_q/k`, `max_length_q/k` kwargs arrive, or when `position_ids`
 restart inside a row and the mask (if any) already separates the sequences there.
+
+Queries against a cache (decoding steps, and prefill into a static cache, whose keys are all of
+its preallocated slots) read only the filled part of each row. On CPU tensors, outside
+torch.compile, the mask transformers builds is read on the host (no device to synchronise):
+when it is the causal rule over each row's first keys (no padding), the call runs on
+`attention_with_kvcache` with those per-row lengths and no mask; otherwise (left padding) the
+keys past the last one any row sees are cut off and the rest keeps the mask. Elsewhere the
+dense mask runs as is, and the kernels skip the key blocks it hides.
 """
+import weakref
+
 import torch
 
 from ..functional import varlen_attention
+from ..kvcache import attention_with_kvcache
 from ..nn.attention import attend
 
 NAME = "fastattn"
@@ -50,6 +61,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if mask is not None and mask.shape[-1] != kv_len:  # older transformers pass masks longer than the cache
         mask = mask[..., :kv_len]
     position_bias = kwargs.get("position_bias")
+    if _reads_cache(query, key, value, mask, bool(is_causal), dropout_p, position_bias, sinks, kwargs):
+        return _cached_attention(query, key, value, mask, scaling, kwargs.get("softcap"), sinks), None
     # Without a mask, causal layers use SDPA's rule (top-left, as transformers expects);
     # a single query needs no causal mask.
     causal = bool(is_causal) and mask is None and q_len > 1
@@ -76,6 +89,71 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         window = (sliding_window - 1, sliding_window - 1)
     out = attend(query, key, value, mask, causal, scaling, dropout_p, window, kwargs.get("softcap"), sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _reads_cache(query, key, value, mask, is_causal, dropout_p, position_bias, sinks, kwargs):
+    """Whether this call is causal queries against a cache, whose filled part
+    `_cached_attention` can find on the host: fewer queries than keys on CPU tensors, a
+    boolean (B or 1, 1, Sq, Sk) mask or, for a single query, none; no dropout, gradient,
+    position bias or sliding window (sliding caches keep their own layout), not traced."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not is_causal or q_len >= kv_len or dropout_p > 0.0 or position_bias is not None:
+        return False
+    if kwargs.get("sliding_window") or query.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks)):
+        return False
+    if mask is None:
+        return q_len == 1
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+
+
+def _cached_attention(query, key, value, mask, scale, softcap, sinks):
+    """Attention of query (B, Hq, Sq, D) against the first keys of each row of key/value
+    (B, Hkv, Sk, D) that `mask` (bool (B or 1, 1, Sq, Sk), or None: all) lets any query see.
+    Row b holds L_b keys, L_b one past the last key its last query sees. When the mask is exactly
+    the bottom-right causal rule over those keys, the call runs on `attention_with_kvcache`
+    with cache_seqlens L_b; otherwise the keys past max_b L_b are cut off and the mask applies.
+    Returns (B, Sq, Hq, D) like attention_forward."""
+    batch, kv_len = query.shape[0], key.shape[2]
+    if mask is None:
+        lengths, longest = torch.full((batch,), kv_len, dtype=torch.int32), kv_len
+    else:
+        lengths, longest = _filled_keys(mask)
+    if lengths is not None:
+        out = attention_with_kvcache(query, key, value, cache_seqlens=lengths.expand(batch), scale=scale,
+                                     softcap=softcap, sinks=sinks)
+    else:
+        out = attend(query, key[:, :, :longest], value[:, :, :longest], mask[..., :longest], False, scale, 0.0,
+                     None, softcap, sinks)
+    return out.transpose(1, 2).contiguous()
+
+
+_last_filled_keys = None  # (weak reference to a mask, its version, _filled_keys(mask))
+
+
+def _filled_keys(mask):
+    """(lengths, longest) of a boolean (B or 1, 1, Sq, Sk) mask: longest is one past the last
+    key any query sees; lengths is int32 (B or 1,), one past the last key each row's last query
+    sees, when the mask is exactly the bottom-right causal rule over each row's first lengths
+    keys, else None. Remembered for the last mask (unless modified since; inference tensors
+    keep no version counter, so theirs are not): transformers hands the same mask to every
+    layer of a forward."""
+    global _last_filled_keys
+    version = None if mask.is_inference() else mask._version
+    if _last_filled_keys is not None and version is not None:
+        ref, last_version, filled = _last_filled_keys
+        if ref() is mask and last_version == version:
+            return filled
+    q_len, kv_len = mask.shape[2:]
+    visible = mask[:, 0]  # (B or 1, Sq, Sk)
+    # One past each query's last visible key (0 for a query that sees none).
+    ends = torch.where(visible.any(-1), kv_len - visible.flip(-1).to(torch.uint8).argmax(-1), 0)
+    lengths = ends[:, -1]
+    causal_prefix = torch.arange(kv_len) < (lengths.view(-1, 1) - q_len + 1 + torch.arange(q_len)).unsqueeze(-1)
+    filled = (lengths.to(torch.int32) if torch.equal(visible, causal_prefix) else None), int(ends.max())
+    _last_filled_keys = weakref.ref(mask), version, filled
+    return filled
 
 
 def _packed_sequences(query, key, mask, kwargs):
