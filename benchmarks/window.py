@@ -9,6 +9,8 @@ Figures (each a ratio measured in this run), fp32 forward:
                      causal forward time / its windowed forward time
   window vs SDPA     SDPA given the window as a boolean (S, S) mask / fastattn windowed
   softcap overhead   fastattn with softcap=50 / without, (1, 8, 4096, 64), no mask and causal
+  sinks overhead     fastattn with a sink per head / without, (1, 8, 4096, 64), causal, forward
+                     and backward (the sinks' gradient included)
   ModernBERT         a ModernBERT-base-sized encoder from its config (random weights: 768 wide,
                      12 heads, local windows of 128 tokens with a global layer every third),
                      forward of a padded batch of 4 sequences of 4096, 3072, 2048 and 1024
@@ -38,6 +40,7 @@ TARGETS = {  # figure: (bound, "min" = at least / "max" = at most)
     "window vs SDPA with the boolean mask speedup": (20.0, "min"),
     "softcap time / no softcap (no mask)": (1.3, "max"),
     "softcap time / no softcap (causal)": (1.3, "max"),
+    "sinks time / no sinks (causal fwd+bwd)": (1.1, "max"),  # O(S * D) on top of O(S^2 * D)
     "ModernBERT padded batch forward speedup vs sdpa": (3.0, "min"),
 }
 
@@ -90,6 +93,18 @@ def main():
         rows.append({"case": f"softcap {SOFTCAP:g}, {name}, B1 H8 S{cap_seq} D64 fp32 fwd",
                      **{n: round(t, 2) for n, t in ms.items()}})
         figures[f"softcap time / no softcap ({name})"] = ms["softcap"] / ms["plain"]
+
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    sinks = torch.randn(8, generator=g).requires_grad_()
+
+    def forward_backward(**options):
+        out = fastattn.attention(q, k, v, causal=True, **options)
+        out.backward(torch.ones_like(out))
+
+    ms = time_named({"sinks": lambda: forward_backward(sinks=sinks), "plain": forward_backward}, timing)
+    rows.append({"case": f"sinks, causal, B1 H8 S{cap_seq} D64 fp32 fwd+bwd",
+                 **{n: round(t, 2) for n, t in ms.items()}})
+    figures["sinks time / no sinks (causal fwd+bwd)"] = ms["sinks"] / ms["plain"]
 
     fastattn_hf.register()
     lengths = [1024, 768, 512, 256] if args.quick else [4096, 3072, 2048, 1024]
