@@ -96,12 +96,14 @@ fc::MaskView mask_view(const std::optional<at::Tensor>& mask, const at::Tensor& 
 fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, double scale,
                               int64_t window_left, int64_t window_right, bool window_top_left,
-                              double softcap, int max_head_dim) {
+                              double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                              int max_head_dim) {
   TORCH_CHECK_VALUE(q.is_cuda(), "fastattn CUDA: q must be a CUDA tensor");
   check_attn_operand(q, "q", q);
   check_attn_operand(k, "k", q);
   check_attn_operand(v, "v", q);
   TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
+  TORCH_CHECK_VALUE(!alibi_slopes.has_value(), "fastattn CUDA: the kernels do not apply alibi_slopes");
   TORCH_CHECK_VALUE(softcap == 0 || !mask.has_value(),
                     "fastattn CUDA: softcap cannot be combined with a mask (the kernels fold the mask into the scores)");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
@@ -167,9 +169,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, con
                                                         int64_t window_right, bool window_top_left,
                                                         double softcap, double dropout_p,
                                                         const std::optional<at::Tensor>& rng_state,
-                                                        const std::optional<at::Tensor>& sinks) {
+                                                        const std::optional<at::Tensor>& sinks,
+                                                        const std::optional<at::Tensor>& alibi_slopes) {
   fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left,
-                                    softcap, fc::kMaxHeadDimFwd);
+                                    softcap, alibi_slopes, fc::kMaxHeadDimFwd);
   set_dropout(p, dropout_p, rng_state, q);
   if (sinks.has_value()) {
     check_cuda_tensor(*sinks, "sinks", q);
@@ -196,10 +199,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& stats_in, const std::optional<at::Tensor>& mask,
     double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
-    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state,
+    const std::optional<at::Tensor>& alibi_slopes) {
   fc::AttnBwdParams p;
   p.fwd = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left, softcap,
-                      fc::kMaxHeadDimBwd);
+                      alibi_slopes, fc::kMaxHeadDimBwd);
   fc::AttnFwdParams& f = p.fwd;
   set_dropout(f, dropout_p, rng_state, q);
   check_attn_operand(grad_out, "grad_out", q);

@@ -14,6 +14,9 @@
 //         softmax denominator and carries no value (attention sinks). The forwards fold it into
 //         lse and softmax_stats, so the backwards, given those statistics and the output, need
 //         nothing more; the sinks' own gradient is computed by the autograd formula.
+//   alibi_slopes: None, or float32 (B, Hq) contiguous (sequence b, query head h): ALiBi adds
+//         -alibi_slopes[b][h] * |i' - j| to the (capped) scaled score, before the mask, with i'
+//         as in the window rule. A constant of the call: it gets no gradient.
 //   dropout_p, rng_state: dropout of the probabilities; with dropout_p > 0, rng_state (int64
 //         (seed, offset), on the inputs' device, read there) is required and score (b, h, i, j)
 //         is kept under the Philox decision of csrc/philox.h, scaled by 1 / (1 - dropout_p).
@@ -36,17 +39,18 @@
 TORCH_LIBRARY(fastattn, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int window_left=-1,"
         " int window_right=-1, bool window_top_left=False, float softcap=0.0, float dropout_p=0.0,"
-        " Tensor? rng_state=None, Tensor? sinks=None) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+        " Tensor? rng_state=None, Tensor? sinks=None, Tensor? alibi_slopes=None)"
+        " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor? mask, float scale, bool mask_grad, int window_left=-1, int window_right=-1,"
-        " bool window_top_left=False, float softcap=0.0, float dropout_p=0.0, Tensor? rng_state=None)"
-        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+        " bool window_top_left=False, float softcap=0.0, float dropout_p=0.0, Tensor? rng_state=None,"
+        " Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Forward against a KV cache: k_cache/v_cache contiguous (B, Hkv, S_max, D) or, with an
   // int32 block_table (B, max_blocks), pages (num_blocks, Hkv, block_size, D); batch b sees its
   // first cache_seqlens[b] keys (the window aligned bottom-right per batch).
   m.def("attn_fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
         " Tensor? block_table, float scale, int window_left=-1, int window_right=-1,"
-        " float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+        " float softcap=0.0, Tensor? sinks=None, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // Packed (variable-length) sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D/Dv) and
   // int32 cu_seqlens_q/k (B + 1) cumulative lengths; sequence b's queries are rows
   // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) (keys likewise), at most max_seqlen_q/k long; the
@@ -54,12 +58,12 @@ TORCH_LIBRARY(fastattn, m) {
   // (Hq, total_q); softmax_stats (2, Hq, total_q).
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
         " int max_seqlen_q, int max_seqlen_k, float scale, int window_left=-1, int window_right=-1,"
-        " float softcap=0.0, float dropout_p=0.0, Tensor? rng_state=None, Tensor? sinks=None)"
-        " -> (Tensor out, Tensor lse, Tensor softmax_stats)");
+        " float softcap=0.0, float dropout_p=0.0, Tensor? rng_state=None, Tensor? sinks=None,"
+        " Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor softmax_stats)");
   m.def("varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_stats,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale,"
         " int window_left=-1, int window_right=-1, float softcap=0.0, float dropout_p=0.0,"
-        " Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " Tensor? rng_state=None, Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int window_left=-1, int window_right=-1,"
         " bool window_top_left=False) -> Tensor");
   m.def("softmax_bwd(Tensor grad_y, Tensor y) -> Tensor");
@@ -92,7 +96,7 @@ PYBIND11_MODULE(_C, m) {
   cpu["head_dim_multiple"] = 1;
   cpu["v_head_dim_may_differ"] = true;
   // kv_cache: attn_fwd_kvcache; varlen: varlen_fwd/bwd; dropout: in attn_fwd/bwd, varlen_fwd/bwd
-  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "dropout", "sinks");
+  cpu["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "dropout", "sinks", "alibi");
   cuda["attention_dtypes"] = py::make_tuple("float16", "bfloat16");
   cuda["softmax_dtypes"] = py::make_tuple("float16", "bfloat16", "float32");
   cuda["max_head_dim_fwd"] = fastattn::cuda::kMaxHeadDimFwd;

@@ -21,6 +21,8 @@ from .triton import capabilities as triton_capabilities
 #   varlen    packed variable-length sequences (varlen_attention); dispatch skips the others
 #   dropout   dropout of the probabilities in the kernels, forward and backward, with the Philox
 #             decisions of csrc/philox.h regenerated from the call's rng_state (no stored mask)
+#   sinks     attention sinks (attention(sinks=...)): one softmax logit per head with no value
+#   alibi     ALiBi's bias -slope * |i' - j| (attention(alibi_slopes=...)), forward and backward
 COMMON_FEATURES = frozenset({"gqa", "mask", "mask_grad", "causal", "lse", "backward", "softmax"})
 
 
@@ -90,7 +92,7 @@ def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
         "reference": Capabilities(float64, float64, None, None,
-                                  features=COMMON_FEATURES | {"window", "softcap", "varlen", "dropout", "sinks"}),
+                                  features=COMMON_FEATURES | {"window", "softcap", "varlen", "dropout", "sinks", "alibi"}),
         "triton": Capabilities(
             triton_capabilities.DTYPES, triton_capabilities.DTYPES,
             triton_capabilities.MAX_HEAD_DIM, triton_capabilities.MAX_HEAD_DIM,

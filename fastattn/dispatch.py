@@ -126,13 +126,14 @@ def _common_reason(backend, t):
     return reason
 
 
-def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.0, dropout_p=0.0, sinks=None):
+def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.0, dropout_p=0.0, sinks=None,
+                     alibi_slopes=None):
     """None if `backend` can run this attention call, else why not."""
     reason = _common_reason(backend, q)
     if reason is not None:
         return reason
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask, sinks))
-    reason = _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks)
+    reason = _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks, alibi_slopes)
     if reason is not None:
         return reason
     if backend == "triton":
@@ -142,19 +143,20 @@ def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.
     return None
 
 
-def _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks):
+def _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks, alibi_slopes):
     """What the capability table says of an attention call: dtypes, head dims (forward, and
     backward when gradients are wanted) and the features its window (beyond causal), softcap,
-    dropout and sinks need."""
+    dropout, sinks and ALiBi need."""
     needed = {"window"} if window[:2] not in ((-1, -1), (-1, 0)) else set()
     needed |= {"softcap"} if softcap else set()
     needed |= {"dropout"} if dropout_p > 0.0 else set()
     needed |= {"sinks"} if sinks is not None else set()
+    needed |= {"alibi"} if alibi_slopes is not None else set()
     caps = CAPABILITIES[backend]
     return caps.attention_reason(backend, q, v, need_grad) or caps.feature_reason(backend, needed)
 
 
-def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0, dropout_p=0.0, sinks=None):
+def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0, dropout_p=0.0, sinks=None, alibi_slopes=None):
     """None if `backend` can run this packed (varlen) attention call, else why not."""
     reason = _common_reason(backend, q)
     if reason is not None:
@@ -162,7 +164,7 @@ def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0, dropout_p=0.0
     if "varlen" not in CAPABILITIES[backend].features:
         return f"the {backend} backend does not run packed (varlen) sequences"
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
-    reason = _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks)
+    reason = _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks, alibi_slopes)
     if reason is None and backend == "triton":
         return ops.triton_backend.supports(q, k, v, None)
     return reason

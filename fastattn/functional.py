@@ -19,26 +19,26 @@ def _rng_state(dropout_p, device):
     return philox.draw_rng_state(device) if dropout_p > 0.0 else None
 
 
-def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0, sinks=None):
+def _attention(q, k, v, mask, scale, window, backend, dropout_p=0.0, softcap=0.0, sinks=None, alibi_slopes=None):
     """Runs checked inputs on the chosen backend; returns (out, lse)."""
     if scale is None:
         scale = reference.default_scale(q.shape[-1])
     rng_state = _rng_state(dropout_p, q.device)
-    if _is_empty(q, k, v):
-        # Empty inputs have nothing to compute: the reference gives their (empty or zero)
-        # results and gradients in every shape.
-        return reference.attention(q, k, v, mask, scale, window, dropout_p, rng_state=rng_state, softcap=softcap,
-                                   sinks=sinks)
-    chosen = dispatch.choose(
-        lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap, dropout_p, sinks),
-        q.device, backend,
-    )
+    chosen = "reference"
+    # Empty inputs have nothing to compute: the reference gives their (empty or zero) results
+    # and gradients in every shape.
+    if not _is_empty(q, k, v):
+        chosen = dispatch.choose(
+            lambda name: dispatch.attention_reason(name, q, k, v, mask, scale, window, softcap, dropout_p, sinks,
+                                                   alibi_slopes),
+            q.device, backend,
+        )
     if chosen == "reference":
         return reference.attention(q, k, v, mask, scale, window, dropout_p, rng_state=rng_state, softcap=softcap,
-                                   sinks=sinks)
+                                   sinks=sinks, alibi_slopes=alibi_slopes)
     q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
     out, lse, _ = _ops_for(chosen).attn_fwd(q, k, v, mask, float(scale), *window, softcap, float(dropout_p), rng_state,
-                                            sinks)
+                                            sinks, alibi_slopes)
     return out, lse
 
 
@@ -96,7 +96,7 @@ def _check_options(causal, scale, dropout_p, return_lse, window, softcap):
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=False, backend=None, window=None,
-              softcap=None, dropout_p=0.0, sinks=None):
+              softcap=None, dropout_p=0.0, sinks=None, alibi_slopes=None):
     """Fused attention softmax(cap(scale * q @ k^T) + mask) @ v.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (GQA/MQA:
@@ -112,6 +112,9 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     sinks: (Hq,) float tensor, a learned logit per query head that joins each row's softmax
     denominator and carries no value (attention sinks, gpt-oss): row i's probabilities are
     exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)). It gets a gradient.
+    alibi_slopes: (Hq,) or (B, Hq) float tensor of ALiBi slopes (BLOOM, MPT): -slope * |i' - j|
+    is added to the (capped) scaled score of query i and key j, i' = i + Sk - Sq as in the
+    causal rule, before the mask (flash-attention's convention). Constants: no gradient.
     dropout_p: dropout of the attention probabilities, inside the kernels of backends with the
     "dropout" capability (others are skipped): kept probabilities are scaled by 1 / (1 - p),
     the decisions regenerated from a per-call rng state in the backward (docs/design.md); the
@@ -123,13 +126,14 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, return_lse=F
     mask = ops.check_attention_inputs(q, k, v, attn_mask, enable_gqa=True)
     window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
     sinks = ops.check_sinks(sinks, q.shape[1], q)
-    out, lse = _attention(q, k, v, mask, scale, window, backend, dropout_p, softcap, sinks)
+    alibi_slopes = ops.check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q)
+    out, lse = _attention(q, k, v, mask, scale, window, backend, dropout_p, softcap, sinks, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None, dropout_p=0.0,
-    return_lse=False, backend=None, window=None, softcap=None, sinks=None,
+    return_lse=False, backend=None, window=None, softcap=None, sinks=None, alibi_slopes=None,
 ):
     """Attention of packed variable-length sequences (flash-attention's flash_attn_varlen_func).
 
@@ -143,6 +147,7 @@ def varlen_attention(
     causal: bottom-right within each sequence: query i of a sequence with Sq queries and Sk keys
     sees keys j <= i + Sk - Sq.
     window, softcap, sinks: as in attention(), the window aligned bottom-right within each sequence.
+    alibi_slopes: (Hq,) or (B, Hq) (per sequence) as in attention(), i' aligned within each sequence.
     dropout_p: as in attention(), sequence b dropping like batch b (its queries and keys
     numbered from 0).
     return_lse: also return the natural-log sum-exp of each row, float32 (Hq, total_q), -inf
@@ -154,19 +159,22 @@ def varlen_attention(
     ops.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window, softcap = _check_options(causal, scale, dropout_p, return_lse, window, softcap)
     sinks = ops.check_sinks(sinks, q.shape[1], q)
+    alibi_slopes = ops.check_alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
     rng_state = _rng_state(dropout_p, q.device)
     chosen = dispatch.choose(
-        lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, dropout_p, sinks), q.device, backend
+        lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, dropout_p, sinks, alibi_slopes), q.device,
+        backend,
     )
     if chosen == "reference" or _is_empty(q, k, v):
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, dropout_p,
-                                              rng_state=rng_state, softcap=softcap, sinks=sinks)
+                                              rng_state=rng_state, softcap=softcap, sinks=sinks,
+                                              alibi_slopes=alibi_slopes)
     else:
         q, k, v = (ops.last_dim_contiguous(t) for t in (q, k, v))
         out, lse, _ = _ops_for(chosen).varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), window.left, window.right,
-            softcap, float(dropout_p), rng_state, sinks,
+            softcap, float(dropout_p), rng_state, sinks, alibi_slopes,
         )
     return (out, lse) if return_lse else out
 

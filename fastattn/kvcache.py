@@ -90,7 +90,7 @@ def _row_view(cache, block_table):
 
 def attention_with_kvcache(
     q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None, block_table=None, causal=True,
-    scale=None, return_lse=False, backend=None, window=None, softcap=None, sinks=None,
+    scale=None, return_lse=False, backend=None, window=None, softcap=None, sinks=None, alibi_slopes=None,
 ):
     """Attention of new queries against a key/value cache, appending new keys and values first.
 
@@ -104,7 +104,8 @@ def attention_with_kvcache(
     block_table: int32 (B, max_blocks): row b's position t lives in block
       block_table[b, t // block_size] at offset t % block_size.
     causal: query i sees keys j <= i + L_b - Sq (bottom-right, per row); else every j < L_b.
-    window, softcap, sinks: as in attention(), the window aligned bottom-right within each row.
+    window, softcap, sinks, alibi_slopes: as in attention(), the window and ALiBi's distances
+      aligned bottom-right within each row (query i sits at position i + L_b - Sq).
     A row must have room: L_b <= S_max (contiguous) or max_blocks * block_size (paged); checked
     for CPU tensors (on a GPU the check would need a host synchronisation).
     Returns out (B, Hq, Sq, Dv) (and lse (B, Hq, Sq) float32 with return_lse).
@@ -115,6 +116,7 @@ def attention_with_kvcache(
     rule = ops.window_rule(causal, window)
     softcap = ops.check_softcap(softcap)
     sinks = ops.check_sinks(sinks, q.shape[1], q)
+    alibi_slopes = ops.check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q)
     Sq = q.shape[2]
     capacity = _capacity(k_cache, block_table)
     added = Sq if k_new is not None else 0
@@ -131,6 +133,7 @@ def attention_with_kvcache(
         positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
         _append(k_cache, k_new, positions, block_table)
         _append(v_cache, v_new, positions, block_table)
+    # ALiBi is no feature asked of the backend: the masked path below folds it into its mask.
     chosen = dispatch.choose(
         lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap, sinks=sinks),
         q.device, backend,
@@ -140,17 +143,19 @@ def attention_with_kvcache(
         out, lse = torch.ops.fastattn.attn_fwd_kvcache(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.contiguous(), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),
-            *rule[:2], softcap, sinks,
+            *rule[:2], softcap, sinks, alibi_slopes,
         )
         return (out, lse) if return_lse else out
-    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, sinks, scale,
-                             return_lse, chosen)
+    return _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, sinks, alibi_slopes,
+                             scale, return_lse, chosen)
 
 
-def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, sinks, scale, return_lse,
-                      backend):
+def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule, softcap, sinks, alibi_slopes, scale,
+                      return_lse, backend):
     """The cache through `attention`, with a mask of each row's first `lengths` keys and the
-    window `rule` aligned to each row's own last key."""
+    window `rule` aligned to each row's own last key. ALiBi's distances are measured from
+    each row's own diagonal too, which `attention` (aligned to the cache's capacity) cannot
+    do: they join the mask as an additive (B, Hq, Sq, capacity) bias."""
     Sq = q.shape[2]
     keys = torch.arange(capacity, device=q.device)
     visible = keys < lengths.view(-1, 1, 1)  # (B, 1, capacity)
@@ -160,6 +165,10 @@ def _masked_attention(q, k_cache, v_cache, lengths, capacity, block_table, rule,
     if rule.right >= 0:
         visible = visible & (keys <= diagonal + rule.right)
     mask = visible.unsqueeze(1)  # (B, 1, Sq or 1, capacity)
+    if alibi_slopes is not None:
+        distance = (diagonal - keys).abs().unsqueeze(1)  # (B, 1, Sq, capacity)
+        bias = -alibi_slopes.view(*alibi_slopes.shape, 1, 1) * distance
+        mask = bias.masked_fill(~mask, float("-inf"))
     k_rows, v_rows = _row_view(k_cache, block_table), _row_view(v_cache, block_table)
     return functional.attention(q, k_rows, v_rows, attn_mask=mask, scale=scale, return_lse=return_lse, backend=backend,
                                 softcap=softcap or None, sinks=sinks)

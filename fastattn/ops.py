@@ -117,6 +117,27 @@ def check_sinks(sinks, heads, like):
     return sinks.float().contiguous()
 
 
+def check_alibi_slopes(slopes, batch, heads, like):
+    """alibi_slopes: None, or a floating tensor of ALiBi slopes, (heads,) or (batch, heads), on
+    `like`'s device. They are constants of the call (no gradient), as in flash-attention.
+    Returns them as the kernels take them: float32 (batch, heads), contiguous."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
+        got = slopes.dtype if isinstance(slopes, torch.Tensor) else type(slopes).__name__
+        raise TypeError(f"alibi_slopes must be a floating-point tensor of one slope per query head, got {got}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (per query head, optionally per batch), "
+            f"got {tuple(slopes.shape)}"
+        )
+    if slopes.device != like.device:
+        raise ValueError(f"alibi_slopes must be on {like.device} like the inputs, got {slopes.device}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes get no gradient (they are constants of the call): pass them detached")
+    return slopes.float().expand(batch, heads).contiguous()
+
+
 def check_dim(name, dim, t):
     """A dimension index of `t`: an int in [-t.dim(), t.dim()) (IndexError otherwise, like torch)."""
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
@@ -245,7 +266,7 @@ def last_dim_contiguous(t):
 
 
 def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window_top_left=False, softcap=0.0,
-                   dropout_p=0.0, rng_state=None, sinks=None):
+                   dropout_p=0.0, rng_state=None, sinks=None, alibi_slopes=None):
     B, Hq, Sq, _ = q.shape
     return (
         q.new_empty(B, Hq, Sq, v.shape[-1]),
@@ -255,14 +276,14 @@ def _fake_attn_fwd(q, k, v, mask, scale, window_left=-1, window_right=-1, window
 
 
 def _fake_attn_bwd(grad_out, q, k, v, out, softmax_stats, mask, scale, mask_grad, window_left=-1, window_right=-1,
-                   window_top_left=False, softcap=0.0, dropout_p=0.0, rng_state=None):
+                   window_top_left=False, softcap=0.0, dropout_p=0.0, rng_state=None, alibi_slopes=None):
     B, Hq, Sq, _ = q.shape
     dmask_shape = (B, Hq, Sq, k.shape[2]) if mask_grad else (0,)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left=-1,
-                     window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None):
+                     window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None, alibi_slopes=None):
     total_q, Hq, _ = q.shape
     return (
         q.new_empty(total_q, Hq, v.shape[-1]),
@@ -272,7 +293,8 @@ def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _fake_varlen_bwd(grad_out, q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     scale, window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None):
+                     scale, window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, rng_state=None,
+                     alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -289,7 +311,7 @@ def _fake_dropout_keep_mask(rng_state, batch, heads, rows, cols, p):
 
 
 def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left=-1, window_right=-1,
-                           softcap=0.0, sinks=None):
+                           softcap=0.0, sinks=None, alibi_slopes=None):
     B, Hq, Sq, _ = q.shape
     return q.new_empty(B, Hq, Sq, v_cache.shape[-1]), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
@@ -297,13 +319,13 @@ def _fake_attn_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, scal
 # ----------------------------------------------------------------------------- autograd
 
 
-def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap, sinks):
+def _lse_gradient_terms(g_lse, q, k, mask, scale, window, softcap, sinks, alibi_slopes):
     """Extra dq, dk, dmask when the caller differentiates the returned log-sum-exp
     (d lse / d scores = P). Materialises P, so it is only run when lse is part of the loss.
     P is the softmax of these very scores, not exp(scores - lse): an fp32 lse keeps the row
     sum only to |lse| * 2^-24, and the kernel's row max may differ from these scores by an
     ulp, either of which costs P many times PyTorch's accuracy at large logits."""
-    scores, k32 = reference.masked_scores(q, k, mask, scale, window, torch.float32, softcap)
+    scores, k32 = reference.masked_scores(q, k, mask, scale, window, torch.float32, softcap, alibi_slopes)
     probs, _ = reference._safe_softmax(scores, sinks)
     dscores = probs * g_lse.unsqueeze(-1)  # the mask's gradient: it is added after the cap
     dlogits = dscores
@@ -354,12 +376,13 @@ def _row_delta(grad_out, out):
     return (grad_out.float() * out.float()).sum(-1)
 
 
-# q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state, sinks
-_ATTN_FWD_INPUTS = 12
+# q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state, sinks,
+# alibi_slopes
+_ATTN_FWD_INPUTS = 13
 _ATTN_SINKS = 11
 # q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
-# dropout_p, rng_state, sinks
-_VARLEN_FWD_INPUTS = 14
+# dropout_p, rng_state, sinks, alibi_slopes
+_VARLEN_FWD_INPUTS = 15
 _VARLEN_SINKS = 13
 
 
@@ -383,20 +406,21 @@ class OpFamily:
 
     @staticmethod
     def _attention_setup(ctx, inputs, output):
-        q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state, sinks = inputs
+        (q, k, v, mask, scale, window_left, window_right, window_top_left, softcap, dropout_p, rng_state, sinks,
+         alibi_slopes) = inputs
         out, lse, softmax_stats = output
         # rng_state is kept, not a mask: the backward regenerates the forward's keep decisions.
-        ctx.save_for_backward(q, k, v, mask, out, softmax_stats, rng_state, sinks, lse)
+        ctx.save_for_backward(q, k, v, mask, out, softmax_stats, rng_state, sinks, lse, alibi_slopes)
         ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
         ctx.window = reference.Window(window_left, window_right, window_top_left)
         ctx.set_materialize_grads(False)
 
     def _attention_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, mask, out, softmax_stats, rng_state, sinks, lse = ctx.saved_tensors
+        q, k, v, mask, out, softmax_stats, rng_state, sinks, lse, alibi_slopes = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
             def recompute(q, k, v, mask, sinks):
                 return reference.attention(q, k, v, mask, ctx.scale, ctx.window, ctx.dropout_p, rng_state=rng_state,
-                                           softcap=ctx.softcap, sinks=sinks)
+                                           softcap=ctx.softcap, sinks=sinks, alibi_slopes=alibi_slopes)
 
             inputs = {0: q, 1: k, 2: v, 3: mask, _ATTN_SINKS: sinks}
             return _reference_backward(ctx, recompute, inputs, _ATTN_FWD_INPUTS, grad_out, grad_lse)
@@ -408,11 +432,11 @@ class OpFamily:
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dmask = self.attn_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, mask, ctx.scale, mask_grad, *ctx.window,
-            ctx.softcap, ctx.dropout_p, rng_state,
+            ctx.softcap, ctx.dropout_p, rng_state, alibi_slopes,
         )
         if grad_lse is not None:
             dq_lse, dk_lse, dmask_lse = _lse_gradient_terms(grad_lse, q, k, mask, ctx.scale, ctx.window, ctx.softcap,
-                                                            sinks)
+                                                            sinks, alibi_slopes)
             dq, dk = dq + dq_lse.to(dq.dtype), dk + dk_lse.to(dk.dtype)
             if mask_grad:
                 dmask = dmask + dmask_lse
@@ -423,20 +447,22 @@ class OpFamily:
     @staticmethod
     def _varlen_setup(ctx, inputs, output):
         (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
-         dropout_p, rng_state, sinks) = inputs
+         dropout_p, rng_state, sinks, alibi_slopes) = inputs
         out, lse, softmax_stats = output
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state, sinks, lse)
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state, sinks, lse,
+                              alibi_slopes)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.softcap = max_seqlen_q, max_seqlen_k, scale, softcap
         ctx.dropout_p = dropout_p
         ctx.window = reference.Window(window_left, window_right)
         ctx.set_materialize_grads(False)
 
     def _varlen_backward(self, ctx, grad_out, grad_lse, grad_softmax_stats):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state, sinks, lse = ctx.saved_tensors
+        q, k, v, cu_seqlens_q, cu_seqlens_k, out, softmax_stats, rng_state, sinks, lse, alibi_slopes = ctx.saved_tensors
         if torch.is_grad_enabled() or grad_lse is not None:
             def recompute(q, k, v, sinks):
                 return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.scale, ctx.window,
-                                                  ctx.dropout_p, rng_state=rng_state, softcap=ctx.softcap, sinks=sinks)
+                                                  ctx.dropout_p, rng_state=rng_state, softcap=ctx.softcap, sinks=sinks,
+                                                  alibi_slopes=alibi_slopes)
 
             inputs = {0: q, 1: k, 2: v, _VARLEN_SINKS: sinks}
             return _reference_backward(ctx, recompute, inputs, _VARLEN_FWD_INPUTS, grad_out, grad_lse)
@@ -445,7 +471,7 @@ class OpFamily:
         dq, dk, dv = self.varlen_bwd(
             last_dim_contiguous(grad_out), q, k, v, out, softmax_stats, cu_seqlens_q, cu_seqlens_k,
             ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale, ctx.window.left, ctx.window.right, ctx.softcap,
-            ctx.dropout_p, rng_state,
+            ctx.dropout_p, rng_state, alibi_slopes,
         )
         grads = [dq, dk, dv] + [None] * (_VARLEN_FWD_INPUTS - 3)
         if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS]:  # out (total_q, Hq, Dv), lse (Hq, total_q)

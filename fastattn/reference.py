@@ -55,11 +55,23 @@ def default_scale(head_dim: int) -> float:
     return head_dim**-0.5 if head_dim > 0 else 1.0
 
 
-def _masked_scores(scores, mask, window, softcap=0.0):
+def alibi_bias(slopes, sq, sk, window, dtype):
+    """ALiBi's bias -slope * |i' - j| (B or 1, H, sq, sk) for slopes (H,) or (B, H): i' = i + the
+    window's offset, so that the bias is 0 on the diagonal the causal rule ends at."""
+    diagonal = torch.arange(sq, device=slopes.device).unsqueeze(1) + window.offset(sq, sk)
+    distance = (diagonal - torch.arange(sk, device=slopes.device).unsqueeze(0)).abs().to(dtype)
+    slopes = slopes.to(dtype)
+    per_batch = slopes if slopes.dim() == 2 else slopes.unsqueeze(0)
+    return -per_batch[:, :, None, None] * distance
+
+
+def _masked_scores(scores, mask, window, softcap=0.0, alibi_slopes=None):
     """Caps scaled float scores (..., Sq, Sk) (softcap * tanh(scores / softcap) when softcap > 0),
-    then adds/applies `mask` and hides the keys outside `window`."""
+    adds ALiBi's bias (alibi_bias), then adds/applies `mask` and hides the keys outside `window`."""
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, scores.shape[-2], scores.shape[-1], window, scores.dtype)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -112,16 +124,16 @@ def repeat_to_query_heads(t, query_heads):
     return t.repeat_interleave(group, dim=1) if group > 1 else t
 
 
-def masked_scores(q, k, mask, scale, window, compute_dtype, softcap=0.0):
-    """The scaled scores q.k^T (B, Hq, Sq, Sk) in compute_dtype, capped by `softcap`, with
+def masked_scores(q, k, mask, scale, window, compute_dtype, softcap=0.0, alibi_slopes=None):
+    """The scaled scores q.k^T (B, Hq, Sq, Sk) in compute_dtype, capped by `softcap`, with ALiBi,
     `mask` and `window` applied, and k repeated to q's heads (GQA) in compute_dtype."""
     k_wide = repeat_to_query_heads(k.to(compute_dtype), q.shape[1])
     scores = torch.matmul(q.to(compute_dtype), k_wide.transpose(-2, -1)) * scale
-    return _masked_scores(scores, mask, window, softcap), k_wide
+    return _masked_scores(scores, mask, window, softcap, alibi_slopes), k_wide
 
 
 def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, upcast=True, rng_state=None,
-              softcap=0.0, first_batch=0, sinks=None):
+              softcap=0.0, first_batch=0, sinks=None, alibi_slopes=None):
     """Reference attention. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv) with
     Hq % Hkv == 0; mask broadcastable to (B, Hq, Sq, Sk), bool (True = attend) or additive;
     window: a Window; softcap > 0 caps the scaled scores at +-softcap (before the mask).
@@ -130,10 +142,12 @@ def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, u
     offset); drawn from torch's generator when None), numbering the batches from first_batch.
     sinks: (Hq,) logits, one per query head, that join each row's softmax denominator and carry
     no value (attention sinks, gpt-oss); the lse includes them.
+    alibi_slopes: (Hq,) or (B, Hq); -slope * |i' - j| is added to the (capped) scaled score of
+    query i and key j, i' = i + Sk - Sq (i with window.top_left), before the mask.
     Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     compute_dtype = _compute_dtype(q.dtype, upcast)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    scores, _ = masked_scores(q, k, mask, scale, window, compute_dtype, softcap)
+    scores, _ = masked_scores(q, k, mask, scale, window, compute_dtype, softcap, alibi_slopes)
     probs, lse = _safe_softmax(scores, sinks)
     if dropout_p > 0.0:
         rng_state = philox.draw_rng_state(q.device) if rng_state is None else rng_state
@@ -144,12 +158,12 @@ def attention(q, k, v, mask=None, scale=None, window=UNBOUNDED, dropout_p=0.0, u
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, window=UNBOUNDED, dropout_p=0.0,
-                     upcast=True, rng_state=None, softcap=0.0, sinks=None):
+                     upcast=True, rng_state=None, softcap=0.0, sinks=None, alibi_slopes=None):
     """Reference attention of packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v
     (total_k, Hkv, Dv); sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q
     and its keys rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int cumulative lengths);
     each sequence is attention() of its own rows (the window aligned within it), with sequence b
-    as dropout's batch b.
+    as dropout's batch b and row b of (B, Hq) alibi_slopes as its slopes.
     Returns (out (total_q, Hq, Dv) in q's dtype, lse (Hq, total_q) float32)."""
     if dropout_p > 0.0 and rng_state is None:
         rng_state = philox.draw_rng_state(q.device)
@@ -160,13 +174,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, window=UNB
             return t[bounds[b]:bounds[b + 1]].transpose(0, 1).unsqueeze(0)
 
         out, lse = attention(rows(q, bounds_q), rows(k, bounds_k), rows(v, bounds_k), None, scale, window,
-                             dropout_p, upcast, rng_state, softcap, first_batch=b, sinks=sinks)
+                             dropout_p, upcast, rng_state, softcap, first_batch=b, sinks=sinks,
+                             alibi_slopes=_batch_rows(alibi_slopes, b))
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     if not outs:  # no sequences
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return q.new_empty(0, q.shape[1], v.shape[2]), q.new_empty(q.shape[1], 0, dtype=lse_dtype)
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _batch_rows(slopes, b):
+    """Sequence b's slopes from (Hq,) or (B, Hq) slopes (None stays None)."""
+    return slopes if slopes is None or slopes.dim() == 1 else slopes[b:b + 1]
 
 
 def probabilities_from_lse(q, k, lse, mask, scale, window, compute_dtype):

@@ -12,14 +12,15 @@ from tolerance import assert_within_baseline
 BACKENDS = [name for name in ("cpu", "triton", "reference") if dispatch.backends()[name]["usable"]]
 
 
-def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=None, softcap=0.0):
+def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=None, softcap=0.0, alibi_slopes=None):
     """Row by row: attention of q[b] to the first lengths[b] keys, bottom-right causal (or
-    the given window)."""
+    the given window), ALiBi's distances from the row's own diagonal."""
     rule = window or (reference.CAUSAL if causal else reference.UNBOUNDED)
     outs = []
     for b, length in enumerate(lengths):
         k, v = keys[b : b + 1, :, :length].to(dtype), values[b : b + 1, :, :length].to(dtype)
-        outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, window=rule, upcast=upcast, softcap=softcap)[0])
+        outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, window=rule, upcast=upcast, softcap=softcap,
+                                        alibi_slopes=alibi_slopes)[0])
     return torch.cat(outs)
 
 
@@ -91,6 +92,29 @@ def test_window_and_softcap_follow_each_row(backend, page, Sq):
     rule = reference.Window(4, 0)
     expected = _per_row_reference(q, k_rows, v_rows, lengths, True, torch.float64, True, rule, 3.0)
     baseline = _per_row_reference(q, k_rows, v_rows, lengths, True, torch.float32, False, rule, 3.0)
+    assert_within_baseline("out", out, expected, baseline)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page", [None, 8])
+@pytest.mark.parametrize("Sq, causal", [(1, True), (6, False)])
+@pytest.mark.parametrize("B, seqlens, capacity", [(4, [0, 3, 16, 30], 48), (1, [550], 560)])
+def test_alibi_follows_each_row(backend, page, Sq, causal, B, seqlens, capacity):
+    """ALiBi's distances measured from each row's own last key: rows of different lengths, and
+    one long row alone (whose keys the CPU splits across threads)."""
+    q, (k_cache, v_cache), table, (k_new, v_new), (k_rows, v_rows) = _make_case(
+        B, 4, 2, Sq, 16, torch.float32, seqlens, page is not None, block_size=page or 8, capacity=capacity, seed=5
+    )
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0])
+    out = fastattn.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), k_new=k_new, v_new=v_new,
+        block_table=table, causal=causal, alibi_slopes=slopes, backend=backend,
+    )
+    for b, start in enumerate(seqlens):
+        k_rows[b, :, start : start + Sq], v_rows[b, :, start : start + Sq] = k_new[b], v_new[b]
+    lengths = [s + Sq for s in seqlens]
+    expected = _per_row_reference(q, k_rows, v_rows, lengths, causal, torch.float64, True, alibi_slopes=slopes)
+    baseline = _per_row_reference(q, k_rows, v_rows, lengths, causal, torch.float32, False, alibi_slopes=slopes)
     assert_within_baseline("out", out, expected, baseline)
 
 

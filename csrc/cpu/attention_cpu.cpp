@@ -226,6 +226,17 @@ at::Tensor set_sinks(AttnFwdParams& p, const std::optional<at::Tensor>& sinks, i
   return t.view(shape);
 }
 
+// The alibi_slopes argument (float32 (B, Hq) contiguous, or none) as the kernels' pointer.
+const float* alibi_slopes_ptr(const std::optional<at::Tensor>& slopes, int64_t B, int64_t Hq) {
+  if (!slopes.has_value()) return nullptr;
+  const at::Tensor& t = *slopes;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == B &&
+                  t.size(1) == Hq && t.is_contiguous(),
+              "alibi_slopes must be a contiguous float32 CPU tensor of shape (", B, ", ", Hq, "), got ",
+              t.scalar_type(), " ", t.sizes());
+  return t.data_ptr<float>();
+}
+
 // Merges the key splits' normalised partial outputs (nsplit, rows..., Dv) and statistics
 // (2, nsplit, rows...) in a fixed order: split c weighs row_sum_c * exp(row_max_c - row_max),
 // a sink (sink_rows, broadcast over the rows; undefined: none) exp(sink - row_max). `out` is
@@ -317,11 +328,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q,
                                                             int64_t window_right, bool window_top_left,
                                                             double softcap, double dropout_p,
                                                             const std::optional<at::Tensor>& rng_state,
-                                                            const std::optional<at::Tensor>& sinks) {
+                                                            const std::optional<at::Tensor>& sinks,
+                                                            const std::optional<at::Tensor>& alibi_slopes) {
   const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   AttnFwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
                        softcap, dropout_params(dropout_p, rng_state));
+  p.alibi_slopes = alibi_slopes_ptr(alibi_slopes, s.B, s.Hq);
   return run_padded_forward(p, q.options(), sinks);
 }
 
@@ -333,7 +346,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         const std::optional<at::Tensor>& block_table,
                                                         double scale, int64_t window_left, int64_t window_right,
-                                                        double softcap, const std::optional<at::Tensor>& sinks) {
+                                                        double softcap, const std::optional<at::Tensor>& sinks,
+                                                        const std::optional<at::Tensor>& alibi_slopes) {
   check_input(q, "q", 4);
   check_input(k_cache, "k_cache", 4);
   check_input(v_cache, "v_cache", 4);
@@ -374,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache_cpu(const at::Tensor& q, con
   AttnFwdParams p;
   set_attention_inputs(p, q, k_cache, v_cache, s, std::nullopt, scale, window_params(window_left, window_right, false),
                        softcap, DropoutParams{});
+  p.alibi_slopes = alibi_slopes_ptr(alibi_slopes, s.B, s.Hq);
   p.seqs.seqlens_k = cache_seqlens.data_ptr<int32_t>();
   if (pages) {
     p.seqs.block_table = pages;
@@ -437,7 +452,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& softmax_stats, const std::optional<at::Tensor>& mask,
     double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
-    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const AttnShapes s = check_attention_inputs(q, k, v, softcap);
   const at::Tensor stats = check_backward_inputs(grad_out, q, out, softmax_stats, {s.B, s.Hq, s.Sq, s.Dv},
                                                  {kSoftmaxStats, s.B, s.Hq, s.Sq});
@@ -449,6 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   AttnBwdParams p;
   set_attention_inputs(p, q, k, v, s, mask, scale, window_params(window_left, window_right, window_top_left),
                        softcap, dropout_params(dropout_p, rng_state));
+  p.alibi_slopes = alibi_slopes_ptr(alibi_slopes, s.B, s.Hq);
   p.out = view4(out);
   p.dout = view4(grad_out);
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
@@ -537,12 +554,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& 
                                                               int64_t window_right, double softcap,
                                                               double dropout_p,
                                                               const std::optional<at::Tensor>& rng_state,
-                                                              const std::optional<at::Tensor>& sinks) {
+                                                              const std::optional<at::Tensor>& sinks,
+                                                              const std::optional<at::Tensor>& alibi_slopes) {
   const PackedShapes ps =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
   AttnFwdParams p;
   set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap,
                     dropout_params(dropout_p, rng_state));
+  p.alibi_slopes = alibi_slopes_ptr(alibi_slopes, ps.s.B, ps.s.Hq);
   const at::Tensor sink_rows = set_sinks(p, sinks, /*head_dim=*/0, /*stat_dims=*/2);
   at::Tensor out = at::empty({ps.total_q, ps.s.Hq, ps.s.Dv}, q.options());
   at::Tensor lse = at::empty({ps.s.Hq, ps.total_q}, q.options().dtype(at::kFloat));
@@ -555,7 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_stats, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
-    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const PackedShapes ps =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap);
   const at::Tensor stats = check_backward_inputs(grad_out, q, out, softmax_stats, {ps.total_q, ps.s.Hq, ps.s.Dv},
@@ -566,6 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   AttnBwdParams p;
   set_varlen_inputs(p, q, k, v, ps, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap,
                     dropout_params(dropout_p, rng_state));
+  p.alibi_slopes = alibi_slopes_ptr(alibi_slopes, ps.s.B, ps.s.Hq);
   p.out = packed_view(out);
   p.dout = packed_view(grad_out);
   run_backward(p, stats, dq, dk, dv);

@@ -83,6 +83,9 @@ struct AttnFwdParams {
   // (Hq) fp32, or nullptr: one logit per query head that joins each row's softmax sum with no
   // value (attention sinks); lse and the statistics include it.
   const float* sinks = nullptr;
+  // (B, Hq) fp32, or nullptr: ALiBi adds -alibi_slopes[b * Hq + h] * |i' - j| to score (i, j)
+  // of sequence b and query head h after the cap, before the mask (i' as in WindowParams).
+  const float* alibi_slopes = nullptr;
   DropoutParams dropout;  // applied after the softmax statistics: they and lse stay undropped
   SeqLayout seqs;
   void* out = nullptr;  // contiguous, rows numbered by seqs.query_rows, dtype
@@ -112,6 +115,7 @@ struct AttnBwdParams {
   float scale = 1.f;
   WindowParams window;
   float softcap = 0.f;
+  const float* alibi_slopes = nullptr;  // the forward's
   DropoutParams dropout;  // the forward's, regenerated
   SeqLayout seqs;  // sequences (padded or packed; no KV cache) and output numbering
   int64_t nchunks = 1;  // key-block chunks per (batch, kv head); > 1 writes dq_partial

@@ -135,6 +135,11 @@ def _check_sinks(sinks, q):
             raise ValueError(f"sinks must be contiguous on {q.device}")
 
 
+def _check_alibi(alibi_slopes):
+    if alibi_slopes is not None:
+        raise ValueError("the Triton kernels do not apply alibi_slopes")
+
+
 def _check_dropout(dropout_p, rng_state, q):
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
@@ -317,9 +322,11 @@ def triton_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
     window_left: int = -1, window_right: int = -1, window_top_left: bool = False, softcap: float = 0.0,
     dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
+    _check_alibi(alibi_slopes)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -405,8 +412,10 @@ def triton_attn_bwd(
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     rng_state: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
+    _check_alibi(alibi_slopes)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -447,10 +456,11 @@ def triton_varlen_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1,
     softcap: float = 0.0, dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
-    sinks: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
+    _check_alibi(alibi_slopes)
     total_q, Hq, _ = q.shape
     out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
@@ -466,9 +476,10 @@ def triton_varlen_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     softmax_stats: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
     max_seqlen_k: int, scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
+    _check_alibi(alibi_slopes)
     total_q, Hq, _ = q.shape
     _check_shape("grad_out", grad_out, (total_q, Hq, v.shape[-1]))
     _check_shape("out", out, (total_q, Hq, v.shape[-1]))
