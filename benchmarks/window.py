@@ -1,6 +1,6 @@
-"""Sliding windows and the logit softcap on CPU: fastattn's windowed forward against its own
-full causal forward and against PyTorch SDPA given the equivalent boolean mask, and the cost
-of softcap, timed interleaved in one run (fastattn.benchmark).
+"""Score modifiers on CPU: fastattn's windowed forward against its own full causal forward and
+against PyTorch SDPA given the equivalent boolean mask, and the cost of softcap, sinks and
+ALiBi, timed interleaved in one run (fastattn.benchmark).
 
     python benchmarks/window.py [--quick] [--modernbert-layers N] [--out benchmarks/results/cpu_window.json]
 
@@ -11,6 +11,10 @@ Figures (each a ratio measured in this run), fp32 forward:
   softcap overhead   fastattn with softcap=50 / without, (1, 8, 4096, 64), no mask and causal
   sinks overhead     fastattn with a sink per head / without, (1, 8, 4096, 64), causal, forward
                      and backward (the sinks' gradient included)
+  ALiBi overhead     fastattn with BLOOM's slopes / without, the same shape, causal, forward and
+                     backward (bound: softcap's 30%, this project's own)
+  ALiBi vs SDPA      SDPA given ALiBi's bias and the causal rule as one float mask (as BLOOM-style
+                     models feed it) / fastattn with alibi_slopes, causal, forward and backward
   ModernBERT         a ModernBERT-base-sized encoder from its config (random weights: 768 wide,
                      12 heads, local windows of 128 tokens with a global layer every third),
                      forward of a padded batch of 4 sequences of 4096, 3072, 2048 and 1024
@@ -41,6 +45,8 @@ TARGETS = {  # figure: (bound, "min" = at least / "max" = at most)
     "softcap time / no softcap (no mask)": (1.3, "max"),
     "softcap time / no softcap (causal)": (1.3, "max"),
     "sinks time / no sinks (causal fwd+bwd)": (1.1, "max"),  # O(S * D) on top of O(S^2 * D)
+    "alibi time / no alibi (causal fwd+bwd)": (1.3, "max"),
+    "alibi vs SDPA with the bias as a float mask speedup (causal fwd+bwd)": (1.5, "min"),
     "ModernBERT padded batch forward speedup vs sdpa": (3.0, "min"),
 }
 
@@ -105,6 +111,21 @@ def main():
     rows.append({"case": f"sinks, causal, B1 H8 S{cap_seq} D64 fp32 fwd+bwd",
                  **{n: round(t, 2) for n, t in ms.items()}})
     figures["sinks time / no sinks (causal fwd+bwd)"] = ms["sinks"] / ms["plain"]
+
+    slopes = 2.0 ** (-8.0 * torch.arange(1, 9) / 8)  # BLOOM's, 8 heads
+    bias = reference.alibi_bias(slopes, cap_seq, cap_seq, reference.CAUSAL, torch.float32)
+    bias = bias.masked_fill(~reference.window_visibility(cap_seq, cap_seq, reference.CAUSAL, "cpu"), float("-inf"))
+
+    def sdpa_forward_backward():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out.backward(torch.ones_like(out))
+
+    ms = time_named({"alibi": lambda: forward_backward(alibi_slopes=slopes), "plain": forward_backward,
+                     "sdpa float mask": sdpa_forward_backward}, timing)
+    rows.append({"case": f"alibi, causal, B1 H8 S{cap_seq} D64 fp32 fwd+bwd",
+                 **{n: round(t, 2) for n, t in ms.items()}})
+    figures["alibi time / no alibi (causal fwd+bwd)"] = ms["alibi"] / ms["plain"]
+    figures["alibi vs SDPA with the bias as a float mask speedup (causal fwd+bwd)"] = ms["sdpa float mask"] / ms["alibi"]
 
     fastattn_hf.register()
     lengths = [1024, 768, 512, 256] if args.quick else [4096, 3072, 2048, 1024]

@@ -72,6 +72,15 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("dropout_keep_mask(Tensor rng_state, int batch, int heads, int rows, int cols, float p) -> Tensor");
 }
 
+namespace fastattn {
+namespace cpu {
+// The CPU forward's time per phase (FwdPhase, params.h; nanoseconds summed over the threads)
+// in one call of attention(q, k, v) under the window (bottom-right; -1: unbounded side).
+std::vector<int64_t> forward_phase_ns(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      int64_t window_left, int64_t window_right);
+}  // namespace cpu
+}  // namespace fastattn
+
 #ifndef FASTATTN_CUDA_ARCHS
 #define FASTATTN_CUDA_ARCHS ""
 #endif
@@ -114,4 +123,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_fma_peak", &fastattn::cpu::fma_peak_all_threads, py::arg("iterations"),
         "Runs a register-resident FMA loop (the CPU kernels' vectors) `iterations` times on every "
         "intra-op thread at once and returns the FLOPs done: timed, the machine's peak FMA rate.");
+  m.def("cpu_forward_phase_ns", &fastattn::cpu::forward_phase_ns, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("window_left") = -1, py::arg("window_right") = -1,
+        "Runs the CPU attention forward once on q, k, v (scale 1/sqrt(D), the window bottom-right) and "
+        "returns the nanoseconds its threads spent in each phase, in the order of cpu_forward_phases.");
+  py::list phases;
+  for (const char* name : fastattn::cpu::kFwdPhaseNames) phases.append(name);
+  m.attr("cpu_forward_phases") = py::tuple(phases);
 }

@@ -376,3 +376,27 @@ def test_cpu_timing_interleaves_implementations_and_isolates_failures():
     status = {r.impl: (r.status, r.reps) for r in results}
     assert status == {"base": ("ok", 3), "other": ("ok", 3), "flaky": ("error", None)}
     assert [r.impl for r, _ in ran] == ["base", "other"]
+
+
+@pytest.mark.skipif(fastattn.ops._C is None, reason="the phase timers are in the compiled CPU kernels")
+def test_phases_script_breaks_the_forward_down(tmp_path):
+    """benchmarks/phases.py: every phase of the forward kernel timed, the GEMM phases never
+    empty, the shares summing to 1."""
+    out = tmp_path / "phases.json"
+    proc = run("benchmarks/phases.py", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out) as f:
+        doc = json.load(f)
+    assert doc["peak_gflops"] > 0 and len(doc["rows"]) == 3
+    for row in doc["rows"]:
+        shares = row["phase share"]
+        assert list(shares) == list(fastattn.ops._C.cpu_forward_phases)
+        assert sum(shares.values()) == pytest.approx(1.0, abs=0.01) and min(shares.values()) >= 0
+        assert shares["scores"] > 0 and shares["values"] > 0 and row["wall_ms"] > 0
+
+
+@pytest.mark.skipif(fastattn.ops._C is None, reason="the phase timers are in the compiled CPU kernels")
+def test_phase_timer_refuses_the_few_query_kernel():
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="phase timing covers the many-query forward kernel"):
+        fastattn.ops._C.cpu_forward_phase_ns(q, q, q)

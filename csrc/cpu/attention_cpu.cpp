@@ -6,8 +6,10 @@
 #include <torch/types.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "../philox.h"
 #include "params.h"
@@ -653,6 +655,20 @@ int64_t fma_peak_all_threads(int64_t iterations) {
     for (int64_t t = b; t < e; ++t) flops += kt.fma_peak(iterations);
   });
   return flops.load();
+}
+
+std::vector<int64_t> forward_phase_ns(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      int64_t window_left, int64_t window_right) {
+  const AttnShapes s = check_attention_inputs(q, k, v, 0.0);
+  TORCH_CHECK(s.Sq > kFewQueries, "phase timing covers the many-query forward kernel: q needs more than ",
+              kFewQueries, " queries, got ", s.Sq);
+  AttnFwdParams p;
+  set_attention_inputs(p, q, k, v, s, std::nullopt, 1.0 / std::sqrt(double(s.D)),
+                       window_params(window_left, window_right, false), 0.0, DropoutParams{});
+  std::vector<int64_t> ns(kFwdPhases, 0);
+  p.phase_ns = ns.data();
+  run_padded_forward(p, q.options(), std::nullopt);
+  return ns;
 }
 
 }  // namespace cpu

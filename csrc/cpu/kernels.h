@@ -1,6 +1,6 @@
 // The CPU kernels, written once against `Vec` (vec_avx512.h / vec_avx2.h / vec_generic.h) and
 // compiled once per instruction set inside its own namespace (kernels_<isa>.cpp). Includes
-// nothing itself: the including unit provides <cmath>, <cstdint>, <cstdlib>, <cstring>,
+// nothing itself: the including unit provides <chrono>, <cmath>, <cstdint>, <cstdlib>, <cstring>,
 // <limits>, philox.h and params.h, then scalar.h and a Vec.
 //
 // Attention works on fp32 tiles packed from the inputs (any dtype, any strides), with a
@@ -384,6 +384,34 @@ static void choose_dropout(const Params& p, int64_t begin, int64_t end, int64_t 
   (p.dropout.p > 0.f ? WithDropout : Without)(p, begin, end, stride);
 }
 
+// ---------------------------------------------------------------- phase timing
+// Time per phase of one thread's share of a forward call, added to p.phase_ns when it ends;
+// with phase_ns null (every normal call) each lap is one predictable branch.
+class PhaseClock {
+ public:
+  explicit PhaseClock(int64_t* totals) : totals_(totals) {
+    if (totals_) last_ = Clock::now();
+  }
+  ~PhaseClock() {
+    if (totals_)
+      for (int phase = 0; phase < kFwdPhases; ++phase)
+        __atomic_fetch_add(totals_ + phase, local_[phase], __ATOMIC_RELAXED);
+  }
+  // The time since the previous lap was spent in `phase`.
+  void lap(FwdPhase phase) {
+    if (!totals_) return;
+    const Clock::time_point now = Clock::now();
+    local_[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  int64_t* totals_;
+  int64_t local_[kFwdPhases] = {};
+  Clock::time_point last_;
+};
+
 // ---------------------------------------------------------------- visibility
 // The one visibility rule (WindowParams, params.h) for sq queries against len keys: query i
 // sees keys j with i + lo <= j <= i + hi and 0 <= j < len. An unbounded side becomes an offset
@@ -551,6 +579,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   Scratch kp(nkb * BK * p.D), vp(nkb * BK * Dvp), packed(nkb);
   Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   int64_t current = -1;
+  PhaseClock clock(p.phase_ns);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
@@ -593,7 +622,9 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
           fill(vpb + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
         }
       }
+      clock.lap(kPhasePack);
       gemm(kpb, p.D, qt.p, BQ, st.p, BQ, nk, BQ / W, p.D, false);
+      clock.lap(kPhaseScores);
       if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
       if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, seq.vis.diagonal);
       const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
@@ -618,10 +649,13 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
         if (alpha.p[i] != 1.f) scale_row(o.p + i * Dvp, Dvp, alpha.p[i]);
       // The row sums above are the undropped softmax's; only P V sees the dropped probabilities.
       if constexpr (DROPOUT) drop_tile_t(p.dropout, b * p.Hq + hq, q0, k0, nk, BQ, st.p);
+      clock.lap(kPhaseSoftmax);
       gemm<true>(st.p, BQ, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
+      clock.lap(kPhaseValues);
     }
     for (int64_t i = 0; i < mq; ++i)
       store_fwd_row(p, c, hq, seq.query_row(hq, q0 + i), seq.stat(hq, q0 + i), o.p + i * Dvp, mvec.p[i], lvec.p[i]);
+    clock.lap(kPhaseStore);
   }
 }
 

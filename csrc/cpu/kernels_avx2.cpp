@@ -1,4 +1,5 @@
 // AVX2 + FMA + F16C variant of the CPU kernels (the build's baseline flags on x86-64).
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

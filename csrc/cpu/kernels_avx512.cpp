@@ -2,6 +2,7 @@
 // extension is built for AVX2). Standard headers come first, without the target pragma, so no
 // out-of-line library code is emitted with AVX-512 instructions; everything compiled under
 // the pragma lives in its own namespace.
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -1,5 +1,6 @@
 // Portable variant of the CPU kernels (plain C++ the compiler auto-vectorises): used on
 // CPUs or architectures without a hand-written variant, and as a cross-check in tests.
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

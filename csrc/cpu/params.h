@@ -72,6 +72,12 @@ struct SeqLayout {
   int64_t rows = 0;     // (head, query) rows in all: the spacing of split partials
 };
 
+// Phases of the forward kernel whose time can be measured (AttnFwdParams::phase_ns): packing Q,
+// K and V (and reading the mask), S = Q K^T, the softmax of S (cap, ALiBi, mask, online
+// max/exp/sum, rescaling O, dropout), O += P V, and normalising and storing O and the statistics.
+enum FwdPhase : int { kPhasePack, kPhaseScores, kPhaseSoftmax, kPhaseValues, kPhaseStore, kFwdPhases };
+constexpr const char* kFwdPhaseNames[kFwdPhases] = {"pack", "scores", "softmax", "values", "store"};
+
 struct AttnFwdParams {
   View4 q, k, v;
   int dtype = kF32;
@@ -103,6 +109,9 @@ struct AttnFwdParams {
   float* out_partial = nullptr;
   float* row_max_partial = nullptr;
   float* row_sum_partial = nullptr;
+  // kFwdPhases nanosecond totals over all threads, or nullptr (no timing): the benchmark's
+  // breakdown of where the forward's time goes (fastattn._C.cpu_forward_phases).
+  int64_t* phase_ns = nullptr;
 };
 
 struct AttnBwdParams {
