@@ -93,6 +93,24 @@ def test_alibi_bias_formula():
         assert torch.allclose(out[0, 0, i], weights / weights.sum(), atol=1e-6)
 
 
+def test_matches_bloom_alibi_under_the_causal_rule():
+    """BLOOM adds slope * j (its build_alibi_tensor, here for 12 heads: not a power of two) to
+    every query's scores; under the causal rule that differs from -slope * |i - j| by a
+    constant per row, which softmax ignores: fastattn with BLOOM's own slopes gives BLOOM's
+    attention."""
+    modeling_bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    B, H, S, D = 2, 12, 40, 32
+    bloom_bias = modeling_bloom.build_alibi_tensor(torch.ones(B, S, dtype=torch.long), H, torch.float64).view(B, H, 1, S)
+    slopes = bloom_bias[0, :, 0, 1].float()  # key position 1: the slope itself
+    q, k, v = _padded(B, H, H, S, S, D, torch.float32, seed=23)
+    causal = reference.window_visibility(S, S, reference.CAUSAL, "cpu")
+    bloom_mask = bloom_bias.masked_fill(~causal, float("-inf"))
+    out = fastattn.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="cpu")
+    expected, _ = reference.attention(q.double(), k.double(), v.double(), bloom_mask, None)
+    baseline, _ = reference.attention(q, k, v, bloom_mask.float(), None, upcast=False)
+    assert_within_baseline("out", out, expected, baseline)
+
+
 def test_alibi_with_additive_mask_and_dropout(backend):
     """The bias joins an additive mask (whose gradient is unchanged by it) and dropout's
     decisions, which are the fused kernels' own Philox bits (the reference reproduces them)."""
