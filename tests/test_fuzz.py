@@ -3,7 +3,8 @@ softmax against the float64 reference, on every CPU instruction-set variant this
 (interpreted without a GPU, small shapes).
 
 Each example draws shapes (empty and odd sizes, Sq != Sk), a dtype, a mask of any broadcast
-shape, causal alignment, a sliding window, a softcap, GQA, non-contiguous inputs, a scale and
+shape, causal alignment, a sliding window, a softcap, ALiBi slopes (per head or per batch and
+head), GQA, non-contiguous inputs, a scale and
 an edge value (NaN, +inf, torch.finfo(dtype).min masks, large logits). The properties:
   - rows that see no key are zeros, never NaN;
   - where the reference has NaN in a row that sees a key, the kernel has NaN in that row;
@@ -129,13 +130,14 @@ def attention_cases(draw):
     all_visible = edge in EDGES_NEEDING_ALL_KEYS_VISIBLE
     mask_kind = None if all_visible else draw(st.sampled_from([None, "bool", "float"]))
     api = draw(st.sampled_from(["attention", "sdpa"]))
-    modifiers = api == "attention" and not all_visible  # window and softcap: attention() only
+    modifiers = api == "attention" and not all_visible  # window, softcap, ALiBi: attention() only
     return dict(
         backend=backend,
         isa=isa,
         api=api,
         window=draw(st.one_of(st.none(), st.tuples(WINDOW_SIDES, WINDOW_SIDES))) if modifiers else None,
         softcap=draw(st.sampled_from([None, 2.0, 30.0])) if modifiers else None,
+        alibi=draw(st.sampled_from([None, "heads", "batch"])) if modifiers else None,
         dtype=draw(st.sampled_from(DTYPES)),
         B=draw(st.integers(0 if not small else 1, 2)),
         Hkv=draw(st.integers(1, 2)),
@@ -197,7 +199,10 @@ def _attention_inputs(case):
                 mask[..., -1, :] = torch.finfo(dtype).min
             else:
                 mask[..., 0, -1] = float("inf")
-    return q, k, v, mask, scale
+    slopes = None
+    if case["alibi"] is not None:
+        slopes = torch.rand((Hq,) if case["alibi"] == "heads" else (B, Hq), generator=g)
+    return q, k, v, mask, scale, slopes
 
 
 def _visible_rows(case, mask, shape):
@@ -219,7 +224,7 @@ def _attention_rule(case):
 
 
 def _attention_property(case):
-    q, k, v, mask, scale = _attention_inputs(case)
+    q, k, v, mask, scale, slopes = _attention_inputs(case)
     Hq = q.shape[1]
     shape = (q.shape[0], Hq, q.shape[2], k.shape[2])
     rule = _attention_rule(case)
@@ -246,11 +251,12 @@ def _attention_property(case):
                 out = fastattn.scaled_dot_product_attention(q, k, v, m, is_causal=case["causal"], scale=scale, enable_gqa=True)
                 return out, torch.zeros(shape[:3])
             return fastattn.attention(q, k, v, attn_mask=m, causal=case["causal"], scale=scale, return_lse=True,
-                                      window=case["window"], softcap=case["softcap"])
+                                      window=case["window"], softcap=case["softcap"], alibi_slopes=slopes)
 
     def ref(upcast):
         softcap = case["softcap"] or 0.0
-        return lambda q, k, v, m: reference.attention(q, k, v, m, scale, rule, upcast=upcast, softcap=softcap)
+        return lambda q, k, v, m: reference.attention(q, k, v, m, scale, rule, upcast=upcast, softcap=softcap,
+                                                      alibi_slopes=slopes)
 
     got = run(kernel, case["dtype"])
     expected = run(ref(True), torch.float64)
