@@ -21,7 +21,9 @@ Figures (each a ratio measured in this run), fp32 forward:
                      tokens: "sdpa" time / "fastattn" time through transformers. Timed with the
                      model's first --modernbert-layers layers (default 3: one global and two
                      local, the model's own pattern, so the ratio is the 22-layer model's up to
-                     its embeddings and head).
+                     its embeddings and head). Its row also times the model with an attention
+                     that costs nothing (zeros): "sdpa" time / that time bounds the speedup any
+                     attention kernel can give this model (Amdahl).
 """
 import os
 import sys
@@ -49,6 +51,11 @@ TARGETS = {  # figure: (bound, "min" = at least / "max" = at most)
     "alibi vs SDPA with the bias as a float mask speedup (causal fwd+bwd)": (1.5, "min"),
     "ModernBERT padded batch forward speedup vs sdpa": (3.0, "min"),
 }
+
+
+def free_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention that costs nothing: zeros shaped like transformers' attention output."""
+    return query.new_zeros(query.shape).transpose(1, 2), None
 
 
 def modernbert_forward(layers, lengths, impl):
@@ -128,13 +135,20 @@ def main():
     figures["alibi vs SDPA with the bias as a float mask speedup (causal fwd+bwd)"] = ms["sdpa float mask"] / ms["alibi"]
 
     fastattn_hf.register()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("attention-free", free_attention)
+    AttentionMaskInterface.register("attention-free", AttentionMaskInterface._global_mapping["sdpa"])
     lengths = [1024, 768, 512, 256] if args.quick else [4096, 3072, 2048, 1024]
-    runs = {impl: modernbert_forward(args.modernbert_layers, lengths, impl) for impl in ("fastattn", "sdpa")}
+    runs = {impl: modernbert_forward(args.modernbert_layers, lengths, impl)
+            for impl in ("fastattn", "sdpa", "attention-free")}
     (fast_run, valid), (sdpa_run, _) = runs["fastattn"], runs["sdpa"]
     difference = (fast_run()[valid] - sdpa_run()[valid]).abs().max().item()  # same weights, same tokens
     ms = time_named({impl: run for impl, (run, _) in runs.items()}, Timing(min_reps=2, budget_s=0.0, max_reps=2))
     rows.append({"case": f"ModernBERT-base {args.modernbert_layers} layers, padded {lengths} fp32 fwd",
-                 **{n: round(t, 1) for n, t in ms.items()}, "max |fastattn - sdpa|": difference})
+                 **{n: round(t, 1) for n, t in ms.items()}, "max |fastattn - sdpa|": difference,
+                 "bound: sdpa / attention-free": round(ms["sdpa"] / ms["attention-free"], 2)})
     figures["ModernBERT padded batch forward speedup vs sdpa"] = ms["sdpa"] / ms["fastattn"]
 
     write_figures(args.out, rows, figures, TARGETS)
