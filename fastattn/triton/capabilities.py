@@ -7,5 +7,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # tables); D and Dv are padded up to a power of two within it.
 MAX_HEAD_DIM = 256
 # Beyond fastattn.capabilities.COMMON_FEATURES (varlen: triton_varlen_fwd / bwd; dropout: in the
-# padded and packed forward and backward kernels; sinks: folded in by the forward kernel).
-FEATURES = frozenset({"window", "softcap", "varlen", "dropout", "sinks"})
+# padded and packed forward and backward kernels; sinks: folded in by the forward kernel; alibi:
+# in the shared score helper of the forward and backward kernels).
+FEATURES = frozenset({"window", "softcap", "varlen", "dropout", "sinks", "alibi"})

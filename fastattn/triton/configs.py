@@ -36,7 +36,7 @@ ATTN_BWD_DQ = {
     128: [(128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
     256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
 }
-ATTN_KEY = ["D_PAD", "DV_PAD", "MASK_KIND", "ROW_SHARED", "WINDOW", "SOFTCAP", "VARLEN", "DROPOUT", "seq_bucket"]
+ATTN_KEY = ["D_PAD", "DV_PAD", "MASK_KIND", "ROW_SHARED", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN", "DROPOUT", "seq_bucket"]
 
 # Softmax rows are read in chunks of up to SOFTMAX_MAX_BLOCK_C columns (longer rows take the
 # two-pass path); short rows are packed BLOCK_R to a program (see softmax_blocks). Only the

@@ -7,6 +7,9 @@ softcap and mask-gradient output so the compiler drops what a call does not use.
     `_visible` is that rule per element, `_key_range` / `_query_range` the blocks a block of
     queries / keys has to visit; every kernel uses them.
   * softcap: scores become softcap * tanh(s / softcap) after scaling, before the mask.
+  * ALiBi (ALIBI): -slope * |i' - j| joins the (capped) scores before the mask, slope that of
+    the sequence and query head (`_alibi_slope`), i' = i + diagonal: query 0's key among the
+    sequence's keys (Sk - Sq bottom-right, 0 top-left), the window rule's diagonal.
   * Scores stay in natural units, as torch computes them (scale * q.k + mask); exp(s - max) is
     exp2((s - max) * log2(e)) with the max subtracted first, so large logits lose no precision
     to a base-2 rescale and finite masks (finfo.min padding) cannot overflow to -inf.
@@ -154,21 +157,35 @@ def _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND: tl.constexpr,
-            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Masked scores cap(a @ b^T * scale) + bias of one tile: (a, b) = (q, k) gives
-    (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M). Also returns
-    the cap's slope d cap(s) / ds (1.0 without a cap) for the backward."""
+def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope, diagonal,
+            MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Masked scores cap(a @ b^T * scale) - alibi_slope * |i + diagonal - j| + bias of one tile:
+    (a, b) = (q, k) gives (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives
+    (BLOCK_N, BLOCK_M). Also returns the cap's slope d cap(s) / ds (1.0 without a cap) for the
+    backward."""
     s = _dot(a, tl.trans(b), None, PRECISION) * sm_scale
     slope = 1.0
     if SOFTCAP:
         capped = _tanh(s / softcap, PRECISION)
         slope = 1.0 - capped * capped
         s = capped * softcap
+    m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
+    if ALIBI:
+        s = s - alibi_slope * tl.abs(m2 + diagonal - n2).to(tl.float32)
     if MASK_KIND != 0:
         s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
-    m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
     return tl.where(_visible(m2, n2, Sk, win_lo, win_hi, WINDOW), s, float("-inf")), slope
+
+
+@triton.jit
+def _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI: tl.constexpr):
+    """ALiBi's slope of sequence b, query head h (AlibiSlopes: fp32 (B, Hq)); 0.0 without."""
+    if ALIBI:
+        slope = tl.load(AlibiSlopes + b * Hq + h)
+    else:
+        slope = 0.0
+    return slope
 
 
 @triton.jit
@@ -237,35 +254,35 @@ def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr,
 
 
 @triton.jit
-def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN: tl.constexpr):
+def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, diagonal, VARLEN: tl.constexpr):
     """Sequence b of a call (flash-attention's BlockInfo): (first query row, queries, first
-    key row, keys, window bounds). Padded batches: rows from 0, Sq and Sk, the launcher's
-    bounds. Packed (VARLEN): read from the int32 cumulative lengths, the launcher's bounds
-    (aligned at 0) moved to the sequence's own bottom-right diagonal."""
+    key row, keys, window bounds, diagonal). Padded batches: rows from 0, Sq and Sk, the
+    launcher's bounds. Packed (VARLEN): read from the int32 cumulative lengths, the launcher's
+    bounds and diagonal (aligned at 0) moved to the sequence's own bottom-right diagonal."""
     if VARLEN:
         q_start = tl.load(CuSeqlensQ + b).to(tl.int64)
         q_len = tl.load(CuSeqlensQ + b + 1).to(tl.int64) - q_start
         k_start = tl.load(CuSeqlensK + b).to(tl.int64)
         k_len = tl.load(CuSeqlensK + b + 1).to(tl.int64) - k_start
-        lo = win_lo + (k_len - q_len)
-        hi = win_hi + (k_len - q_len)
+        shift = k_len - q_len
+        lo, hi, diag = win_lo + shift, win_hi + shift, diagonal + shift
     else:  # one return: its types differ between the two cases
-        q_start, q_len, k_start, k_len, lo, hi = 0, Sq, 0, Sk, win_lo, win_hi
-    return q_start, q_len, k_start, k_len, lo, hi
+        q_start, q_len, k_start, k_len, lo, hi, diag = 0, Sq, 0, Sk, win_lo, win_hi, diagonal
+    return q_start, q_len, k_start, k_len, lo, hi, diag
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, RngState, Sinks,
+    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, RngState, Sinks, AlibiSlopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     rows_qb, rows_qh, rows_qm, stat_b, stat_h,
-    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, diagonal, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
+    ALIBI: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq), Sq the longest query sequence. Out is contiguous, row
@@ -279,10 +296,12 @@ def _attn_fwd_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // group  # GQA: the kv head of this query head, read in place
-    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    q_start, Sq, k_start, Sk, win_lo, win_hi, diagonal = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi,
+                                                                  diagonal, VARLEN)
     if start_m >= Sq:  # a packed sequence shorter than the longest
         return
     seed, offset = _rng_state(RngState, DROPOUT)
+    alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
@@ -302,8 +321,8 @@ def _attn_fwd_kernel(
             visible = _any_visible(bias)
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
-            s, _ = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND, WINDOW,
-                           SOFTCAP, PRECISION, False)
+            s, _ = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope, diagonal,
+                           MASK_KIND, WINDOW, SOFTCAP, ALIBI, PRECISION, False)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf while a row is empty
             p = _exp_shifted(s, m_safe[:, None])
@@ -355,7 +374,7 @@ def _attn_bwd_delta_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
-    q_start, Sq, _, _, _, _ = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, 0, 0, VARLEN)
+    q_start, Sq, _, _, _, _, _ = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, 0, 0, 0, VARLEN)
     o = _load_rows(Out + b * stride_ob + h * stride_oh + q_start * stride_om, offs_m, Sq, stride_om, stride_od, DV,
                    DV_PAD)
     do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
@@ -381,17 +400,17 @@ def _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq):
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK, RngState,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK, RngState, AlibiSlopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     rows_kb, rows_kh, rows_kn, stat_b, stat_h,
-    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
+    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, diagonal, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV (contiguous, row (b, hk, j) at b * rows_kb + hk * rows_kh + j * rows_kn, j
@@ -405,7 +424,8 @@ def _attn_bwd_dkdv_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
     hk = bh % Hkv
-    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    q_start, Sq, k_start, Sk, win_lo, win_hi, diagonal = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi,
+                                                                  diagonal, VARLEN)
     if start_n >= Sk:  # a packed sequence shorter than the longest
         return
     seed, offset = _rng_state(RngState, DROPOUT)
@@ -419,6 +439,7 @@ def _attn_bwd_dkdv_kernel(
     lo, hi = _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
     for g in range(0, group):
         h = hk * group + g
+        alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI)
         stat = b * stat_b + h * stat_h + q_start
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         do_base = dO + b * stride_gb + h * stride_gh + q_start * stride_gm
@@ -436,8 +457,8 @@ def _attn_bwd_dkdv_kernel(
                 do = _load_rows(do_base, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
                 # Transposed tiles (keys x queries): P^T and dS^T feed the dk / dv dots as
                 # they are, with no register transposes.
-                s_t, slope_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND,
-                                       WINDOW, SOFTCAP, PRECISION, True)
+                s_t, slope_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope,
+                                       diagonal, MASK_KIND, WINDOW, SOFTCAP, ALIBI, PRECISION, True)
                 row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, stat, offs_m, Sq)
                 p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
                 p_used_t = p_t  # the probabilities that reached V
@@ -462,17 +483,17 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK, RngState,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK, RngState, AlibiSlopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     rows_qb, rows_qh, rows_qm, stat_b, stat_h,
-    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, diagonal, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIBI: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (contiguous, rows numbered like the forward's Out) for one query block. Grid
@@ -482,10 +503,12 @@ def _attn_bwd_dq_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // group
-    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    q_start, Sq, k_start, Sk, win_lo, win_hi, diagonal = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi,
+                                                                  diagonal, VARLEN)
     if start_m >= Sq:  # a packed sequence shorter than the longest
         return
     seed, offset = _rng_state(RngState, DROPOUT)
+    alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
     do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
@@ -506,8 +529,8 @@ def _attn_bwd_dq_kernel(
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
-            s, slope = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND, WINDOW,
-                               SOFTCAP, PRECISION, False)
+            s, slope = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope,
+                               diagonal, MASK_KIND, WINDOW, SOFTCAP, ALIBI, PRECISION, False)
             p = _exp_shifted(s, row_max[:, None]) * inv_sum[:, None]
             dp = _dot(do, tl.trans(v), None, PRECISION)
             if DROPOUT:

@@ -135,9 +135,12 @@ def _check_sinks(sinks, q):
             raise ValueError(f"sinks must be contiguous on {q.device}")
 
 
-def _check_alibi(alibi_slopes):
+def _check_alibi(alibi_slopes, batch, heads, q):
     if alibi_slopes is not None:
-        raise ValueError("the Triton kernels do not apply alibi_slopes")
+        _check_dtype("alibi_slopes", alibi_slopes, torch.float32)
+        _check_shape("alibi_slopes", alibi_slopes, (batch, heads))
+        if not alibi_slopes.is_contiguous() or alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be contiguous on {q.device}")
 
 
 def _check_dropout(dropout_p, rng_state, q):
@@ -201,7 +204,7 @@ def _pad(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _attention_meta(q, v, mask, window, softcap, dropout_p, varlen):
+def _attention_meta(q, v, mask, window, softcap, dropout_p, alibi_slopes, varlen):
     """Constexpr launch arguments shared by the attention kernels."""
     d, dv = q.shape[-1], v.shape[-1]
     return {
@@ -213,6 +216,7 @@ def _attention_meta(q, v, mask, window, softcap, dropout_p, varlen):
         "ROW_SHARED": mask is not None and (mask.stride(2) == 0 or mask.shape[2] == 1),
         "WINDOW": window != reference.UNBOUNDED,
         "SOFTCAP": softcap > 0.0,
+        "ALIBI": alibi_slopes is not None,
         "VARLEN": varlen,
         "DROPOUT": dropout_p > 0.0,
         "PRECISION": _dot_precision(q.dtype),
@@ -227,11 +231,16 @@ def _attention_kernel(job, meta, element_size):
     return _TUNED[job][configs.head_bucket(meta["D_PAD"], meta["DV_PAD"], element_size)], {}
 
 
-def _window_offsets(window, sq, sk, varlen=False):
-    """(win_lo, win_hi): query i sees keys i + win_lo <= j <= i + win_hi (kernels._visible); an
-    unbounded side becomes an offset past every key. Packed calls get bounds around the
+def _diagonal(window, sq, sk, varlen=False):
+    """The key query 0 sits on (i' - i of the window rule and ALiBi). Packed calls get the
     diagonal through query 0 and key 0, which kernels._seq_info moves to each sequence's own."""
-    offset = 0 if varlen else window.offset(sq, sk)
+    return 0 if varlen else window.offset(sq, sk)
+
+
+def _window_offsets(window, sq, sk, varlen=False):
+    """(win_lo, win_hi): query i sees keys i + win_lo <= j <= i + win_hi (kernels._visible),
+    around `_diagonal`; an unbounded side becomes an offset past every key."""
+    offset = _diagonal(window, sq, sk, varlen)
     win_lo = offset - window.left if window.left >= 0 else -(sq + sk)
     win_hi = offset + window.right if window.right >= 0 else sq + sk
     return win_lo, win_hi
@@ -240,6 +249,11 @@ def _window_offsets(window, sq, sk, varlen=False):
 def _rng_arg(rng_state, seqs):
     """The kernels' RngState pointer: the call's (seed, offset), or a placeholder without dropout."""
     return seqs.cu_q if rng_state is None else rng_state
+
+
+def _alibi_arg(alibi_slopes, placeholder):
+    """The kernels' AlibiSlopes pointer: the slopes, or a placeholder (never read) without ALiBi."""
+    return placeholder if alibi_slopes is None else alibi_slopes
 
 
 def _seq_bucket(sq, sk):
@@ -278,11 +292,11 @@ class _Seqs(NamedTuple):
         return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
 
     def scalars(self, scale, softcap, window, dropout_p):
-        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, bucket,
+        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, diagonal, bucket,
         dropout's threshold (words below it drop their score) and the scale of kept probabilities."""
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0  # p = 1 drops everything
         return (scale, softcap, *_window_offsets(window, self.max_q, self.max_k, self.varlen),
-                _seq_bucket(self.max_q, self.max_k), philox.drop_threshold(dropout_p), keep_scale)
+                _diagonal(window, self.max_q, self.max_k, self.varlen), _seq_bucket(self.max_q, self.max_k), philox.drop_threshold(dropout_p), keep_scale)
 
 
 def _padded_seqs(q, k):
@@ -300,10 +314,11 @@ def _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     )
 
 
-def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, seqs, out, lse, stats):
+def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, alibi_slopes, seqs, out, lse, stats):
     """Launches the forward into out, lse and the statistics (numbered as `seqs` says)."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
-    meta = {**_attention_meta(q, v, mask, window, softcap, dropout_p, seqs.varlen), "SINKS": sinks is not None}
+    meta = {**_attention_meta(q, v, mask, window, softcap, dropout_p, alibi_slopes, seqs.varlen),
+            "SINKS": sinks is not None}
     kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
     mask_t, mask_strides, _ = _mask_args(mask, q)
 
@@ -312,7 +327,7 @@ def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks,
 
     wrap_triton(kernel)[grid](
         q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k, _rng_arg(rng_state, seqs),
-        lse if sinks is None else sinks,
+        lse if sinks is None else sinks, _alibi_arg(alibi_slopes, lse),
         *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.query_rows, *seqs.stat,
         Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *seqs.scalars(scale, softcap, window, dropout_p), **meta, **blocks,
     )
@@ -326,7 +341,7 @@ def triton_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -338,7 +353,8 @@ def triton_attn_fwd(
         return out.zero_(), lse, stats
     if out.numel() == 0:
         return out, lse, stats
-    _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, _padded_seqs(q, k), out, lse, stats)
+    _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, alibi_slopes, _padded_seqs(q, k), out,
+             lse, stats)
     return out, lse, stats
 
 
@@ -354,16 +370,17 @@ def _fill_keyless_stats(lse, stats, sink_rows):
     stats[0].copy_(lse)
 
 
-def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, mask_grad,
-              seqs, dq, dk, dv, dmask):
+def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, alibi_slopes,
+              mask_grad, seqs, dq, dk, dv, dmask):
     """Launches the backward (delta, then dk/dv, then dq) into dq, dk, dv and dmask."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
     Dv = v.shape[-1]
     stats = softmax_stats.contiguous()
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
-    meta = _attention_meta(q, v, mask, window, softcap, dropout_p, seqs.varlen)
+    meta = _attention_meta(q, v, mask, window, softcap, dropout_p, alibi_slopes, seqs.varlen)
     mask_t, mask_strides, _ = _mask_args(mask, q)
     rng = _rng_arg(rng_state, seqs)
+    alibi = _alibi_arg(alibi_slopes, delta)
     block_delta = 16 if INTERPRET else 64
     wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(seqs.max_q, block_delta), seqs.batch * Hq)](
         out, grad_out, delta, seqs.cu_q, seqs.cu_k, *seqs.strides(out), *seqs.strides(grad_out), *seqs.stat,
@@ -380,7 +397,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
         return (triton.cdiv(seqs.max_k, m["BLOCK_N"]), seqs.batch * Hkv)
 
     wrap_triton(kernel)[grid_dkdv](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, rng, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, rng, alibi, *common,
         *seqs.key_rows, *seqs.stat, Hq, Hkv, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, MASK_GRAD=mask_grad,
         **meta, **blocks,
     )
@@ -391,7 +408,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
         return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
 
     wrap_triton(kernel)[grid_dq](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, rng, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, rng, alibi, *common,
         *seqs.query_rows, *seqs.stat, Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, **meta, **blocks,
     )
 
@@ -415,7 +432,7 @@ def triton_attn_bwd(
     alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -431,8 +448,8 @@ def triton_attn_bwd(
     dmask = torch.zeros(dmask_shape, dtype=torch.float32, device=q.device)
     if Sq == 0 or Sk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, mask_grad,
-              _padded_seqs(q, k), dq, dk, dv, dmask)
+    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, alibi_slopes,
+              mask_grad, _padded_seqs(q, k), dq, dk, dv, dmask)
     return dq, dk, dv, dmask
 
 
@@ -460,7 +477,7 @@ def triton_varlen_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     total_q, Hq, _ = q.shape
     out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
@@ -468,7 +485,7 @@ def triton_varlen_fwd(
     if out.numel():
         seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, dropout_p, rng_state,
-                 sinks, seqs, out, lse, stats)
+                 sinks, alibi_slopes, seqs, out, lse, stats)
     return out, lse, stats
 
 
@@ -479,7 +496,7 @@ def triton_varlen_bwd(
     dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     total_q, Hq, _ = q.shape
     _check_shape("grad_out", grad_out, (total_q, Hq, v.shape[-1]))
     _check_shape("out", out, (total_q, Hq, v.shape[-1]))
@@ -490,7 +507,7 @@ def triton_varlen_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _backward(grad_out, q, k, v, out, softmax_stats, None, scale, reference.Window(window_left, window_right), softcap,
-              dropout_p, rng_state, False, seqs, dq, dk, dv, dq.new_empty(0))
+              dropout_p, rng_state, alibi_slopes, False, seqs, dq, dk, dv, dq.new_empty(0))
     return dq, dk, dv
 
 
