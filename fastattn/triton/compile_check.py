@@ -3,7 +3,8 @@
     python -m fastattn.triton.compile_check [--arch 80 90] [--quick]
 
 Every autotune config of every attention job (heaviest flag variant), and the flag variants
-(dtypes, mask kinds, window, softcap, dropout, mask gradient, head dims) with one config each, go through the
+(dtypes, mask kinds, window, softcap, dropout, mask gradient, head dims) with one config each, and the
+KV-cache decode kernel at each head-dim bucket's config with its split combine, go through the
 full Triton pipeline down to a cubin with Triton's bundled ptxas. Prints registers, spills and
 shared memory per compile, and exits non-zero if a compile fails or a config needs more
 shared memory than the GPU has (autotuning would drop it). Register spills are reported, not
@@ -28,7 +29,8 @@ _FLOAT_ARGS = {"sm_scale", "scale", "softcap", "keep_scale"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_gd", "stride_od", "stride_xc",
                  "stride_mc", "stride_gc", "stride_yc"}
 _POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX",
-             "CuSeqlensQ", "CuSeqlensK", "RngState", "Sinks", "AlibiSlopes"}
+             "CuSeqlensQ", "CuSeqlensK", "RngState", "Sinks", "AlibiSlopes", "KCache", "VCache", "CacheSeqlens",
+             "BlockTable", "PartOut", "PartLse"}
 
 
 def _signature(fn, dtype, pointer_dtypes, constexprs):
@@ -84,6 +86,24 @@ def _attn_flags(dtype, d, mask_kind, row_shared, window, softcap=False, varlen=F
             "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
 
 
+def _kvcache_jobs():
+    """The decode kernel at each head-dim bucket's config (GQA group of 8, paged, every option;
+    fp32 once) and the split combine."""
+    f32 = {"Lse": "fp32", "Sinks": "fp32", "AlibiSlopes": "fp32", "CacheSeqlens": "i32", "BlockTable": "i32"}
+    for dtype, d in (("bf16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 128)):
+        bucket = configs.head_bucket(d, d, 4 if dtype == "fp32" else 2)
+        block_n, warps, stages = configs.KVCACHE[bucket]
+        block_q = configs.kvcache_block_q(1, 8, configs.KVCACHE_MAX_ROWS[bucket])
+        flags = {"D": d, "DV": d, "D_PAD": d, "DV_PAD": d, "GROUP_PAD": 8, "WINDOW": True, "SOFTCAP": True,
+                 "ALIBI": True, "SINKS": True, "PAGED": True, "PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                 "BLOCK_Q": block_q, "BLOCK_N": block_n}
+        yield (f"kvcache {dtype} D={d} paged window softcap alibi sinks {block_q}x8x{block_n} w{warps} s{stages}",
+               kernels._attn_fwd_kvcache_kernel, dtype, flags, warps, stages, f32)
+    yield ("kvcache combine bf16 D=128 sinks", kernels._kvcache_combine_kernel, "bf16",
+           {"DV": 128, "DV_PAD": 128, "SINKS": True, "PRECISION": "ieee", "BLOCK_R": configs.KVCACHE_COMBINE_ROWS}, 4, 1,
+           {"PartOut": "fp32", "PartLse": "fp32", "Lse": "fp32", "Sinks": "fp32"})
+
+
 def _attention_jobs(quick):
     """(label, kernel, dtype, constexprs, warps, stages, pointer dtypes) to compile."""
     tables = {"fwd": (kernels._attn_fwd_kernel, configs.ATTN_FWD),
@@ -117,6 +137,7 @@ def _attention_jobs(quick):
             extra = {"MASK_GRAD": False} if job == "dkdv" else {"SINKS": False} if job == "fwd" else {}
             yield (f"{job} {label} {m}x{n} w{w} s{s}", fn, dtype, {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n},
                    w, s, ptrs)
+    yield from _kvcache_jobs()
     for varlen in (False, True):
         yield (f"delta bf16 D=128 varlen={varlen}", kernels._attn_bwd_delta_kernel, "bf16",
                {"DV": 128, "DV_PAD": 128, "VARLEN": varlen, "BLOCK_M": 64}, 4, 1,

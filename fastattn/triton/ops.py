@@ -1,6 +1,6 @@
 """Launchers for the Triton kernels, registered as the ops fastattn::triton_attn_fwd,
-triton_attn_bwd, triton_softmax_fwd, triton_softmax_bwd, triton_varlen_fwd and
-triton_varlen_bwd (same schemas as attn_fwd etc.).
+triton_attn_bwd, triton_softmax_fwd, triton_softmax_bwd, triton_varlen_fwd, triton_varlen_bwd
+and triton_attn_fwd_kvcache (same schemas as attn_fwd etc.).
 
 On a GPU the ops are `torch.library.triton_op`s whose launches go through `wrap_triton`, so
 torch.compile sees (and can fuse around) the kernels. Under TRITON_INTERPRET=1 the kernels
@@ -27,6 +27,7 @@ _RAW = {
     "dq": kernels._attn_bwd_dq_kernel,
     "softmax_fwd": kernels._softmax_fwd_kernel,
     "softmax_bwd": kernels._softmax_bwd_kernel,
+    "kvcache": kernels._attn_fwd_kvcache_kernel,
 }
 
 
@@ -71,6 +72,11 @@ else:
     }
     for _job in ("softmax_fwd", "softmax_bwd"):
         _TUNED[_job] = triton.autotune(configs.softmax_configs(), key=configs.SOFTMAX_KEY)(_RAW[_job])
+    # One config per bucket (nothing to time), given as an autotuner so that its warps and
+    # stages reach the launch the way the other kernels' do.
+    _TUNED["kvcache"] = {
+        bucket: triton.autotune(configs.kvcache_configs(bucket), key=[])(_RAW["kvcache"]) for bucket in configs.KVCACHE
+    }
 
 
 # ----------------------------------------------------------------------------- support checks
@@ -511,6 +517,101 @@ def triton_varlen_bwd(
     return dq, dk, dv
 
 
+def _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softcap):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d (batch or pages, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    _check_dtype("k_cache", k_cache, q.dtype)
+    _check_dtype("v_cache", v_cache, q.dtype)
+    B, Hq, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    if k_cache.shape[3] != D or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"k_cache must be (.., Hkv, S, {D}) and v_cache agree with it in the first three dims, got "
+                         f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the cache's kv heads must divide q's {Hq} heads, got {Hkv}")
+    if max(D, v_cache.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"q/v_cache head dims must be at most {MAX_HEAD_DIM}, got {D} and {v_cache.shape[3]}")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,) or cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},) on {q.device}, got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"a contiguous k_cache must have q's batch size {B}, got {tuple(k_cache.shape)}")
+    elif (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B
+          or block_table.device != q.device):
+        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks) on {q.device}, got "
+                         f"{block_table.dtype} {tuple(block_table.shape)} on {block_table.device}")
+    _check_softcap(softcap)
+
+
+def _device_sms(device):
+    """Streaming multiprocessors the split-KV heuristic fills (a pretend count when interpreted)."""
+    if INTERPRET:
+        return configs.INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def triton_attn_fwd_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor], scale: float, window_left: int = -1, window_right: int = -1,
+    softcap: float = 0.0, sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softcap)
+    _check_sinks(sinks, q)
+    _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q)
+    B, Hq, Sq, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
+    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if lse.numel() == 0:
+        return out, lse
+    paged = block_table is not None
+    capacity = k_cache.shape[2] * (block_table.shape[1] if paged else 1)
+    group = Hq // Hkv
+    group_pad = triton.next_power_of_2(group)
+    bucket = configs.head_bucket(_pad(D), _pad(Dv), q.element_size())
+    if INTERPRET:
+        kernel, blocks = _RAW["kvcache"], {"BLOCK_N": configs.INTERPRET_KVCACHE_BLOCK_N}
+        block_n, max_rows = configs.INTERPRET_KVCACHE_BLOCK_N, configs.INTERPRET_KVCACHE_MAX_ROWS
+        min_split_blocks = configs.INTERPRET_MIN_SPLIT_BLOCKS
+    else:
+        kernel, blocks = _TUNED["kvcache"][bucket], {}
+        block_n, max_rows = configs.KVCACHE[bucket][0], configs.KVCACHE_MAX_ROWS[bucket]
+        min_split_blocks = configs.KVCACHE_MIN_SPLIT_BLOCKS
+    block_q = configs.kvcache_block_q(Sq, group_pad, max_rows)
+    programs = B * Hkv * triton.cdiv(Sq, block_q)
+    splits, split_len = configs.kvcache_splits(programs, capacity, block_n, _device_sms(q.device), min_split_blocks)
+    n_rows = B * Hq * Sq
+    if splits == 1:  # the kernel writes the result
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty((splits, n_rows, Dv), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, n_rows), dtype=torch.float32, device=q.device)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads both with unit strides
+    table = block_table.contiguous() if paged else cache_seqlens
+    window = reference.Window(window_left, window_right)
+    precision = _dot_precision(q.dtype)
+    wrap_triton(kernel)[(B * Hkv, triton.cdiv(Sq, block_q), splits)](
+        q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
+        lse if sinks is None else sinks, _alibi_arg(alibi_slopes, lse),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), Hq, Hkv, Sq, group, capacity,
+        k_cache.shape[2], split_len, n_rows, scale, softcap, *_window_offsets(window, Sq, capacity, varlen=True),
+        D=D, DV=Dv, D_PAD=_pad(D), DV_PAD=_pad(Dv), GROUP_PAD=group_pad, WINDOW=window != reference.UNBOUNDED,
+        SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None and splits == 1, PAGED=paged,
+        PRECISION=precision, BLOCK_Q=block_q, **blocks,
+    )
+    if splits > 1:
+        block_r = configs.KVCACHE_COMBINE_ROWS
+        wrap_triton(kernels._kvcache_combine_kernel)[(triton.cdiv(n_rows, block_r),)](
+            part_out, part_lse, out, lse, lse if sinks is None else sinks, n_rows, Hq, Sq, splits,
+            DV=Dv, DV_PAD=_pad(Dv), SINKS=sinks is not None, PRECISION=precision, BLOCK_R=block_r,
+        )
+    return out, lse
+
+
 def triton_softmax_fwd(
     x: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
     window_left: int = -1, window_right: int = -1, window_top_left: bool = False,
@@ -561,3 +662,4 @@ softmax_fwd = _define("fastattn::triton_softmax_fwd", triton_softmax_fwd)
 softmax_bwd = _define("fastattn::triton_softmax_bwd", triton_softmax_bwd)
 varlen_fwd = _define("fastattn::triton_varlen_fwd", triton_varlen_fwd)
 varlen_bwd = _define("fastattn::triton_varlen_bwd", triton_varlen_bwd)
+attn_fwd_kvcache = _define("fastattn::triton_attn_fwd_kvcache", triton_attn_fwd_kvcache)
