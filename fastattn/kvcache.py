@@ -6,8 +6,9 @@ The cache is contiguous `(B, Hkv, S_max, D)`, or paged: `(num_blocks, Hkv, block
 blocks that an int32 `block_table (B, max_blocks)` assigns to rows, in any order. Row b holds
 `cache_seqlens[b]` entries; rows of different lengths share one batch.
 
-Backends whose capabilities list "kv_cache" (the CPU kernels: fastattn::attn_fwd_kvcache)
-read the cache in place (pages through the block table) and stop at each row's end. Others
+Backends whose capabilities list "kv_cache" (the CPU kernels: fastattn::attn_fwd_kvcache; the
+Triton split-KV decode kernel: fastattn::triton_attn_fwd_kvcache; see `_kvcache_op`) read the
+cache in place (pages through the block table) and stop at each row's end. Others
 get the cache (gathered from its pages when paged) through `attention` with a boolean mask
 of each row's valid keys and the causal rule, which their kernels use to skip the key blocks
 past a row's end; there a paged cache is copied once per call, and slots past a row's end
@@ -57,6 +58,15 @@ def _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens), ("block_table", block_table)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
+
+
+# The op of each backend whose capabilities list "kv_cache" (schema of fastattn::attn_fwd_kvcache).
+_KVCACHE_OPS = {"cpu": "attn_fwd_kvcache", "triton": "triton_attn_fwd_kvcache"}
+
+
+def _kvcache_op(backend):
+    """The KV-cache forward op of `backend`."""
+    return getattr(torch.ops.fastattn, _KVCACHE_OPS[backend])
 
 
 def _capacity(k_cache, block_table):
@@ -140,7 +150,7 @@ def attention_with_kvcache(
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, sinks))
     if "kv_cache" in CAPABILITIES[chosen].features and not needs_grad:
-        out, lse = torch.ops.fastattn.attn_fwd_kvcache(
+        out, lse = _kvcache_op(chosen)(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.contiguous(), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),
             *rule[:2], softcap, sinks, alibi_slopes,

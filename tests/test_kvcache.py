@@ -1,18 +1,23 @@
 """attention_with_kvcache against a per-row reference: contiguous and paged caches (blocks in
 shuffled order), rows of different lengths, appends that cross block boundaries, chunked
-prefill (several new tokens), GQA, causal or not, on every backend that runs here."""
+prefill (several new tokens), GQA, causal or not, on every backend that runs here; the
+backends with a KV-cache kernel (capability "kv_cache") with pages on both sides of a key
+tile, split-KV and slots past a row's end poisoned."""
 import pytest
 import torch
 
 import fastattn
 from fastattn import dispatch, reference
+from fastattn.capabilities import CAPABILITIES
 
 from tolerance import assert_within_baseline
 
 BACKENDS = [name for name in ("cpu", "triton", "reference") if dispatch.backends()[name]["usable"]]
+KV_CACHE_BACKENDS = [name for name in BACKENDS if "kv_cache" in CAPABILITIES[name].features]
 
 
-def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=None, softcap=0.0, alibi_slopes=None):
+def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=None, softcap=0.0, alibi_slopes=None,
+                       sinks=None):
     """Row by row: attention of q[b] to the first lengths[b] keys, bottom-right causal (or
     the given window), ALiBi's distances from the row's own diagonal."""
     rule = window or (reference.CAUSAL if causal else reference.UNBOUNDED)
@@ -20,7 +25,7 @@ def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=N
     for b, length in enumerate(lengths):
         k, v = keys[b : b + 1, :, :length].to(dtype), values[b : b + 1, :, :length].to(dtype)
         outs.append(reference.attention(q[b : b + 1].to(dtype), k, v, window=rule, upcast=upcast, softcap=softcap,
-                                        alibi_slopes=alibi_slopes)[0])
+                                        alibi_slopes=alibi_slopes, sinks=sinks)[0])
     return torch.cat(outs)
 
 
@@ -132,10 +137,11 @@ def test_without_new_tokens_attends_to_the_cache_only(backend):
     assert lse.shape == (2, 4, 1) and torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("backend", KV_CACHE_BACKENDS)
 @pytest.mark.parametrize("page", [None, 8, 32])
 @pytest.mark.parametrize("Sq", [1, 40])
-def test_cpu_kernels_never_read_past_a_rows_end(page, Sq):
-    # The slots past each row's end hold NaN: the CPU kernels stop at the row's length.
+def test_kv_cache_kernels_never_read_past_a_rows_end(backend, page, Sq):
+    # The slots past each row's end hold NaN: the kernels stop at the row's length.
     q, (k_cache, v_cache), table, _, (k_rows, v_rows) = _make_case(
         2, 2, 1, Sq, 16, torch.float32, None, page is not None, block_size=page or 8, capacity=64
     )
@@ -148,11 +154,101 @@ def test_cpu_kernels_never_read_past_a_rows_end(page, Sq):
             pages, offsets = table[b, positions // page].long(), positions % page
             k_cache.transpose(1, 2)[pages, offsets] = v_cache.transpose(1, 2)[pages, offsets] = float("nan")
     out = fastattn.attention_with_kvcache(
-        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), block_table=table, backend="cpu"
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), block_table=table, backend=backend
     )
     expected = _per_row_reference(q, k_rows, v_rows, seqlens, True, torch.float64, True)
     baseline = _per_row_reference(q, k_rows, v_rows, seqlens, True, torch.float32, False)
     assert_within_baseline("out", out, expected, baseline)
+
+
+def _appended_rows(k_rows, v_rows, k_new, v_new, seqlens):
+    """The rows as they should be after appending k_new / v_new at each row's length."""
+    Sq = k_new.shape[2]
+    for b, start in enumerate(seqlens):
+        k_rows[b, :, start : start + Sq], v_rows[b, :, start : start + Sq] = k_new[b], v_new[b]
+    return [start + Sq for start in seqlens]
+
+
+# Pages smaller than, as large as and larger than the interpreted Triton kernel's 16-key tiles.
+@pytest.mark.parametrize("backend", KV_CACHE_BACKENDS)
+@pytest.mark.parametrize("page", [None, 4, 16, 64])
+@pytest.mark.parametrize(
+    "Hq, Hkv, Sq, dtype, seqlens, options",
+    [
+        (6, 2, 1, torch.bfloat16, [0, 61, 127, 17], {}),  # decode, GQA group of 3, an empty row
+        (4, 4, 7, torch.float16, [1, 50, 0, 121], {"causal": False, "softcap": 2.0}),  # speculative chunk, MHA
+        (8, 1, 3, torch.float32, [125], {"window": (40, None), "sinks": True, "alibi": True}),  # MQA, one row: split
+    ],
+    ids=["decode-gqa3", "chunk-mha", "mqa-split"],
+)
+def test_kv_cache_kernels_against_the_per_row_reference(backend, page, Hq, Hkv, Sq, dtype, seqlens, options):
+    B = len(seqlens)
+    q, (k_cache, v_cache), table, (k_new, v_new), (k_rows, v_rows) = _make_case(
+        B, Hq, Hkv, Sq, 32, dtype, seqlens, page is not None, block_size=page or 8, capacity=128, seed=11
+    )
+    causal, softcap, window = options.get("causal", True), options.get("softcap", 0.0), options.get("window")
+    g = torch.Generator().manual_seed(2)
+    sinks = torch.randn(Hq, generator=g) if options.get("sinks") else None
+    slopes = torch.rand(Hq, generator=g) if options.get("alibi") else None
+    out = fastattn.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), k_new=k_new, v_new=v_new,
+        block_table=table, causal=causal, window=window, softcap=softcap or None, sinks=sinks, alibi_slopes=slopes,
+        backend=backend,
+    )
+    lengths = _appended_rows(k_rows, v_rows, k_new, v_new, seqlens)
+    rule = reference.Window(window[0], 0) if window else None
+    expected, baseline = (
+        _per_row_reference(q, k_rows, v_rows, lengths, causal, rows_dtype, upcast, rule, softcap, slopes, sinks)
+        for rows_dtype, upcast in ((torch.float64, True), (dtype, False))
+    )
+    assert_within_baseline("out", out, expected, baseline)
+
+
+@pytest.mark.skipif("triton" not in KV_CACHE_BACKENDS, reason="the Triton backend does not run here")
+@pytest.mark.parametrize("page", [None, 8])
+def test_triton_split_kv_merges_deterministically(monkeypatch, page):
+    """A device of many SMs splits one row's keys across programs: the merge by log-sum-exp
+    gives the unsplit result (out and lse) and the same bits on every call."""
+    from fastattn.triton import configs
+
+    seqlens = [100]
+    q, (k_cache, v_cache), table, _, (k_rows, v_rows) = _make_case(
+        1, 4, 2, 2, 32, torch.float32, seqlens, page is not None, block_size=page or 8, capacity=128, seed=4
+    )
+    sinks = torch.randn(4)
+
+    def run():
+        return fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+                                               block_table=table, sinks=sinks, return_lse=True, backend="triton")
+
+    chosen = []
+    splits = configs.kvcache_splits
+    monkeypatch.setattr(configs, "kvcache_splits", lambda *args: chosen.append(splits(*args)) or chosen[-1])
+    monkeypatch.setattr(configs, "INTERPRET_SMS", 1)
+    whole = run()
+    monkeypatch.setattr(configs, "INTERPRET_SMS", 64)
+    split, again = run(), run()
+    # The 128-key room in 8 chunks of 16: the last lies past the row's 100 keys and merges as empty.
+    assert [c[0] for c in chosen] == [1, 8, 8]
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+    assert torch.equal(split[0], again[0]) and torch.equal(split[1], again[1])
+    expected = _per_row_reference(q, k_rows, v_rows, seqlens, True, torch.float64, True, sinks=sinks)
+    baseline = _per_row_reference(q, k_rows, v_rows, seqlens, True, torch.float32, False, sinks=sinks)
+    assert_within_baseline("out", split[0], expected, baseline)
+
+
+@pytest.mark.skipif("triton" not in KV_CACHE_BACKENDS, reason="the Triton backend does not run here")
+def test_triton_kv_cache_op_checks():
+    q, (k_cache, v_cache), table, _, _ = _make_case(2, 4, 2, 1, 16, torch.float32, None, True)
+    lengths = torch.tensor([3, 30], dtype=torch.int32)
+    op = torch.ops.fastattn.triton_attn_fwd_kvcache.default
+    torch.library.opcheck(op, (q, k_cache, v_cache, lengths, table, 0.25, -1, 0, 0.0, None, torch.rand(2, 4)))
+    with pytest.raises(ValueError, match="cache_seqlens must be an int32 tensor"):
+        op(q, k_cache, v_cache, lengths.long(), table, 0.25)
+    with pytest.raises(ValueError, match="block_table must be an int32 tensor"):
+        op(q, k_cache, v_cache, lengths, table[:1], 0.25)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(2, 4\)"):
+        op(q, k_cache, v_cache, lengths, table, 0.25, alibi_slopes=torch.rand(4))
 
 
 def test_bad_inputs_name_the_argument():

@@ -5,8 +5,9 @@ The kernels can run only on a CUDA device, or on CPU tensors through the Triton 
 launchers need (inductor, dynamo) adds seconds, so this package loads them only in those two
 cases; elsewhere it answers from whether triton is installed and leaves it unimported.
 
-When loaded, fastattn::triton_attn_fwd, triton_attn_bwd, triton_softmax_fwd and
-triton_softmax_bwd (the schemas of fastattn::attn_fwd etc.) are registered and AVAILABLE is
+When loaded, fastattn::triton_attn_fwd, triton_attn_bwd, triton_softmax_fwd,
+triton_softmax_bwd, triton_varlen_fwd, triton_varlen_bwd and triton_attn_fwd_kvcache (the
+schemas of fastattn::attn_fwd etc.) are registered and AVAILABLE is
 True; otherwise UNAVAILABLE_REASON says why.
 """
 import importlib.util

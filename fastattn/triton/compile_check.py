@@ -3,7 +3,8 @@
     python -m fastattn.triton.compile_check [--arch 80 90] [--quick]
 
 Every autotune config of every attention job (heaviest flag variant), and the flag variants
-(dtypes, mask kinds, window, softcap, dropout, mask gradient, head dims) with one config each, go through the
+(dtypes, mask kinds, window, softcap, dropout, mask gradient, head dims) with one config each, and the
+KV-cache decode kernel at each head-dim bucket's config with its split combine, go through the
 full Triton pipeline down to a cubin with Triton's bundled ptxas. Prints registers, spills and
 shared memory per compile, and exits non-zero if a compile fails or a config needs more
 shared memory than the GPU has (autotuning would drop it). Register spills are reported, not
@@ -28,7 +29,8 @@ _FLOAT_ARGS = {"sm_scale", "scale", "softcap", "keep_scale"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_gd", "stride_od", "stride_xc",
                  "stride_mc", "stride_gc", "stride_yc"}
 _POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "RowMax", "RowSum", "Delta", "dO", "dQ", "dK", "dV", "dMask", "X", "Y", "dY", "dX",
-             "CuSeqlensQ", "CuSeqlensK", "RngState", "Sinks"}
+             "CuSeqlensQ", "CuSeqlensK", "RngState", "Sinks", "AlibiSlopes", "KCache", "VCache", "CacheSeqlens",
+             "BlockTable", "PartOut", "PartLse"}
 
 
 def _signature(fn, dtype, pointer_dtypes, constexprs):
@@ -77,11 +79,29 @@ def compile_one(fn, arch, dtype, constexprs, num_warps, num_stages, pointer_dtyp
     return compiled.metadata.shared, regs, spills
 
 
-def _attn_flags(dtype, d, mask_kind, row_shared, window, softcap=False, varlen=False, dropout=False):
+def _attn_flags(dtype, d, mask_kind, row_shared, window, softcap=False, varlen=False, dropout=False, alibi=False):
     pad = max(16, triton.next_power_of_2(d))
     return {"D": d, "DV": d, "D_PAD": pad, "DV_PAD": pad, "MASK_KIND": mask_kind, "ROW_SHARED": row_shared,
-            "WINDOW": window, "SOFTCAP": softcap, "VARLEN": varlen, "DROPOUT": dropout,
+            "WINDOW": window, "SOFTCAP": softcap, "ALIBI": alibi, "VARLEN": varlen, "DROPOUT": dropout,
             "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+
+
+def _kvcache_jobs():
+    """The decode kernel at each head-dim bucket's config (GQA group of 8, paged, every option;
+    fp32 once) and the split combine."""
+    f32 = {"Lse": "fp32", "Sinks": "fp32", "AlibiSlopes": "fp32", "CacheSeqlens": "i32", "BlockTable": "i32"}
+    for dtype, d in (("bf16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 128)):
+        bucket = configs.head_bucket(d, d, 4 if dtype == "fp32" else 2)
+        block_n, warps, stages = configs.KVCACHE[bucket]
+        block_q = configs.kvcache_block_q(1, 8, configs.KVCACHE_MAX_ROWS[bucket])
+        flags = {"D": d, "DV": d, "D_PAD": d, "DV_PAD": d, "GROUP_PAD": 8, "WINDOW": True, "SOFTCAP": True,
+                 "ALIBI": True, "SINKS": True, "PAGED": True, "PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                 "BLOCK_Q": block_q, "BLOCK_N": block_n}
+        yield (f"kvcache {dtype} D={d} paged window softcap alibi sinks {block_q}x8x{block_n} w{warps} s{stages}",
+               kernels._attn_fwd_kvcache_kernel, dtype, flags, warps, stages, f32)
+    yield ("kvcache combine bf16 D=128 sinks", kernels._kvcache_combine_kernel, "bf16",
+           {"DV": 128, "DV_PAD": 128, "SINKS": True, "PRECISION": "ieee", "BLOCK_R": configs.KVCACHE_COMBINE_ROWS}, 4, 1,
+           {"PartOut": "fp32", "PartLse": "fp32", "Lse": "fp32", "Sinks": "fp32"})
 
 
 def _attention_jobs(quick):
@@ -90,31 +110,34 @@ def _attention_jobs(quick):
               "dkdv": (kernels._attn_bwd_dkdv_kernel, configs.ATTN_BWD_DKDV),
               "dq": (kernels._attn_bwd_dq_kernel, configs.ATTN_BWD_DQ)}
     f32 = {"Lse": "fp32", "RowMax": "fp32", "RowSum": "fp32", "Delta": "fp32", "dMask": "fp32",
-           "CuSeqlensQ": "i32", "CuSeqlensK": "i32", "RngState": "i64", "Sinks": "fp32"}
+           "CuSeqlensQ": "i32", "CuSeqlensK": "i32", "RngState": "i64", "Sinks": "fp32",
+           "AlibiSlopes": "fp32"}
     bucket_dims = {64: 64, 128: 128, 256: 256}
     for job, (fn, table) in tables.items():
         extra = {"MASK_GRAD": True} if job == "dkdv" else {"SINKS": True} if job == "fwd" else {}
         for bucket, entries in table.items():
             for m, n, w, s in entries[:1] if quick else entries:
-                flags = _attn_flags("bf16", bucket_dims[bucket], kernels.MASK_ADDITIVE, False, True, True)
-                yield (f"{job} D={bucket} bf16 additive window softcap {m}x{n} w{w} s{s}", fn, "bf16",
+                flags = _attn_flags("bf16", bucket_dims[bucket], kernels.MASK_ADDITIVE, False, True, True, alibi=True)
+                yield (f"{job} D={bucket} bf16 additive window softcap alibi {m}x{n} w{w} s{s}", fn, "bf16",
                        {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n}, w, s, f32)
-        # (label, dtype, head dim, mask kind, row-shared mask, window, varlen, dropout); --quick
+        # (label, dtype, head dim, mask kind, row-shared mask, window, varlen, dropout, alibi); --quick
         # compiles the first four
-        variants = [("fp32 tf32 no-mask", "fp32", 80, kernels.MASK_NONE, False, False, False, False),
-                    ("bf16 varlen window", "bf16", 64, kernels.MASK_NONE, False, True, True, False),
-                    ("bf16 D=128 window dropout", "bf16", 128, kernels.MASK_NONE, False, True, False, True),
-                    ("fp16 varlen dropout", "fp16", 64, kernels.MASK_NONE, False, False, True, True),
-                    ("fp16 bool key-padding", "fp16", 80, kernels.MASK_BOOL, True, False, False, False),
-                    ("bf16 D=40 bool 2-d window", "bf16", 40, kernels.MASK_BOOL, False, True, False, False),
-                    ("bf16 D=256 additive dropout", "bf16", 256, kernels.MASK_ADDITIVE, False, False, False, True)]
-        for label, dtype, d, kind, shared, window, varlen, dropout in variants[:4] if quick else variants:
-            flags = _attn_flags(dtype, d, kind, shared, window, varlen=varlen, dropout=dropout)
+        variants = [("fp32 tf32 no-mask", "fp32", 80, kernels.MASK_NONE, False, False, False, False, False),
+                    ("bf16 varlen window alibi", "bf16", 64, kernels.MASK_NONE, False, True, True, False, True),
+                    ("bf16 D=128 window dropout", "bf16", 128, kernels.MASK_NONE, False, True, False, True, False),
+                    ("fp16 varlen dropout", "fp16", 64, kernels.MASK_NONE, False, False, True, True, False),
+                    ("fp16 bool key-padding", "fp16", 80, kernels.MASK_BOOL, True, False, False, False, False),
+                    ("bf16 D=40 bool 2-d window", "bf16", 40, kernels.MASK_BOOL, False, True, False, False, False),
+                    ("bf16 D=256 additive dropout", "bf16", 256, kernels.MASK_ADDITIVE, False, False, False, True,
+                     False)]
+        for label, dtype, d, kind, shared, window, varlen, dropout, alibi in variants[:4] if quick else variants:
+            flags = _attn_flags(dtype, d, kind, shared, window, varlen=varlen, dropout=dropout, alibi=alibi)
             m, n, w, s = table[configs.head_bucket(flags["D_PAD"], flags["DV_PAD"], 4 if dtype == "fp32" else 2)][0]
             ptrs = {**f32, "Mask": "u8"} if kind == kernels.MASK_BOOL else f32
             extra = {"MASK_GRAD": False} if job == "dkdv" else {"SINKS": False} if job == "fwd" else {}
             yield (f"{job} {label} {m}x{n} w{w} s{s}", fn, dtype, {**flags, **extra, "BLOCK_M": m, "BLOCK_N": n},
                    w, s, ptrs)
+    yield from _kvcache_jobs()
     for varlen in (False, True):
         yield (f"delta bf16 D=128 varlen={varlen}", kernels._attn_bwd_delta_kernel, "bf16",
                {"DV": 128, "DV_PAD": 128, "VARLEN": varlen, "BLOCK_M": 64}, 4, 1,

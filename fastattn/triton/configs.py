@@ -36,7 +36,7 @@ ATTN_BWD_DQ = {
     128: [(128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
     256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
 }
-ATTN_KEY = ["D_PAD", "DV_PAD", "MASK_KIND", "ROW_SHARED", "WINDOW", "SOFTCAP", "VARLEN", "DROPOUT", "seq_bucket"]
+ATTN_KEY = ["D_PAD", "DV_PAD", "MASK_KIND", "ROW_SHARED", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN", "DROPOUT", "seq_bucket"]
 
 # Softmax rows are read in chunks of up to SOFTMAX_MAX_BLOCK_C columns (longer rows take the
 # two-pass path); short rows are packed BLOCK_R to a program (see softmax_blocks). Only the
@@ -49,6 +49,57 @@ SOFTMAX_KEY = ["BLOCK_C", "BLOCK_R", "ONE_PASS"]
 # softmax chunk so tests reach the multi-block paths with small shapes.
 INTERPRET_ATTN_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 INTERPRET_SOFTMAX_MAX_BLOCK_C = 128
+
+# KV-cache decoding (kernels._attn_fwd_kvcache_kernel), one fixed config per head-dim bucket,
+# not yet measured: chosen by arithmetic for an H100 (132 SMs, 227 KiB shared memory). Decoding
+# is bound by reading K and V (each key serves only group * Sq rows), so the aim is many loads
+# in flight: BLOCK_N keys per tile, num_stages tiles prefetched, and small programs so that
+# several share an SM. At D = 128, bf16, a 64-key K tile plus its V tile is 32 KiB; at 256 the
+# tile halves (32 keys) and the stages drop to 2 to keep the fp32 accumulator (rows x 256) in
+# 4 warps' registers. compile_check (sm_90, GQA group of 8, every option): 67 / 122 / 161
+# registers at D = 64 / 128 / 256, no spills, 20 / 38 / 41 KiB of shared memory.
+# Rows per program (queries x group heads) are capped at KVCACHE_MAX_ROWS (prefill chunks
+# take several query blocks) and never below 16, the smallest M tl.dot takes.
+# (BLOCK_N, num_warps, num_stages) per head-dim bucket (head_bucket).
+KVCACHE = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+KVCACHE_MAX_ROWS = {64: 64, 128: 64, 256: 32}
+MIN_DOT_ROWS = 16
+# Split-KV: when B * Hkv * query blocks programs leave SMs idle, each row's keys are split
+# into up to KVCACHE_MAX_SPLITS chunks of at least KVCACHE_MIN_SPLIT_BLOCKS key blocks, so
+# that about one program per SM runs; the partial results are merged in a second, small kernel.
+KVCACHE_MAX_SPLITS = 64
+KVCACHE_MIN_SPLIT_BLOCKS = 4
+KVCACHE_COMBINE_ROWS = 16
+
+# Under TRITON_INTERPRET=1: key tiles of 16, so pages of 8 and 32 fall on both sides of a
+# tile, and a pretend device of 4 SMs with one-block splits, so small batches take the split path.
+INTERPRET_KVCACHE_BLOCK_N = 16
+INTERPRET_KVCACHE_MAX_ROWS = 16
+INTERPRET_SMS = 4
+INTERPRET_MIN_SPLIT_BLOCKS = 1
+
+
+def kvcache_configs(bucket):
+    block_n, warps, stages = KVCACHE[bucket]
+    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)]
+
+
+def kvcache_block_q(sq, group_pad, max_rows):
+    """Queries per program: the tile holds BLOCK_Q * group_pad rows, up to max_rows (a prefill
+    chunk takes several programs) and at least MIN_DOT_ROWS."""
+    fit = max(1, max_rows // group_pad)
+    return max(MIN_DOT_ROWS // group_pad, min(triton.next_power_of_2(max(sq, 1)), fit), 1)
+
+
+def kvcache_splits(programs, capacity, block_n, sms, min_split_blocks):
+    """(splits, keys per split, a multiple of block_n) of rows `capacity` keys long: one split
+    when `programs` fill the `sms`, else about sms / programs of at least min_split_blocks key
+    blocks each."""
+    splits = 1
+    if programs < sms:
+        splits = min(triton.cdiv(sms, programs), triton.cdiv(capacity, block_n * min_split_blocks), KVCACHE_MAX_SPLITS)
+    split_len = triton.cdiv(triton.cdiv(capacity, max(splits, 1)), block_n) * block_n
+    return max(1, triton.cdiv(capacity, max(split_len, 1))), max(split_len, block_n)
 
 
 def head_bucket(d_pad, dv_pad, element_size):

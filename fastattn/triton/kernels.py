@@ -7,6 +7,9 @@ softcap and mask-gradient output so the compiler drops what a call does not use.
     `_visible` is that rule per element, `_key_range` / `_query_range` the blocks a block of
     queries / keys has to visit; every kernel uses them.
   * softcap: scores become softcap * tanh(s / softcap) after scaling, before the mask.
+  * ALiBi (ALIBI): -slope * |i' - j| joins the (capped) scores before the mask, slope that of
+    the sequence and query head (`_alibi_slope`), i' = i + diagonal: query 0's key among the
+    sequence's keys (Sk - Sq bottom-right, 0 top-left), the window rule's diagonal.
   * Scores stay in natural units, as torch computes them (scale * q.k + mask); exp(s - max) is
     exp2((s - max) * log2(e)) with the max subtracted first, so large logits lose no precision
     to a base-2 rescale and finite masks (finfo.min padding) cannot overflow to -inf.
@@ -26,6 +29,12 @@ softcap and mask-gradient output so the compiler drops what a call does not use.
     (seed, offset), read from the rng_state tensor in device memory; no mask is stored. The
     softmax statistics and lse stay those of the undropped softmax; kept probabilities reach V
     scaled by keep_scale = 1 / (1 - p).
+  * KV-cache decoding (`_attn_fwd_kvcache_kernel`, forward only): the new queries of every query
+    head of a GQA group are one tile's rows, so each K / V tile is read once per group; keys are
+    found through `_cache_slots` (pages through the block table) and end at each row's length,
+    read on the device. When the rows cannot fill the device their keys are split across
+    programs, and `_kvcache_combine_kernel` merges the partial results by their lse in split
+    order (deterministic).
 """
 import triton
 import triton.language as tl
@@ -154,21 +163,35 @@ def _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND: tl.constexpr,
-            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Masked scores cap(a @ b^T * scale) + bias of one tile: (a, b) = (q, k) gives
-    (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives (BLOCK_N, BLOCK_M). Also returns
-    the cap's slope d cap(s) / ds (1.0 without a cap) for the backward."""
+def _scores(a, b, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope, diagonal,
+            MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Masked scores cap(a @ b^T * scale) - alibi_slope * |i + diagonal - j| + bias of one tile:
+    (a, b) = (q, k) gives (BLOCK_M, BLOCK_N); TRANSPOSED with (a, b) = (k, q) gives
+    (BLOCK_N, BLOCK_M). Also returns the cap's slope d cap(s) / ds (1.0 without a cap) for the
+    backward."""
     s = _dot(a, tl.trans(b), None, PRECISION) * sm_scale
     slope = 1.0
     if SOFTCAP:
         capped = _tanh(s / softcap, PRECISION)
         slope = 1.0 - capped * capped
         s = capped * softcap
+    m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
+    if ALIBI:
+        s = s - alibi_slope * tl.abs(m2 + diagonal - n2).to(tl.float32)
     if MASK_KIND != 0:
         s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
-    m2, n2 = _tile_index(offs_m, offs_n, TRANSPOSED)
     return tl.where(_visible(m2, n2, Sk, win_lo, win_hi, WINDOW), s, float("-inf")), slope
+
+
+@triton.jit
+def _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI: tl.constexpr):
+    """ALiBi's slope of sequence b, query head h (AlibiSlopes: fp32 (B, Hq)); 0.0 without."""
+    if ALIBI:
+        slope = tl.load(AlibiSlopes + b * Hq + h)
+    else:
+        slope = 0.0
+    return slope
 
 
 @triton.jit
@@ -219,53 +242,93 @@ def _dropped(x, keep, keep_scale):
 
 
 @triton.jit
+def _load_tile(base, row_offsets, row_ok, stride_col, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
+    """(len(row_offsets), COLS_PAD) tile whose row r starts at base + row_offsets[r]; rows not
+    row_ok and the padding read 0."""
+    cols = tl.arange(0, COLS_PAD)
+    ptrs = base + row_offsets[:, None] + cols[None, :] * stride_col
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < N_COLS), other=0.0)
+
+
+@triton.jit
 def _load_rows(base, offs_rows, n_rows, stride_row, stride_col, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr):
     """(len(offs_rows), COLS_PAD) tile of a row-major matrix view; padding reads 0."""
+    return _load_tile(base, offs_rows * stride_row, offs_rows < n_rows, stride_col, N_COLS, COLS_PAD)
+
+
+@triton.jit
+def _store_tile(base, row_offsets, row_ok, tile, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Stores the valid part of a padded tile, row r at base + row_offsets[r] (unit column
+    stride) where row_ok."""
     cols = tl.arange(0, COLS_PAD)
-    ptrs = base + offs_rows[:, None] * stride_row + cols[None, :] * stride_col
-    return tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+    ptrs = base + row_offsets[:, None] + cols[None, :]
+    tl.store(ptrs, _cast(tile, base.dtype.element_ty, PRECISION), mask=row_ok[:, None] & (cols[None, :] < N_COLS))
 
 
 @triton.jit
 def _store_rows(base, tile, offs_rows, n_rows, stride_row, N_COLS: tl.constexpr, COLS_PAD: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Stores the valid part of a padded tile into rows with a unit column stride."""
-    cols = tl.arange(0, COLS_PAD)
-    ptrs = base + offs_rows[:, None] * stride_row + cols[None, :]
-    tl.store(ptrs, _cast(tile, base.dtype.element_ty, PRECISION),
-             mask=(offs_rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+    _store_tile(base, offs_rows * stride_row, offs_rows < n_rows, tile, N_COLS, COLS_PAD, PRECISION)
 
 
 @triton.jit
-def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN: tl.constexpr):
+def _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, diagonal, VARLEN: tl.constexpr):
     """Sequence b of a call (flash-attention's BlockInfo): (first query row, queries, first
-    key row, keys, window bounds). Padded batches: rows from 0, Sq and Sk, the launcher's
-    bounds. Packed (VARLEN): read from the int32 cumulative lengths, the launcher's bounds
-    (aligned at 0) moved to the sequence's own bottom-right diagonal."""
+    key row, keys, window bounds, diagonal). Padded batches: rows from 0, Sq and Sk, the
+    launcher's bounds. Packed (VARLEN): read from the int32 cumulative lengths, the launcher's
+    bounds and diagonal (aligned at 0) moved to the sequence's own bottom-right diagonal."""
     if VARLEN:
         q_start = tl.load(CuSeqlensQ + b).to(tl.int64)
         q_len = tl.load(CuSeqlensQ + b + 1).to(tl.int64) - q_start
         k_start = tl.load(CuSeqlensK + b).to(tl.int64)
         k_len = tl.load(CuSeqlensK + b + 1).to(tl.int64) - k_start
-        lo = win_lo + (k_len - q_len)
-        hi = win_hi + (k_len - q_len)
+        shift = k_len - q_len
+        lo, hi, diag = win_lo + shift, win_hi + shift, diagonal + shift
     else:  # one return: its types differ between the two cases
-        q_start, q_len, k_start, k_len, lo, hi = 0, Sq, 0, Sk, win_lo, win_hi
-    return q_start, q_len, k_start, k_len, lo, hi
+        q_start, q_len, k_start, k_len, lo, hi, diag = 0, Sq, 0, Sk, win_lo, win_hi, diagonal
+    return q_start, q_len, k_start, k_len, lo, hi, diag
+
+
+@triton.jit
+def _softmax_update(s, m_i, l_i):
+    """One step of the online softmax over a tile of scores s (rows x keys): (p = exp(s - new
+    max), alpha = the rescale of what the rows held, new max, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf while a row is empty
+    p = _exp_shifted(s, m_safe[:, None])
+    alpha = _exp_shifted(m_i, m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _finish_rows(acc, m_i, l_i, sink, SINKS: tl.constexpr):
+    """(acc / sum, row max, row sum) at the end of an online softmax, with SINKS the sink (a
+    logit per row with no value) joining the sum. Rows that saw nothing (sum 0): zeros, max -inf."""
+    if SINKS:  # rescale to the new max
+        m_new = tl.maximum(m_i, sink)
+        alpha = _exp_shifted(m_i, m_new)  # 0 for a row that saw no key (m_i = -inf)
+        l_i = l_i * alpha + _exp_shifted(sink, m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    return out, tl.where(empty, float("-inf"), m_i), l_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, RngState, Sinks,
+    Q, K, V, Mask, Out, Lse, RowMax, RowSum, CuSeqlensQ, CuSeqlensK, RngState, Sinks, AlibiSlopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     rows_qb, rows_qh, rows_qm, stat_b, stat_h,
-    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, diagonal, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
+    ALIBI: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq), Sq the longest query sequence. Out is contiguous, row
@@ -279,10 +342,12 @@ def _attn_fwd_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // group  # GQA: the kv head of this query head, read in place
-    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    q_start, Sq, k_start, Sk, win_lo, win_hi, diagonal = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi,
+                                                                  diagonal, VARLEN)
     if start_m >= Sq:  # a packed sequence shorter than the longest
         return
     seed, offset = _rng_state(RngState, DROPOUT)
+    alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kn
@@ -302,13 +367,9 @@ def _attn_fwd_kernel(
             visible = _any_visible(bias)
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
-            s, _ = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND, WINDOW,
-                           SOFTCAP, PRECISION, False)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf while a row is empty
-            p = _exp_shifted(s, m_safe[:, None])
-            alpha = _exp_shifted(m_i, m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            s, _ = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope, diagonal,
+                           MASK_KIND, WINDOW, SOFTCAP, ALIBI, PRECISION, False)
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i)
             if DROPOUT:  # dropped after the row sum: the statistics are the undropped softmax's
                 p = tl.where(_dropout_keep(seed, offset, bh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, False),
                              p, 0.0)
@@ -317,28 +378,129 @@ def _attn_fwd_kernel(
             # the running max it is at most 1, so the rounding error is relative to each entry
             # and no larger than torch's. (A hi + lo split of P would double the P @ V work.)
             acc = _dot(_cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
-            m_i = m_new
 
-    if SINKS:  # one more logit per row, with no value: rescale to the new max
+    sink = 0.0
+    if SINKS:
         sink = tl.load(Sinks + h)
-        m_new = tl.maximum(m_i, sink)
-        alpha = _exp_shifted(m_i, m_new)  # 0 for a row that saw no key (m_i = -inf)
-        l_i = l_i * alpha + _exp_shifted(sink, m_new)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, row_max, l_i = _finish_rows(acc, m_i, l_i, sink, SINKS)
     if DROPOUT:
         out = out * keep_scale
     out_row = b * rows_qb + h * rows_qh + q_start * rows_qm
     _store_rows(Out + out_row * DV, out, offs_m, Sq, rows_qm * DV, DV, DV_PAD, PRECISION)
-    row_max = tl.where(empty, float("-inf"), m_i)
     in_range = offs_m < Sq
     stat = b * stat_b + h * stat_h + q_start + offs_m
     tl.store(Lse + stat, row_max + tl.log(l_i), mask=in_range)
     tl.store(RowMax + stat, row_max, mask=in_range)
     tl.store(RowSum + stat, l_i, mask=in_range)
+
+
+@triton.jit
+def _cache_slots(BlockTable, b, stride_tb, offs_n, key_ok, block_size, PAGED: tl.constexpr):
+    """(page, slot) of keys offs_n of cache row b: key j lives at page * batch stride + slot *
+    row stride. Paged: page = BlockTable[b, j // block_size], slot = j % block_size; contiguous:
+    (b, j)."""
+    if PAGED:
+        page = tl.load(BlockTable + b * stride_tb + offs_n // block_size, mask=key_ok, other=0).to(tl.int64)
+        slot = offs_n % block_size
+    else:  # one return: its types differ between the two cases
+        page, slot = b, offs_n
+    return page, slot
+
+
+@triton.jit
+def _attn_fwd_kvcache_kernel(
+    Q, KCache, VCache, CacheSeqlens, BlockTable, Out, Lse, Sinks, AlibiSlopes,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_tb, Hq, Hkv, Sq, group, capacity, block_size, split_len, split_rows,
+    sm_scale, softcap, win_lo, win_hi,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, PAGED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Attention of new queries against a KV cache, read in place. Grid (B * Hkv,
+    cdiv(Sq, BLOCK_Q), splits): kv head hk of cache row b, queries [start_q, start_q + BLOCK_Q)
+    of every query head of its GQA group, as one tile of BLOCK_Q * GROUP_PAD rows (row
+    r: query start_q + r // GROUP_PAD, head hk * group + r % GROUP_PAD), so the group shares
+    each K / V tile; keys [split * split_len, (split + 1) * split_len) of the row's first
+    CacheSeqlens[b] (int32, read here; clamped to [0, capacity]). K / V: contiguous
+    (B, Hkv, capacity, D), or (PAGED) pages (num_blocks, Hkv, block_size, D) through the int32
+    BlockTable (B, max_blocks). The window bounds arrive around diagonal 0 and move to the row's
+    own bottom-right diagonal, as _seq_info does for packed sequences.
+    Row (b, h, i) goes to split * split_rows + (b * Hq + h) * Sq + i of Out (DV contiguous) and
+    Lse: with one split the output and lse, sinks folded in (SINKS); with several, each split's
+    normalised output (fp32) and lse, which _kvcache_combine_kernel merges."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hkv
+    hk = bh % Hkv
+    start_q = tl.program_id(1) * BLOCK_Q
+    split = tl.program_id(2)
+    Sk = tl.minimum(tl.maximum(tl.load(CacheSeqlens + b), 0), capacity)  # a row never reads past its room
+    diagonal = Sk - Sq
+    win_lo += diagonal
+    win_hi += diagonal
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    offs_m = start_q + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_ok = (offs_m < Sq) & (g < group)
+    h = hk * group + tl.minimum(g, group - 1)  # padding rows repeat the group's last head, never stored
+    q = _load_tile(Q + b * stride_qb, h * stride_qh + offs_m * stride_qm, row_ok, stride_qd, D, D_PAD)
+    alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h[:, None], ALIBI)
+    k_base = KCache + hk * stride_kh
+    v_base = VCache + hk * stride_vh
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, DV_PAD], tl.float32)
+    lo, hi = _key_range(start_q, Sk, win_lo, win_hi, BLOCK_Q, BLOCK_N, WINDOW)
+    lo = tl.maximum(lo, split * split_len)  # split_len is a multiple of BLOCK_N: lo stays on a block
+    hi = tl.minimum(hi, (split + 1) * split_len)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < Sk
+        page, slot = _cache_slots(BlockTable, b, stride_tb, offs_n, key_ok, block_size, PAGED)
+        k = _load_tile(k_base, page * stride_kb + slot * stride_kn, key_ok, stride_kd, D, D_PAD)
+        s, _ = _scores(q, k, 0.0, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope, diagonal,
+                       0, WINDOW, SOFTCAP, ALIBI, PRECISION, False)  # mask kind: none
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i)
+        v = _load_tile(v_base, page * stride_vb + slot * stride_vn, key_ok, stride_vd, DV, DV_PAD)
+        acc = _dot(_cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
+
+    sink = 0.0
+    if SINKS:
+        sink = tl.load(Sinks + h)
+    out, row_max, l_i = _finish_rows(acc, m_i, l_i, sink, SINKS)
+    out_rows = split * split_rows + (b * Hq + h) * Sq + offs_m
+    _store_tile(Out, out_rows * DV, row_ok, out, DV, DV_PAD, PRECISION)
+    tl.store(Lse + out_rows, row_max + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _kvcache_combine_kernel(
+    PartOut, PartLse, Out, Lse, Sinks, n_rows, Hq, Sq, splits,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SINKS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Out (contiguous, rows (b, h, i) numbered (b * Hq + h) * Sq + i) and Lse from the
+    splits' normalised outputs (fp32, PartOut row split * n_rows + row) and lse: an online
+    softmax over the splits' lse, in split order (deterministic), the sinks joining its sum.
+    Grid (cdiv(n_rows, BLOCK_R),)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, DV_PAD], tl.float32)
+    for split in range(0, splits):
+        part = split * n_rows + rows
+        lse = tl.load(PartLse + part, mask=row_ok, other=float("-inf"))
+        weight, alpha, m_i, l_i = _softmax_update(lse[:, None], m_i, l_i)
+        acc = acc * alpha[:, None] + weight * _load_tile(PartOut, part * DV, row_ok, 1, DV, DV_PAD)
+    sink = 0.0
+    if SINKS:
+        sink = tl.load(Sinks + (rows // Sq) % Hq, mask=row_ok, other=0.0)
+    out, row_max, l_i = _finish_rows(acc, m_i, l_i, sink, SINKS)
+    _store_tile(Out, rows * DV, row_ok, out, DV, DV_PAD, PRECISION)
+    tl.store(Lse + rows, row_max + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -355,7 +517,7 @@ def _attn_bwd_delta_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
-    q_start, Sq, _, _, _, _ = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, 0, 0, VARLEN)
+    q_start, Sq, _, _, _, _, _ = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, 0, 0, 0, VARLEN)
     o = _load_rows(Out + b * stride_ob + h * stride_oh + q_start * stride_om, offs_m, Sq, stride_om, stride_od, DV,
                    DV_PAD)
     do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
@@ -381,17 +543,17 @@ def _row_stats(RowMax, RowSum, Delta, row, offs_m, Sq):
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK, RngState,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dK, dV, dMask, CuSeqlensQ, CuSeqlensK, RngState, AlibiSlopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     rows_kb, rows_kh, rows_kn, stat_b, stat_h,
-    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
+    Hq, Hkv, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, diagonal, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_GRAD: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV (contiguous, row (b, hk, j) at b * rows_kb + hk * rows_kh + j * rows_kn, j
@@ -405,7 +567,8 @@ def _attn_bwd_dkdv_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hkv
     hk = bh % Hkv
-    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    q_start, Sq, k_start, Sk, win_lo, win_hi, diagonal = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi,
+                                                                  diagonal, VARLEN)
     if start_n >= Sk:  # a packed sequence shorter than the longest
         return
     seed, offset = _rng_state(RngState, DROPOUT)
@@ -419,6 +582,7 @@ def _attn_bwd_dkdv_kernel(
     lo, hi = _query_range(start_n, Sq, win_lo, win_hi, BLOCK_M, BLOCK_N, WINDOW)
     for g in range(0, group):
         h = hk * group + g
+        alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI)
         stat = b * stat_b + h * stat_h + q_start
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         do_base = dO + b * stride_gb + h * stride_gh + q_start * stride_gm
@@ -436,8 +600,8 @@ def _attn_bwd_dkdv_kernel(
                 do = _load_rows(do_base, offs_m, Sq, stride_gm, stride_gd, DV, DV_PAD)
                 # Transposed tiles (keys x queries): P^T and dS^T feed the dk / dv dots as
                 # they are, with no register transposes.
-                s_t, slope_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND,
-                                       WINDOW, SOFTCAP, PRECISION, True)
+                s_t, slope_t = _scores(k, q, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope,
+                                       diagonal, MASK_KIND, WINDOW, SOFTCAP, ALIBI, PRECISION, True)
                 row_max, inv_sum, delta = _row_stats(RowMax, RowSum, Delta, stat, offs_m, Sq)
                 p_t = _exp_shifted(s_t, row_max[None, :]) * inv_sum[None, :]
                 p_used_t = p_t  # the probabilities that reached V
@@ -462,17 +626,17 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK, RngState,
+    Q, K, V, Mask, dO, RowMax, RowSum, Delta, dQ, CuSeqlensQ, CuSeqlensK, RngState, AlibiSlopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     rows_qb, rows_qh, rows_qm, stat_b, stat_h,
-    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, seq_bucket, drop_threshold, keep_scale,
+    Hq, Sq, Sk, group, sm_scale, softcap, win_lo, win_hi, diagonal, seq_bucket, drop_threshold, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     MASK_KIND: tl.constexpr, ROW_SHARED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIBI: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (contiguous, rows numbered like the forward's Out) for one query block. Grid
@@ -482,10 +646,12 @@ def _attn_bwd_dq_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // group
-    q_start, Sq, k_start, Sk, win_lo, win_hi = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi, VARLEN)
+    q_start, Sq, k_start, Sk, win_lo, win_hi, diagonal = _seq_info(CuSeqlensQ, CuSeqlensK, b, Sq, Sk, win_lo, win_hi,
+                                                                  diagonal, VARLEN)
     if start_m >= Sq:  # a packed sequence shorter than the longest
         return
     seed, offset = _rng_state(RngState, DROPOUT)
+    alibi_slope = _alibi_slope(AlibiSlopes, b, Hq, h, ALIBI)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, Sq, stride_qm, stride_qd, D, D_PAD)
     do = _load_rows(dO + b * stride_gb + h * stride_gh + q_start * stride_gm, offs_m, Sq, stride_gm, stride_gd, DV,
@@ -506,8 +672,8 @@ def _attn_bwd_dq_kernel(
         if visible:
             k = _load_rows(k_base, offs_n, Sk, stride_kn, stride_kd, D, D_PAD)
             v = _load_rows(v_base, offs_n, Sk, stride_vn, stride_vd, DV, DV_PAD)
-            s, slope = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, MASK_KIND, WINDOW,
-                               SOFTCAP, PRECISION, False)
+            s, slope = _scores(q, k, bias, offs_m, offs_n, Sk, sm_scale, softcap, win_lo, win_hi, alibi_slope,
+                               diagonal, MASK_KIND, WINDOW, SOFTCAP, ALIBI, PRECISION, False)
             p = _exp_shifted(s, row_max[:, None]) * inv_sum[:, None]
             dp = _dot(do, tl.trans(v), None, PRECISION)
             if DROPOUT:

@@ -1,6 +1,6 @@
 """Launchers for the Triton kernels, registered as the ops fastattn::triton_attn_fwd,
-triton_attn_bwd, triton_softmax_fwd, triton_softmax_bwd, triton_varlen_fwd and
-triton_varlen_bwd (same schemas as attn_fwd etc.).
+triton_attn_bwd, triton_softmax_fwd, triton_softmax_bwd, triton_varlen_fwd, triton_varlen_bwd
+and triton_attn_fwd_kvcache (same schemas as attn_fwd etc.).
 
 On a GPU the ops are `torch.library.triton_op`s whose launches go through `wrap_triton`, so
 torch.compile sees (and can fuse around) the kernels. Under TRITON_INTERPRET=1 the kernels
@@ -27,6 +27,7 @@ _RAW = {
     "dq": kernels._attn_bwd_dq_kernel,
     "softmax_fwd": kernels._softmax_fwd_kernel,
     "softmax_bwd": kernels._softmax_bwd_kernel,
+    "kvcache": kernels._attn_fwd_kvcache_kernel,
 }
 
 
@@ -71,6 +72,11 @@ else:
     }
     for _job in ("softmax_fwd", "softmax_bwd"):
         _TUNED[_job] = triton.autotune(configs.softmax_configs(), key=configs.SOFTMAX_KEY)(_RAW[_job])
+    # One config per bucket (nothing to time), given as an autotuner so that its warps and
+    # stages reach the launch the way the other kernels' do.
+    _TUNED["kvcache"] = {
+        bucket: triton.autotune(configs.kvcache_configs(bucket), key=[])(_RAW["kvcache"]) for bucket in configs.KVCACHE
+    }
 
 
 # ----------------------------------------------------------------------------- support checks
@@ -135,9 +141,12 @@ def _check_sinks(sinks, q):
             raise ValueError(f"sinks must be contiguous on {q.device}")
 
 
-def _check_alibi(alibi_slopes):
+def _check_alibi(alibi_slopes, batch, heads, q):
     if alibi_slopes is not None:
-        raise ValueError("the Triton kernels do not apply alibi_slopes")
+        _check_dtype("alibi_slopes", alibi_slopes, torch.float32)
+        _check_shape("alibi_slopes", alibi_slopes, (batch, heads))
+        if not alibi_slopes.is_contiguous() or alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be contiguous on {q.device}")
 
 
 def _check_dropout(dropout_p, rng_state, q):
@@ -201,7 +210,7 @@ def _pad(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _attention_meta(q, v, mask, window, softcap, dropout_p, varlen):
+def _attention_meta(q, v, mask, window, softcap, dropout_p, alibi_slopes, varlen):
     """Constexpr launch arguments shared by the attention kernels."""
     d, dv = q.shape[-1], v.shape[-1]
     return {
@@ -213,6 +222,7 @@ def _attention_meta(q, v, mask, window, softcap, dropout_p, varlen):
         "ROW_SHARED": mask is not None and (mask.stride(2) == 0 or mask.shape[2] == 1),
         "WINDOW": window != reference.UNBOUNDED,
         "SOFTCAP": softcap > 0.0,
+        "ALIBI": alibi_slopes is not None,
         "VARLEN": varlen,
         "DROPOUT": dropout_p > 0.0,
         "PRECISION": _dot_precision(q.dtype),
@@ -227,11 +237,16 @@ def _attention_kernel(job, meta, element_size):
     return _TUNED[job][configs.head_bucket(meta["D_PAD"], meta["DV_PAD"], element_size)], {}
 
 
-def _window_offsets(window, sq, sk, varlen=False):
-    """(win_lo, win_hi): query i sees keys i + win_lo <= j <= i + win_hi (kernels._visible); an
-    unbounded side becomes an offset past every key. Packed calls get bounds around the
+def _diagonal(window, sq, sk, varlen=False):
+    """The key query 0 sits on (i' - i of the window rule and ALiBi). Packed calls get the
     diagonal through query 0 and key 0, which kernels._seq_info moves to each sequence's own."""
-    offset = 0 if varlen else window.offset(sq, sk)
+    return 0 if varlen else window.offset(sq, sk)
+
+
+def _window_offsets(window, sq, sk, varlen=False):
+    """(win_lo, win_hi): query i sees keys i + win_lo <= j <= i + win_hi (kernels._visible),
+    around `_diagonal`; an unbounded side becomes an offset past every key."""
+    offset = _diagonal(window, sq, sk, varlen)
     win_lo = offset - window.left if window.left >= 0 else -(sq + sk)
     win_hi = offset + window.right if window.right >= 0 else sq + sk
     return win_lo, win_hi
@@ -240,6 +255,11 @@ def _window_offsets(window, sq, sk, varlen=False):
 def _rng_arg(rng_state, seqs):
     """The kernels' RngState pointer: the call's (seed, offset), or a placeholder without dropout."""
     return seqs.cu_q if rng_state is None else rng_state
+
+
+def _alibi_arg(alibi_slopes, placeholder):
+    """The kernels' AlibiSlopes pointer: the slopes, or a placeholder (never read) without ALiBi."""
+    return placeholder if alibi_slopes is None else alibi_slopes
 
 
 def _seq_bucket(sq, sk):
@@ -278,11 +298,11 @@ class _Seqs(NamedTuple):
         return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
 
     def scalars(self, scale, softcap, window, dropout_p):
-        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, bucket,
+        """The kernels' runtime scalars after the group size: scale, softcap, window bounds, diagonal, bucket,
         dropout's threshold (words below it drop their score) and the scale of kept probabilities."""
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0  # p = 1 drops everything
         return (scale, softcap, *_window_offsets(window, self.max_q, self.max_k, self.varlen),
-                _seq_bucket(self.max_q, self.max_k), philox.drop_threshold(dropout_p), keep_scale)
+                _diagonal(window, self.max_q, self.max_k, self.varlen), _seq_bucket(self.max_q, self.max_k), philox.drop_threshold(dropout_p), keep_scale)
 
 
 def _padded_seqs(q, k):
@@ -300,10 +320,11 @@ def _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     )
 
 
-def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, seqs, out, lse, stats):
+def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, alibi_slopes, seqs, out, lse, stats):
     """Launches the forward into out, lse and the statistics (numbered as `seqs` says)."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
-    meta = {**_attention_meta(q, v, mask, window, softcap, dropout_p, seqs.varlen), "SINKS": sinks is not None}
+    meta = {**_attention_meta(q, v, mask, window, softcap, dropout_p, alibi_slopes, seqs.varlen),
+            "SINKS": sinks is not None}
     kernel, blocks = _attention_kernel("fwd", meta, q.element_size())
     mask_t, mask_strides, _ = _mask_args(mask, q)
 
@@ -312,7 +333,7 @@ def _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks,
 
     wrap_triton(kernel)[grid](
         q, k, v, mask_t, out, lse, stats[0], stats[1], seqs.cu_q, seqs.cu_k, _rng_arg(rng_state, seqs),
-        lse if sinks is None else sinks,
+        lse if sinks is None else sinks, _alibi_arg(alibi_slopes, lse),
         *seqs.strides(q), *seqs.strides(k), *seqs.strides(v), *mask_strides, *seqs.query_rows, *seqs.stat,
         Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *seqs.scalars(scale, softcap, window, dropout_p), **meta, **blocks,
     )
@@ -326,7 +347,7 @@ def triton_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, _ = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -338,7 +359,8 @@ def triton_attn_fwd(
         return out.zero_(), lse, stats
     if out.numel() == 0:
         return out, lse, stats
-    _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, _padded_seqs(q, k), out, lse, stats)
+    _forward(q, k, v, mask, scale, window, softcap, dropout_p, rng_state, sinks, alibi_slopes, _padded_seqs(q, k), out,
+             lse, stats)
     return out, lse, stats
 
 
@@ -354,16 +376,17 @@ def _fill_keyless_stats(lse, stats, sink_rows):
     stats[0].copy_(lse)
 
 
-def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, mask_grad,
-              seqs, dq, dk, dv, dmask):
+def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, alibi_slopes,
+              mask_grad, seqs, dq, dk, dv, dmask):
     """Launches the backward (delta, then dk/dv, then dq) into dq, dk, dv and dmask."""
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) or packed (rows, H, D)
     Dv = v.shape[-1]
     stats = softmax_stats.contiguous()
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
-    meta = _attention_meta(q, v, mask, window, softcap, dropout_p, seqs.varlen)
+    meta = _attention_meta(q, v, mask, window, softcap, dropout_p, alibi_slopes, seqs.varlen)
     mask_t, mask_strides, _ = _mask_args(mask, q)
     rng = _rng_arg(rng_state, seqs)
+    alibi = _alibi_arg(alibi_slopes, delta)
     block_delta = 16 if INTERPRET else 64
     wrap_triton(kernels._attn_bwd_delta_kernel)[(triton.cdiv(seqs.max_q, block_delta), seqs.batch * Hq)](
         out, grad_out, delta, seqs.cu_q, seqs.cu_k, *seqs.strides(out), *seqs.strides(grad_out), *seqs.stat,
@@ -380,7 +403,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
         return (triton.cdiv(seqs.max_k, m["BLOCK_N"]), seqs.batch * Hkv)
 
     wrap_triton(kernel)[grid_dkdv](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, rng, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dk, dv, dmask, seqs.cu_q, seqs.cu_k, rng, alibi, *common,
         *seqs.key_rows, *seqs.stat, Hq, Hkv, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, MASK_GRAD=mask_grad,
         **meta, **blocks,
     )
@@ -391,7 +414,7 @@ def _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softca
         return (triton.cdiv(seqs.max_q, m["BLOCK_M"]), seqs.batch * Hq)
 
     wrap_triton(kernel)[grid_dq](
-        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, rng, *common,
+        q, k, v, mask_t, grad_out, stats[0], stats[1], delta, dq, seqs.cu_q, seqs.cu_k, rng, alibi, *common,
         *seqs.query_rows, *seqs.stat, Hq, seqs.max_q, seqs.max_k, Hq // Hkv, *scalars, **meta, **blocks,
     )
 
@@ -415,7 +438,7 @@ def triton_attn_bwd(
     alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_attention(q, k, v, mask, softcap, dropout_p, rng_state)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q)
     window = reference.Window(window_left, window_right, window_top_left)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
@@ -431,8 +454,8 @@ def triton_attn_bwd(
     dmask = torch.zeros(dmask_shape, dtype=torch.float32, device=q.device)
     if Sq == 0 or Sk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, mask_grad,
-              _padded_seqs(q, k), dq, dk, dv, dmask)
+    _backward(grad_out, q, k, v, out, softmax_stats, mask, scale, window, softcap, dropout_p, rng_state, alibi_slopes,
+              mask_grad, _padded_seqs(q, k), dq, dk, dv, dmask)
     return dq, dk, dv, dmask
 
 
@@ -460,7 +483,7 @@ def triton_varlen_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
     _check_sinks(sinks, q)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     total_q, Hq, _ = q.shape
     out = torch.empty((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
@@ -468,7 +491,7 @@ def triton_varlen_fwd(
     if out.numel():
         seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         _forward(q, k, v, None, scale, reference.Window(window_left, window_right), softcap, dropout_p, rng_state,
-                 sinks, seqs, out, lse, stats)
+                 sinks, alibi_slopes, seqs, out, lse, stats)
     return out, lse, stats
 
 
@@ -479,7 +502,7 @@ def triton_varlen_bwd(
     dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softcap, dropout_p, rng_state)
-    _check_alibi(alibi_slopes)
+    _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     total_q, Hq, _ = q.shape
     _check_shape("grad_out", grad_out, (total_q, Hq, v.shape[-1]))
     _check_shape("out", out, (total_q, Hq, v.shape[-1]))
@@ -490,8 +513,103 @@ def triton_varlen_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     seqs = _packed_seqs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _backward(grad_out, q, k, v, out, softmax_stats, None, scale, reference.Window(window_left, window_right), softcap,
-              dropout_p, rng_state, False, seqs, dq, dk, dv, dq.new_empty(0))
+              dropout_p, rng_state, alibi_slopes, False, seqs, dq, dk, dv, dq.new_empty(0))
     return dq, dk, dv
+
+
+def _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softcap):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d (batch or pages, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    _check_dtype("k_cache", k_cache, q.dtype)
+    _check_dtype("v_cache", v_cache, q.dtype)
+    B, Hq, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    if k_cache.shape[3] != D or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"k_cache must be (.., Hkv, S, {D}) and v_cache agree with it in the first three dims, got "
+                         f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the cache's kv heads must divide q's {Hq} heads, got {Hkv}")
+    if max(D, v_cache.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"q/v_cache head dims must be at most {MAX_HEAD_DIM}, got {D} and {v_cache.shape[3]}")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,) or cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},) on {q.device}, got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"a contiguous k_cache must have q's batch size {B}, got {tuple(k_cache.shape)}")
+    elif (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B
+          or block_table.device != q.device):
+        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks) on {q.device}, got "
+                         f"{block_table.dtype} {tuple(block_table.shape)} on {block_table.device}")
+    _check_softcap(softcap)
+
+
+def _device_sms(device):
+    """Streaming multiprocessors the split-KV heuristic fills (a pretend count when interpreted)."""
+    if INTERPRET:
+        return configs.INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def triton_attn_fwd_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor], scale: float, window_left: int = -1, window_right: int = -1,
+    softcap: float = 0.0, sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softcap)
+    _check_sinks(sinks, q)
+    _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q)
+    B, Hq, Sq, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
+    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if lse.numel() == 0:
+        return out, lse
+    paged = block_table is not None
+    capacity = k_cache.shape[2] * (block_table.shape[1] if paged else 1)
+    group = Hq // Hkv
+    group_pad = triton.next_power_of_2(group)
+    bucket = configs.head_bucket(_pad(D), _pad(Dv), q.element_size())
+    if INTERPRET:
+        kernel, blocks = _RAW["kvcache"], {"BLOCK_N": configs.INTERPRET_KVCACHE_BLOCK_N}
+        block_n, max_rows = configs.INTERPRET_KVCACHE_BLOCK_N, configs.INTERPRET_KVCACHE_MAX_ROWS
+        min_split_blocks = configs.INTERPRET_MIN_SPLIT_BLOCKS
+    else:
+        kernel, blocks = _TUNED["kvcache"][bucket], {}
+        block_n, max_rows = configs.KVCACHE[bucket][0], configs.KVCACHE_MAX_ROWS[bucket]
+        min_split_blocks = configs.KVCACHE_MIN_SPLIT_BLOCKS
+    block_q = configs.kvcache_block_q(Sq, group_pad, max_rows)
+    programs = B * Hkv * triton.cdiv(Sq, block_q)
+    splits, split_len = configs.kvcache_splits(programs, capacity, block_n, _device_sms(q.device), min_split_blocks)
+    n_rows = B * Hq * Sq
+    if splits == 1:  # the kernel writes the result
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty((splits, n_rows, Dv), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, n_rows), dtype=torch.float32, device=q.device)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads both with unit strides
+    table = block_table.contiguous() if paged else cache_seqlens
+    window = reference.Window(window_left, window_right)
+    precision = _dot_precision(q.dtype)
+    wrap_triton(kernel)[(B * Hkv, triton.cdiv(Sq, block_q), splits)](
+        q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
+        lse if sinks is None else sinks, _alibi_arg(alibi_slopes, lse),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), Hq, Hkv, Sq, group, capacity,
+        k_cache.shape[2], split_len, n_rows, scale, softcap, *_window_offsets(window, Sq, capacity, varlen=True),
+        D=D, DV=Dv, D_PAD=_pad(D), DV_PAD=_pad(Dv), GROUP_PAD=group_pad, WINDOW=window != reference.UNBOUNDED,
+        SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None and splits == 1, PAGED=paged,
+        PRECISION=precision, BLOCK_Q=block_q, **blocks,
+    )
+    if splits > 1:
+        block_r = configs.KVCACHE_COMBINE_ROWS
+        wrap_triton(kernels._kvcache_combine_kernel)[(triton.cdiv(n_rows, block_r),)](
+            part_out, part_lse, out, lse, lse if sinks is None else sinks, n_rows, Hq, Sq, splits,
+            DV=Dv, DV_PAD=_pad(Dv), SINKS=sinks is not None, PRECISION=precision, BLOCK_R=block_r,
+        )
+    return out, lse
 
 
 def triton_softmax_fwd(
@@ -544,3 +662,4 @@ softmax_fwd = _define("fastattn::triton_softmax_fwd", triton_softmax_fwd)
 softmax_bwd = _define("fastattn::triton_softmax_bwd", triton_softmax_bwd)
 varlen_fwd = _define("fastattn::triton_varlen_fwd", triton_varlen_fwd)
 varlen_bwd = _define("fastattn::triton_varlen_bwd", triton_varlen_bwd)
+attn_fwd_kvcache = _define("fastattn::triton_attn_fwd_kvcache", triton_attn_fwd_kvcache)
