@@ -9,6 +9,7 @@ import torch
 
 import fastattn
 from fastattn import dispatch, philox, reference
+from fastattn.capabilities import CAPABILITIES
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerance import assert_within_baseline  # noqa: E402
@@ -36,7 +37,7 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, padded_length):
 
 
 def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropout_p=0.0, rng_state=None,
-                            sinks=None):
+                            sinks=None, alibi_slopes=None):
     """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv), then dsinks
     when sinks are given (float32 in the baseline, as the kernels take them)."""
     results = []
@@ -45,7 +46,8 @@ def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropou
         if sinks is not None:
             leaves.append(sinks.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_())
         out, _ = reference.attention(*leaves[:3], mask, None, window, dropout_p, upcast=False, rng_state=rng_state,
-                                     softcap=softcap, sinks=leaves[3] if sinks is not None else None)
+                                     softcap=softcap, sinks=leaves[3] if sinks is not None else None,
+                                     alibi_slopes=alibi_slopes)
         out.backward(grad_out.to(dtype))
         results.append((out, [t.grad for t in leaves]))
     return results
@@ -147,6 +149,28 @@ def test_cuda_backend_refuses_softcap_under_a_mask():
     with pytest.raises(ValueError, match="softcap"):
         fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0, backend="cuda")
     fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0)  # automatic dispatch picks another backend
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,padded,softcap,window", [(True, False, None, None), (False, True, None, None),
+                                                          (True, False, 20.0, (50, None))])
+def test_alibi_autograd_matches_reference(backend, dtype, causal, padded, softcap, window):
+    if "alibi" not in CAPABILITIES[backend].features:
+        pytest.skip(f"the {backend} backend has no alibi")
+    torch.manual_seed(6)
+    q, k, v, mask = _inputs(2, 8, 2, 200, 260, 64, dtype, 150 if padded else None)
+    slopes = torch.exp2(-torch.arange(1, 9, device="cuda", dtype=torch.float32)) * torch.tensor([[1.0], [3.0]], device="cuda")
+    out = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, window=window, softcap=softcap,
+                             alibi_slopes=slopes, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    rule = fastattn.ops.window_rule(causal, window)
+    (ref_out, ref_grads), (base_out, base_grads) = _reference_and_baseline(
+        q, k, v, mask, rule, grad_out, softcap or 0.0, alibi_slopes=slopes)
+    assert_within_baseline("out", out, ref_out, base_out)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base)
 
 
 def test_automatic_dispatch_runs_a_fused_gpu_kernel():

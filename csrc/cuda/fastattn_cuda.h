@@ -23,6 +23,7 @@ struct Visibility {
   int lo = 0, hi = 0;
   int span = 0;  // hi - lo: one unsigned compare tests both sides
   bool bounded = false;  // a side is bounded: without one, every key is seen
+  int diagonal = 0;  // i' - i: the window's diagonal, from which ALiBi measures |i' - j|
 };
 
 // The rule of a window: query i sees key j iff i' - left <= j <= i' + right, i' = i + sk - sq
@@ -34,6 +35,7 @@ inline Visibility visibility(int64_t left, int64_t right, bool top_left, int64_t
   v.hi = static_cast<int>(right < 0 || off + right > far ? far : off + right);
   v.span = v.hi - v.lo;
   v.bounded = left >= 0 || right >= 0;
+  v.diagonal = static_cast<int>(off);
   return v;
 }
 
@@ -95,6 +97,10 @@ struct AttnFwdParams {
   // (Hq) fp32 on the device, or nullptr: one logit per query head that joins each row's
   // softmax sum with no value (attention sinks); lse and the statistics include it.
   const float* sinks = nullptr;
+  // (B, Hq) fp32 contiguous on the device, or nullptr: ALiBi adds
+  // -alibi_slopes[b * Hq + h] * |i + vis.diagonal - j| to the (capped) scaled score, before
+  // the mask. No gradient; the backward recomputes P with the same bias.
+  const float* alibi_slopes = nullptr;
   DType dtype = DType::kFloat16;
   MaskView mask;
   // Dropout (csrc/philox.h's decisions): rng_state, the call's int64 (seed, offset) in device

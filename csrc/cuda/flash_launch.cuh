@@ -28,12 +28,14 @@ struct FwdConfig {
 // Backward: 4 warps of 16 rows own 64 rows (keys for dK/dV, queries for dQ) and step over
 // the other sequence kStep at a time (narrower at head dim 128 to keep accumulators in
 // registers). Dropout halves the step: at the full step the dK/dV kernel spilled 4-24 bytes
-// (ptxas, sm_90).
-template <int kHeadDim, bool kDropout>
+// (ptxas, sm_90); so does a mask at head dim 128, whose dK/dV kernel spilled 8 bytes once
+// ALiBi's bias joined it.
+template <int kHeadDim, Scores kScores, bool kDropout>
 struct BwdConfig {
   static constexpr int kNWarps = 4;
   static constexpr int kRows = 16 * kNWarps;
-  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kDropout ? 2 : 1);
+  static constexpr bool kHalfStep = kDropout || (kScores == Scores::kMasked && kHeadDim == 128);
+  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kHalfStep ? 2 : 1);
 };
 
 template <typename Kernel, typename Params>
@@ -70,7 +72,7 @@ cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   return FA_SCORES_SWITCH(f, kScores, [&] {
     return FA_BOOL_SWITCH(f.rng_state != nullptr, kDropout, [&] {
-      using C = BwdConfig<kHeadDim, kDropout>;
+      using C = BwdConfig<kHeadDim, kScores, kDropout>;
       const size_t smem = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
       cudaError_t e = launch(
           bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kScores, kDropout>,

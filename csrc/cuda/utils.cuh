@@ -30,7 +30,7 @@ namespace cuda {
 
 // How the flash kernels form their scores, a template parameter so that each variant holds
 // only the registers it uses: scale * q.k, with a mask folded into the accumulator, or
-// capped (softcap; the bindings refuse a cap with a mask).
+// capped (softcap; the bindings refuse a cap with a mask). ALiBi is a run-time branch of each.
 enum class Scores { kPlain, kMasked, kCapped };
 
 // Binds `NAME` to the Scores variant of attention parameters `P`.
