@@ -115,8 +115,6 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   check_attn_operand(k, "k", q);
   check_attn_operand(v, "v", q);
   TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
-  TORCH_CHECK_VALUE(softcap == 0 || !mask.has_value(),
-                    "fastattn CUDA: softcap cannot be combined with a mask (the kernels fold the mask into the scores)");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, "fastattn CUDA: q, k, v batch sizes differ");

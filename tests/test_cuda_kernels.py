@@ -399,7 +399,7 @@ def test_dispatch_reasons_follow_the_capability_table():
         assert reason(wide) is None
 
 
-# -------------------------------------------------------------------------------- ALiBi
+# ------------------------------------------------------------------ ALiBi, softcap under a mask
 
 
 def _alibi_slopes(B, Hq):
@@ -416,12 +416,12 @@ ALIBI_CASES = [
     (1, 4, 4, 300, 300, 128, CAUSAL, None, torch.bfloat16, 0.0, False, 0.0),
     (2, 2, 1, 203, 113, 96, Window(30, 20), None, torch.float16, 0.0, False, 0.0),  # window, Sq > Sk
     (1, 3, 3, 150, 190, 128, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, 0.0, False, 0.0),  # top-left diagonal
-    (3, 2, 2, 77, 300, 64, UNBOUNDED, "padding_bool", torch.bfloat16, 0.0, False, 0.0),  # empty batch
+    (3, 2, 2, 77, 300, 64, UNBOUNDED, "padding_bool", torch.bfloat16, 20.0, False, 0.0),  # cap, mask, empty batch
     (1, 4, 2, 256, 256, 32, CAUSAL, None, torch.float16, 30.0, True, 0.0),  # cap, sinks
     (2, 4, 2, 130, 190, 64, CAUSAL, "bool", torch.float16, 0.0, True, 0.2),  # sinks, dropout
     (1, 2, 2, 100, 130, 128, UNBOUNDED, "additive", torch.float16, 0.0, False, 0.2),  # dropout, dmask
     (1, 2, 1, 200, 90, 256, Window(8, 0), None, torch.bfloat16, 0.0, False, 0.0),  # rows that see nothing
-    (1, 2, 1, 120, 100, 256, CAUSAL, "additive", torch.float16, 0.0, False, 0.0),
+    (1, 2, 1, 120, 100, 256, CAUSAL, "additive", torch.float16, 15.0, False, 0.0),
 ]
 
 
@@ -447,6 +447,30 @@ def test_alibi_bias_is_the_documented_formula():
     distance = (torch.arange(Sq, device=DEVICE)[:, None] + Sk - Sq - torch.arange(Sk, device=DEVICE)).abs()
     expected = torch.softmax(-slopes[:, :, None, None] * distance, dim=-1)
     torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=1e-3)
+
+
+# (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, softcap, dropout_p); head dim 256: forward only
+SOFTCAP_MASK_CASES = [
+    (3, 4, 2, 150, 260, 64, CAUSAL, "padding_bool", torch.float16, 20.0, 0.0),  # key padding, an empty batch
+    (1, 3, 3, 200, 333, 128, UNBOUNDED, "additive", torch.bfloat16, 5.0, 0.0),  # -inf entries, dmask
+    (2, 2, 1, 128, 128, 96, Window(40, 0), "bool", torch.float16, 10.0, 0.0),
+    (2, 2, 2, 90, 77, 32, UNBOUNDED, "additive_f32_row", torch.bfloat16, 3.0, 0.0),
+    (1, 2, 2, 100, 130, 64, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, 10.0, 0.2),  # dropout
+    (1, 2, 1, 120, 100, 256, CAUSAL, "padding_bool", torch.float16, 15.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", SOFTCAP_MASK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_softcap_under_a_mask_matches_reference(case):
+    """The cap acts on the scaled scores before the mask; dmask is dS after the cap, dq and dk
+    get dS times the cap's slope."""
+    B, Hq, Hkv, Sq, Sk, D, window, kind, dtype, softcap, p = case
+    torch.manual_seed(Sq * Sk + D + 1)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, False)
+    q = q * 4  # scores beyond the cap: the cap and its slope matter
+    mask = _mask(kind, B, Hq, Sq, Sk, dtype)
+    state = _rng_state(99, 3) if p else None
+    _check_options_against_reference(q, k, v, mask, D ** -0.5, window, softcap, p, state)
 
 
 def test_alibi_slopes_argument_errors():

@@ -72,7 +72,7 @@ def test_attention_autograd_matches_reference(backend, dtype, causal, padded):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window,softcap,padded", [((64, None), None, True), ((40, 10), 20.0, False),
-                                                   (None, 5.0, False)])
+                                                   (None, 5.0, False), ((64, None), 20.0, True), (None, 5.0, True)])
 def test_window_and_softcap_autograd_match_reference(backend, dtype, window, softcap, padded):
     torch.manual_seed(2)
     q, k, v, mask = _inputs(2, 4, 2, 200, 333, 64, dtype, 250 if padded else None)
@@ -143,18 +143,17 @@ def test_dropout_compiles_fullgraph_and_seeds_reproduce(backend):
 
 
 @pytest.mark.skipif(not dispatch.backends().get("cuda", {}).get("usable"), reason="cuda backend not usable")
-def test_cuda_backend_refuses_softcap_under_a_mask():
+def test_cuda_backend_takes_softcap_under_a_mask_and_alibi():
     q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
     mask = torch.ones(1, 1, 16, 16, device="cuda", dtype=torch.bool)
-    with pytest.raises(ValueError, match="softcap"):
-        fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0, backend="cuda")
-    fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0)  # automatic dispatch picks another backend
+    slopes = torch.ones(2, device="cuda")
+    assert dispatch.attention_reason("cuda", q, q, q, mask, None, softcap=5.0, alibi_slopes=slopes) is None
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal,padded,softcap,window", [(True, False, None, None), (False, True, None, None),
-                                                          (True, False, 20.0, (50, None))])
+                                                          (True, True, 20.0, (50, None))])
 def test_alibi_autograd_matches_reference(backend, dtype, causal, padded, softcap, window):
     if "alibi" not in CAPABILITIES[backend].features:
         pytest.skip(f"the {backend} backend has no alibi")

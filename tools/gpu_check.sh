@@ -125,6 +125,8 @@ for prefix, backend in (("", "cuda"), ("triton_", "triton")):
         (torch.bfloat16, 96, CAUSAL, True, 0.2, False, 0.0, True),
         (torch.float16, 64, Window(37, 0), False, 0.1, True, 0.0, False),
         (torch.float16, 32, Window(20, 9), False, 0.0, False, 0.0, True),
+        (torch.bfloat16, 128, CAUSAL, True, 0.0, False, 30.0, True),  # softcap under a mask
+        (torch.float16, 64, UNBOUNDED, True, 0.1, False, 5.0, False),
     ):
         q = torch.randn(1, 4, 150, D, device="cuda", dtype=dtype)
         k = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)

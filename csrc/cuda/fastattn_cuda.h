@@ -93,7 +93,7 @@ struct AttnFwdParams {
   int b = 0, hq = 0, hkv = 0, sq = 0, sk = 0, d = 0;
   float scale = 1.f;  // must be > 0
   Visibility vis;
-  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap); needs no mask
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap), then get the mask
   // (Hq) fp32 on the device, or nullptr: one logit per query head that joins each row's
   // softmax sum with no value (attention sinks); lse and the statistics include it.
   const float* sinks = nullptr;

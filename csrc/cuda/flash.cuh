@@ -8,10 +8,11 @@
 //
 // Masks: the score accumulator starts at mask / scale, so one mma chain gives
 // scale*q.k + mask without extra registers; a key block that the mask hides for every row
-// of the CTA is skipped before its K/V tiles are loaded.
+// of the CTA is skipped before its K/V tiles are loaded. Capped scores (softcap) read the
+// mask after the cap instead, per element (`score_of`), and skip no key block for it.
 //
 // ALiBi: a run-time branch on the head's slope (uniform across the CTA) in `score_of`, after
-// the cap. A template flag would double the ~300 kernels
+// the cap and before a capped score's mask. A template flag would double the ~300 kernels
 // CI compiles, and the bias needs only the slope, the indices the window test already
 // computes, and one FMA per score.
 //
@@ -289,10 +290,12 @@ __device__ __forceinline__ float alibi_slope_of(const AttnFwdParams& p, int64_t 
 
 // Score (query, key) in natural units from its accumulator `acc` (q.k, plus mask / scale for
 // Scores::kMasked): scaled; capped for kCapped, with d cap / dx in `cap_slope` (1 otherwise);
-// ALiBi's -slope * |query + diagonal - key|. Keys outside the window or past Sk are the caller's.
+// ALiBi's -slope * |query + diagonal - key|; then for kCapped the mask, read here for queries
+// and keys in range (-inf hides the key whatever the capped score is). `mask_base` is the
+// head's mask offset. Keys outside the window or past Sk are the caller's.
 template <Scores kScores>
 __device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, float alibi_slope,
-                                          int query, int key, float& cap_slope) {
+                                          int64_t mask_base, int query, int key, float& cap_slope) {
   float x = acc * p.scale;
   cap_slope = 1.f;
   if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
@@ -300,6 +303,13 @@ __device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, flo
     cap_slope = 1.f - (x / p.softcap) * (x / p.softcap);
   }
   if (alibi_slope != 0.f) x -= alibi_slope * fabsf(static_cast<float>(query + p.vis.diagonal - key));
+  if constexpr (kScores == Scores::kCapped) {
+    if (p.mask.kind != MaskKind::kNone && query < p.sq && key < p.sk) {
+      const float m = load_mask(p.mask.ptr, p.mask.kind,
+                                mask_base + query * p.mask.stride_q + key * p.mask.stride_k);
+      x = m == -INFINITY ? -INFINITY : x + m;
+    }
+  }
   return x;
 }
 
@@ -401,7 +411,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
             const int col = n0 + ni * 8 + 2 * t + (e & 1);
             float cap_slope;
-            float x = score_of<kScores>(s[mi][ni][e], p, alibi_slope, row, col, cap_slope);
+            float x = score_of<kScores>(s[mi][ni][e], p, alibi_slope, mask_base, row, col, cap_slope);
             if (edge && (col >= p.sk || (kScores != Scores::kMasked && !sees(p.vis, row, col)))) x = -INFINITY;
             s[mi][ni][e] = x;
             mx = fmaxf(mx, x);
@@ -583,9 +593,9 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         const int col = n0 + ni * 8 + 2 * t + (e & 1);
         const bool hidden = edge && (col >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, row, col)));
         float cap_slope;
-        const float x = score_of<kScores>(s[0][ni][e], f, alibi_slope, row, col, cap_slope);
+        const float x = score_of<kScores>(s[0][ni][e], f, alibi_slope, mask_base, row, col, cap_slope);
         const float pr = hidden ? 0.f : exp_shifted(x, row_max[hf]) * inv_sum[hf];
-        const float ds = pr * (dp[0][ni][e] - dsum[hf]);
+        const float ds = pr * (dp[0][ni][e] - dsum[hf]);  // dmask: dS after the cap
         s[0][ni][e] = ds * cap_slope;
         if (p.dmask != nullptr && row < f.sq && col < f.sk) {
           p.dmask[(static_cast<int64_t>(bh) * f.sq + row) * f.sk + col] = ds;
@@ -713,7 +723,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
           const bool hidden = key >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, query, key));
           float cap_slope;
-          const float x = score_of<kScores>(st[0][ni][e], f, alibi_slope, query, key, cap_slope);
+          const float x = score_of<kScores>(st[0][ni][e], f, alibi_slope, mask_base, query, key, cap_slope);
           const float pr = hidden ? 0.f : exp2f(x * kLog2e - lse2[ni][e & 1]);
           float dp = dpt[0][ni][e], pv = pr;  // pv: the probability that reached V
           if constexpr (kDropout) {

@@ -11,15 +11,16 @@ namespace cuda {
 namespace flash {
 
 // Forward: 128 x 64 tiles, 4 warps of 32 query rows. Head dim 256, and 128 with a mask (whose
-// addressing needs registers too), use 64-row query blocks (16 rows a warp); head dims 96/128
+// addressing needs registers too; capped scores may read one), use 64-row query blocks (16
+// rows a warp: capped ones with 128 spilled 76 bytes, ptxas sm_90); head dims 96/128
 // with 128-row blocks use 32-key blocks: scores and output accumulator stay in registers.
 // Dropout (whose Philox rounds need registers too) always takes 64-row blocks, and 32-key
 // blocks from head dim 96: with 128 rows, or 64 keys at 96 (masked) and 256, they spilled 4-40
 // bytes (ptxas, sm_90).
 template <int kHeadDim, Scores kScores, bool kDropout>
 struct FwdConfig {
-  static constexpr bool kHasMask = kScores == Scores::kMasked;
-  static constexpr int kBlockM = kDropout || kHeadDim > 128 || (kHasMask && kHeadDim == 128) ? 64 : 128;
+  static constexpr bool kMayReadMask = kScores != Scores::kPlain;
+  static constexpr int kBlockM = kDropout || kHeadDim > 128 || (kMayReadMask && kHeadDim == 128) ? 64 : 128;
   static constexpr int kBlockN =
       (kDropout && kHeadDim >= 96) || ((kHeadDim == 96 || kHeadDim == 128) && kBlockM == 128) ? 32 : 64;
   static constexpr int kNWarps = 4;
