@@ -141,6 +141,7 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   p.b = B, p.hq = Hq, p.hkv = Hkv, p.sq = Sq, p.sk = Sk, p.d = D;
   p.scale = static_cast<float>(scale);
   p.vis = fc::visibility(window_left, window_right, window_top_left, Sq, Sk);
+  p.diagonal = static_cast<int>(fc::window_diagonal(window_top_left, Sq, Sk));
   p.softcap = static_cast<float>(softcap);
   p.dtype = dtype_of(q, "q", /*allow_fp32=*/false);
   p.mask = mask_view(mask, q, {B, Hq, Sq, Sk});

@@ -302,7 +302,7 @@ __device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, flo
     x = cap_score(x, p.softcap);
     cap_slope = 1.f - (x / p.softcap) * (x / p.softcap);
   }
-  if (alibi_slope != 0.f) x -= alibi_slope * fabsf(static_cast<float>(query + p.vis.diagonal - key));
+  if (alibi_slope != 0.f) x -= alibi_slope * fabsf(static_cast<float>(query + p.diagonal - key));
   if constexpr (kScores == Scores::kCapped) {
     if (p.mask.kind != MaskKind::kNone && query < p.sq && key < p.sk) {
       const float m = load_mask(p.mask.ptr, p.mask.kind,
