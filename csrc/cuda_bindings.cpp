@@ -93,6 +93,18 @@ fc::MaskView mask_view(const std::optional<at::Tensor>& mask, const at::Tensor& 
   return view;
 }
 
+// A per-head float32 constant of the call (sinks, alibi_slopes): nullptr when absent, else its
+// data, checked to be a contiguous float32 tensor of `shape` on q's device.
+const float* head_constants(const std::optional<at::Tensor>& t, const char* name,
+                            at::IntArrayRef shape, const at::Tensor& q) {
+  if (!t.has_value()) return nullptr;
+  check_cuda_tensor(*t, name, q);
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->sizes() == shape && t->is_contiguous(),
+                    "fastattn CUDA: ", name, " must be a contiguous float32 tensor of shape ", shape,
+                    ", got ", t->scalar_type(), " ", t->sizes(), t->is_contiguous() ? "" : " (not contiguous)");
+  return t->data_ptr<float>();
+}
+
 fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, double scale,
                               int64_t window_left, int64_t window_right, bool window_top_left,
@@ -103,9 +115,6 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   check_attn_operand(k, "k", q);
   check_attn_operand(v, "v", q);
   TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
-  TORCH_CHECK_VALUE(!alibi_slopes.has_value(), "fastattn CUDA: the kernels do not apply alibi_slopes");
-  TORCH_CHECK_VALUE(softcap == 0 || !mask.has_value(),
-                    "fastattn CUDA: softcap cannot be combined with a mask (the kernels fold the mask into the scores)");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, "fastattn CUDA: q, k, v batch sizes differ");
@@ -132,9 +141,11 @@ fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at
   p.b = B, p.hq = Hq, p.hkv = Hkv, p.sq = Sq, p.sk = Sk, p.d = D;
   p.scale = static_cast<float>(scale);
   p.vis = fc::visibility(window_left, window_right, window_top_left, Sq, Sk);
+  p.diagonal = static_cast<int>(fc::window_diagonal(window_top_left, Sq, Sk));
   p.softcap = static_cast<float>(softcap);
   p.dtype = dtype_of(q, "q", /*allow_fp32=*/false);
   p.mask = mask_view(mask, q, {B, Hq, Sq, Sk});
+  p.alibi_slopes = head_constants(alibi_slopes, "alibi_slopes", {B, Hq}, q);
   return p;
 }
 
@@ -174,14 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, con
   fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left,
                                     softcap, alibi_slopes, fc::kMaxHeadDimFwd);
   set_dropout(p, dropout_p, rng_state, q);
-  if (sinks.has_value()) {
-    check_cuda_tensor(*sinks, "sinks", q);
-    TORCH_CHECK_VALUE(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 && sinks->size(0) == p.hq &&
-                          sinks->is_contiguous(),
-                      "fastattn CUDA: sinks must be a contiguous float32 tensor of shape (", p.hq, "), got ",
-                      sinks->scalar_type(), " ", sinks->sizes());
-    p.sinks = sinks->data_ptr<float>();
-  }
+  p.sinks = head_constants(sinks, "sinks", {p.hq}, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({p.b, p.hq, p.sq, p.d}, q.options());
   at::Tensor lse = at::empty({p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));

@@ -114,7 +114,7 @@ PYBIND11_MODULE(_C, m) {
   cuda["v_head_dim_may_differ"] = false;
   cuda["min_compute_capability"] = fastattn::cuda::kMinComputeCapability;
   // dropout: in attn_fwd/bwd (csrc/cuda/flash.cuh)
-  cuda["extra_features"] = py::make_tuple("window", "softcap", "dropout", "sinks");
+  cuda["extra_features"] = py::make_tuple("window", "softcap", "dropout", "sinks", "alibi");
   py::dict capabilities;
   capabilities["cpu"] = cpu;
   capabilities["cuda"] = cuda;

@@ -81,7 +81,8 @@ def _operand_reason(name, t):
 def supports(q, k, v, mask=None, scale=None, softcap=0.0):
     """None if the CUDA flash kernels can run attention on these inputs, else why not. Dtypes
     and head dims are checked beforehand against CAPABILITIES["cuda"]; this checks what the
-    kernels need of strides, alignment, scale and device."""
+    kernels need of strides, alignment, scale and device. Every softcap runs, with or without a
+    mask; the argument is accepted as the dispatcher passes it."""
     if scale is not None and not scale > 0:
         return f"the cuda attention kernels need a positive scale, got {scale}"
     if q.device.type != "cuda":
@@ -94,8 +95,6 @@ def supports(q, k, v, mask=None, scale=None, softcap=0.0):
         return f"the cuda kernels take bool or float16/bfloat16/float32 masks, got {mask.dtype}"
     if mask is not None and mask.device != q.device:
         return f"mask is on {mask.device}, q on {q.device}"
-    if mask is not None and softcap:
-        return "the cuda attention kernels fold the mask into the scores, so they cannot cap them (softcap) under a mask"
     return device_reason(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 

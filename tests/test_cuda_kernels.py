@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastattn import philox, reference
+from fastattn.capabilities import CAPABILITIES
 from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -267,6 +268,46 @@ def test_dropout_backward_keep_pattern_is_philox_bit_for_bit(D):
     assert torch.equal(dv[:, :, :, :Sq].transpose(-2, -1) != 0, philox.keep_mask(state, (B, H, Sq, Sk), p))
 
 
+def _check_options_against_reference(q, k, v, mask, scale, window, softcap=0.0, dropout_p=0.0, rng_state=None,
+                                     sinks=None, alibi_slopes=None):
+    """attn_fwd, and attn_bwd up to the backward's head dims, against reference.attention in float64 within
+    twice the reference in q's dtype: out, lse (the same rows -inf, their output zeros), dq, dk, dv and, for
+    an additive mask, dmask. Every option is passed to both sides as is."""
+    dtype, D = q.dtype, q.shape[-1]
+    with_backward = D <= CAPABILITIES["cuda"].max_head_dim_bwd
+    mask_grad = mask is not None and mask.dtype != torch.bool
+    grad_out = torch.randn_like(q)
+
+    def run_reference(to_dtype):
+        leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
+        m = mask
+        if mask_grad:
+            m = mask.detach().to(to_dtype).contiguous().requires_grad_()
+            leaves.append(m)
+        o, lse = reference.attention(*leaves[:3], m, scale, window, dropout_p, upcast=False, rng_state=rng_state,
+                                     softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+        return o, lse, torch.autograd.grad(o, leaves, grad_out.to(to_dtype)) if with_backward else None
+
+    _poison_allocator()
+    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *window, softcap, dropout_p, rng_state, sinks, alibi_slopes)
+    (ref_out, ref_lse, ref_grads), (base_out, base_lse, base_grads) = run_reference(torch.float64), run_reference(dtype)
+    assert_within_baseline("out", out, ref_out, base_out)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse: -inf rows differ from the reference"
+    assert_within_baseline("lse", lse[~empty], ref_lse[~empty].float(), base_lse[~empty])
+    if empty.any():
+        assert out[empty].abs().max() == 0, "rows that see no key must be zeros"
+    if not with_backward:
+        return
+    _poison_allocator()
+    grads = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *window, softcap, dropout_p,
+                         rng_state, alibi_slopes)
+    names = ("dq", "dk", "dv", "dmask") if mask_grad else ("dq", "dk", "dv")
+    for name, got, ref, base in zip(names, grads, ref_grads, base_grads):
+        assert not torch.isnan(got).any(), f"{name} has NaN"
+        assert_within_baseline(name, got, ref, base.to(got.dtype))
+
+
 # (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, softcap); head dim 256 runs the forward only
 DROPOUT_CASES = [
     (2, 4, 2, 113, 203, 64, UNBOUNDED, None, torch.float16, 0.0),
@@ -286,34 +327,8 @@ def test_dropout_matches_reference(case):
     torch.manual_seed(Sq * Sk + D)
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, False)
     mask = _mask(kind, B, Hq, Sq, Sk, dtype)
-    mask_grad = kind is not None and mask.dtype != torch.bool
-    scale, p = D ** -0.5, 0.2
     state = _rng_state(2**40 + 12345, 99)
-    grad_out = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=dtype)
-
-    def run_reference(to_dtype):
-        leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
-        m = mask
-        if mask_grad:
-            m = mask.detach().to(to_dtype).contiguous().requires_grad_()
-            leaves.append(m)
-        o, lse = reference.attention(*leaves[:3], m, scale, window, p, upcast=False, rng_state=state, softcap=softcap)
-        return o, lse, torch.autograd.grad(o, leaves, grad_out.to(to_dtype)) if D <= 128 else None
-
-    _poison_allocator()
-    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *window, softcap, p, state)
-    (ref_out, ref_lse, ref_grads), (base_out, base_lse, base_grads) = run_reference(torch.float64), run_reference(dtype)
-    assert_within_baseline("out", out, ref_out, base_out)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isneginf(lse), ~finite)
-    assert_within_baseline("lse", lse[finite], ref_lse[finite].float(), base_lse[finite])
-    if D > 128:
-        return
-    _poison_allocator()
-    grads = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *window, softcap, p, state)
-    names = ("dq", "dk", "dv", "dmask") if mask_grad else ("dq", "dk", "dv")
-    for name, got, ref, base in zip(names, grads, ref_grads, base_grads):
-        assert_within_baseline(name, got, ref, base.to(got.dtype))
+    _check_options_against_reference(q, k, v, mask, D ** -0.5, window, softcap, 0.2, state)
 
 
 def test_dropout_reads_rng_state_on_the_device():
@@ -382,6 +397,94 @@ def test_dispatch_reasons_follow_the_capability_table():
     assert "backward takes head dims up to 128" in reason(wide)
     with torch.no_grad():
         assert reason(wide) is None
+
+
+# ------------------------------------------------------------------ ALiBi, softcap under a mask
+
+
+def _alibi_slopes(B, Hq):
+    """(B, Hq) float32 slopes, each batch its own: BLOOM's geometric slopes 2^(-8 (h + 1) / Hq)
+    times b + 1, with every third head 0 (no bias there)."""
+    heads = torch.arange(Hq, dtype=torch.float32)
+    bloom = torch.exp2(-8.0 * (heads + 1) / Hq) * (heads % 3 != 2)
+    return torch.stack([bloom * (b + 1) for b in range(B)]).to(DEVICE)
+
+
+# (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, softcap, sinks, dropout_p); head dim 256: forward only
+ALIBI_CASES = [
+    (2, 4, 2, 113, 203, 64, UNBOUNDED, None, torch.float16, 0.0, False, 0.0),  # alone, GQA, both sides
+    (1, 4, 4, 300, 300, 128, CAUSAL, None, torch.bfloat16, 0.0, False, 0.0),
+    (2, 2, 1, 203, 113, 96, Window(30, 20), None, torch.float16, 0.0, False, 0.0),  # window, Sq > Sk
+    (1, 3, 3, 150, 190, 128, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, 0.0, False, 0.0),  # top-left diagonal
+    (3, 2, 2, 77, 300, 64, UNBOUNDED, "padding_bool", torch.bfloat16, 20.0, False, 0.0),  # cap, mask, empty batch
+    (1, 4, 2, 256, 256, 32, CAUSAL, None, torch.float16, 30.0, True, 0.0),  # cap, sinks
+    (2, 4, 2, 130, 190, 64, CAUSAL, "bool", torch.float16, 0.0, True, 0.2),  # sinks, dropout
+    (1, 2, 2, 100, 130, 128, UNBOUNDED, "additive", torch.float16, 0.0, False, 0.2),  # dropout, dmask
+    (1, 2, 1, 200, 90, 256, Window(8, 0), None, torch.bfloat16, 0.0, False, 0.0),  # rows that see nothing
+    (1, 2, 1, 120, 100, 256, CAUSAL, "additive", torch.float16, 15.0, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", ALIBI_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_alibi_matches_reference(case):
+    B, Hq, Hkv, Sq, Sk, D, window, kind, dtype, softcap, with_sinks, p = case
+    torch.manual_seed(Sq * Sk + D + B)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, False)
+    mask = _mask(kind, B, Hq, Sq, Sk, dtype)
+    sinks = torch.randn(Hq, device=DEVICE) if with_sinks else None
+    state = _rng_state(777, 5) if p else None
+    _check_options_against_reference(q, k, v, mask, D ** -0.5, window, softcap, p, state, sinks, _alibi_slopes(B, Hq))
+
+
+def test_alibi_bias_is_the_documented_formula():
+    """Zero scores and v = identity: out row i is softmax_j(-slope * |i + Sk - Sq - j|), exactly
+    the bias's distribution, per batch and head."""
+    B, H, Sq, Sk, D = 2, 3, 5, 16, 16
+    q = torch.zeros(B, H, Sq, D, device=DEVICE, dtype=torch.float16)
+    v = torch.eye(Sk, device=DEVICE, dtype=torch.float16).expand(B, H, Sk, D)
+    slopes = _alibi_slopes(B, H)
+    out = OPS.attn_fwd(q, v, v, None, 0.125, -1, -1, False, 0.0, 0.0, None, None, slopes)[0]
+    distance = (torch.arange(Sq, device=DEVICE)[:, None] + Sk - Sq - torch.arange(Sk, device=DEVICE)).abs()
+    expected = torch.softmax(-slopes[:, :, None, None] * distance, dim=-1)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=1e-3)
+
+
+# (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, softcap, dropout_p); head dim 256: forward only
+SOFTCAP_MASK_CASES = [
+    (3, 4, 2, 150, 260, 64, CAUSAL, "padding_bool", torch.float16, 20.0, 0.0),  # key padding, an empty batch
+    (1, 3, 3, 200, 333, 128, UNBOUNDED, "additive", torch.bfloat16, 5.0, 0.0),  # -inf entries, dmask
+    (2, 2, 1, 128, 128, 96, Window(40, 0), "bool", torch.float16, 10.0, 0.0),
+    (2, 2, 2, 90, 77, 32, UNBOUNDED, "additive_f32_row", torch.bfloat16, 3.0, 0.0),
+    (1, 2, 2, 100, 130, 64, CAUSAL_TOP_LEFT, "additive", torch.bfloat16, 10.0, 0.2),  # dropout
+    (1, 2, 1, 120, 100, 256, CAUSAL, "padding_bool", torch.float16, 15.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", SOFTCAP_MASK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_softcap_under_a_mask_matches_reference(case):
+    """The cap acts on the scaled scores before the mask; dmask is dS after the cap, dq and dk
+    get dS times the cap's slope."""
+    B, Hq, Hkv, Sq, Sk, D, window, kind, dtype, softcap, p = case
+    torch.manual_seed(Sq * Sk + D + 1)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, False)
+    q = q * 4  # scores beyond the cap: the cap and its slope matter
+    mask = _mask(kind, B, Hq, Sq, Sk, dtype)
+    state = _rng_state(99, 3) if p else None
+    _check_options_against_reference(q, k, v, mask, D ** -0.5, window, softcap, p, state)
+
+
+def test_alibi_slopes_argument_errors():
+    q = torch.randn(2, 4, 16, 64, device=DEVICE, dtype=torch.float16)
+    good = torch.ones(2, 4, device=DEVICE)
+    for bad in (torch.ones(4, device=DEVICE), torch.ones(2, 4, device=DEVICE, dtype=torch.float16),
+                torch.ones(4, 2, device=DEVICE).t()):
+        with pytest.raises(ValueError, match=r"alibi_slopes must be a contiguous float32 tensor of shape \[2, 4\]"):
+            OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 0.0, None, None, bad)
+    with pytest.raises(ValueError, match="alibi_slopes must be a CUDA tensor"):
+        OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 0.0, None, None, good.cpu())
+    out, _, stats = OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 0.0, None, None, good)
+    with pytest.raises(ValueError, match="alibi_slopes must be a contiguous float32"):
+        OPS.attn_bwd(out, q, q, q, out, stats, None, 0.125, False, -1, -1, False, 0.0, 0.0, None, good[:1])
 
 
 # ------------------------------------------------------------------------------- softmax

@@ -9,6 +9,7 @@ import torch
 
 import fastattn
 from fastattn import dispatch, philox, reference
+from fastattn.capabilities import CAPABILITIES
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerance import assert_within_baseline  # noqa: E402
@@ -36,7 +37,7 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, padded_length):
 
 
 def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropout_p=0.0, rng_state=None,
-                            sinks=None):
+                            sinks=None, alibi_slopes=None):
     """float64 truth and PyTorch in the inputs' dtype: outputs and (dq, dk, dv), then dsinks
     when sinks are given (float32 in the baseline, as the kernels take them)."""
     results = []
@@ -45,7 +46,8 @@ def _reference_and_baseline(q, k, v, mask, window, grad_out, softcap=0.0, dropou
         if sinks is not None:
             leaves.append(sinks.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_())
         out, _ = reference.attention(*leaves[:3], mask, None, window, dropout_p, upcast=False, rng_state=rng_state,
-                                     softcap=softcap, sinks=leaves[3] if sinks is not None else None)
+                                     softcap=softcap, sinks=leaves[3] if sinks is not None else None,
+                                     alibi_slopes=alibi_slopes)
         out.backward(grad_out.to(dtype))
         results.append((out, [t.grad for t in leaves]))
     return results
@@ -70,7 +72,7 @@ def test_attention_autograd_matches_reference(backend, dtype, causal, padded):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window,softcap,padded", [((64, None), None, True), ((40, 10), 20.0, False),
-                                                   (None, 5.0, False)])
+                                                   (None, 5.0, False), ((64, None), 20.0, True), (None, 5.0, True)])
 def test_window_and_softcap_autograd_match_reference(backend, dtype, window, softcap, padded):
     torch.manual_seed(2)
     q, k, v, mask = _inputs(2, 4, 2, 200, 333, 64, dtype, 250 if padded else None)
@@ -141,12 +143,33 @@ def test_dropout_compiles_fullgraph_and_seeds_reproduce(backend):
 
 
 @pytest.mark.skipif(not dispatch.backends().get("cuda", {}).get("usable"), reason="cuda backend not usable")
-def test_cuda_backend_refuses_softcap_under_a_mask():
+def test_cuda_backend_takes_softcap_under_a_mask_and_alibi():
     q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
     mask = torch.ones(1, 1, 16, 16, device="cuda", dtype=torch.bool)
-    with pytest.raises(ValueError, match="softcap"):
-        fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0, backend="cuda")
-    fastattn.attention(q, q, q, attn_mask=mask, softcap=5.0)  # automatic dispatch picks another backend
+    slopes = torch.ones(2, device="cuda")
+    assert dispatch.attention_reason("cuda", q, q, q, mask, None, softcap=5.0, alibi_slopes=slopes) is None
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,padded,softcap,window", [(True, False, None, None), (False, True, None, None),
+                                                          (True, True, 20.0, (50, None))])
+def test_alibi_autograd_matches_reference(backend, dtype, causal, padded, softcap, window):
+    if "alibi" not in CAPABILITIES[backend].features:
+        pytest.skip(f"the {backend} backend has no alibi")
+    torch.manual_seed(6)
+    q, k, v, mask = _inputs(2, 8, 2, 200, 260, 64, dtype, 150 if padded else None)
+    slopes = torch.exp2(-torch.arange(1, 9, device="cuda", dtype=torch.float32)) * torch.tensor([[1.0], [3.0]], device="cuda")
+    out = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, window=window, softcap=softcap,
+                             alibi_slopes=slopes, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    rule = fastattn.ops.window_rule(causal, window)
+    (ref_out, ref_grads), (base_out, base_grads) = _reference_and_baseline(
+        q, k, v, mask, rule, grad_out, softcap or 0.0, alibi_slopes=slopes)
+    assert_within_baseline("out", out, ref_out, base_out)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base)
 
 
 def test_automatic_dispatch_runs_a_fused_gpu_kernel():

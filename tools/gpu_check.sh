@@ -103,30 +103,40 @@ step_test() {  # the GPU tests; -n runs them in parallel where pytest-xdist is i
 write_sanitize_py() {
   cat >"$OUT/sanitize_workload.py" <<'PY'
 # Forward, backward and softmax of both GPU backends on small odd shapes (partial tiles, GQA,
-# masks, the causal rules and a sliding window, dropout, sinks). Triton's autotuner runs every
-# config of a case, so each is checked.
+# masks, the causal rules and a sliding window, dropout, sinks, softcap, ALiBi where the backend
+# has it). Triton's autotuner runs every config of a case, so each is checked.
 import torch
 import fastattn  # registers the ops
+from fastattn.capabilities import CAPABILITIES
 from fastattn.reference import CAUSAL, CAUSAL_TOP_LEFT, UNBOUNDED, Window
 torch.manual_seed(0)
 ops = torch.ops.fastattn
 rng_state = torch.tensor([2**40 + 7, 3], device="cuda")
 sinks = torch.randn(4, device="cuda")
-for prefix in ("", "triton_"):
+slopes = torch.rand(1, 4, device="cuda")
+for prefix, backend in (("", "cuda"), ("triton_", "triton")):
     fwd, bwd = getattr(ops, prefix + "attn_fwd"), getattr(ops, prefix + "attn_bwd")
     softmax_fwd, softmax_bwd = getattr(ops, prefix + "softmax_fwd"), getattr(ops, prefix + "softmax_bwd")
-    for dtype, D, rule, masked, p, with_sinks in (
-        (torch.float16, 64, CAUSAL, False, 0.0, False), (torch.bfloat16, 128, CAUSAL_TOP_LEFT, True, 0.0, True),
-        (torch.float16, 40, UNBOUNDED, True, 0.0, False), (torch.bfloat16, 96, CAUSAL, True, 0.2, False),
-        (torch.float16, 64, Window(37, 0), False, 0.1, True),
+    has_alibi = "alibi" in CAPABILITIES[backend].features
+    for dtype, D, rule, masked, p, with_sinks, softcap, alibi in (
+        (torch.float16, 64, CAUSAL, False, 0.0, False, 0.0, False),
+        (torch.bfloat16, 128, CAUSAL_TOP_LEFT, True, 0.0, True, 0.0, True),
+        (torch.float16, 40, UNBOUNDED, True, 0.0, False, 0.0, False),
+        (torch.bfloat16, 96, CAUSAL, True, 0.2, False, 0.0, True),
+        (torch.float16, 64, Window(37, 0), False, 0.1, True, 0.0, False),
+        (torch.float16, 32, Window(20, 9), False, 0.0, False, 0.0, True),
+        (torch.bfloat16, 128, CAUSAL, True, 0.0, False, 30.0, True),  # softcap under a mask
+        (torch.float16, 64, UNBOUNDED, True, 0.1, False, 5.0, False),
     ):
         q = torch.randn(1, 4, 150, D, device="cuda", dtype=dtype)
         k = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
         v = torch.randn(1, 2, 130, D, device="cuda", dtype=dtype)
         mask = (torch.rand(1, 1, 150, 130, device="cuda") > 0.2).expand(1, 4, 150, 130) if masked else None
         dropout = {"dropout_p": p, "rng_state": rng_state} if p else {}
-        out, _, stats = fwd(q, k, v, mask, D ** -0.5, *rule, **dropout, sinks=sinks if with_sinks else None)
-        grads = bwd(torch.randn_like(out), q, k, v, out, stats, mask, D ** -0.5, True, *rule, **dropout)
+        bias = {"alibi_slopes": slopes} if alibi and has_alibi else {}
+        out, _, stats = fwd(q, k, v, mask, D ** -0.5, *rule, softcap, **dropout,
+                            sinks=sinks if with_sinks else None, **bias)
+        grads = bwd(torch.randn_like(out), q, k, v, out, stats, mask, D ** -0.5, True, *rule, softcap, **dropout, **bias)
         x = torch.randn(2, 3, 33, 1500 if masked else 100, device="cuda", dtype=dtype)
         y = softmax_fwd(x, None, 0.5, *rule)
         softmax_bwd(torch.randn_like(y), y)

@@ -25,10 +25,13 @@ struct Visibility {
   bool bounded = false;  // a side is bounded: without one, every key is seen
 };
 
+// i' - i, the diagonal of the window rule below: sk - sq (bottom-right) or 0 (top-left).
+inline int64_t window_diagonal(bool top_left, int64_t sq, int64_t sk) { return top_left ? 0 : sk - sq; }
+
 // The rule of a window: query i sees key j iff i' - left <= j <= i' + right, i' = i + sk - sq
 // (i' = i when top_left); a negative side is unbounded and becomes an offset past every key.
 inline Visibility visibility(int64_t left, int64_t right, bool top_left, int64_t sq, int64_t sk) {
-  const int64_t off = top_left ? 0 : sk - sq, far = sq + sk;
+  const int64_t off = window_diagonal(top_left, sq, sk), far = sq + sk;
   Visibility v;
   v.lo = static_cast<int>(left < 0 || off - left < -far ? -far : off - left);
   v.hi = static_cast<int>(right < 0 || off + right > far ? far : off + right);
@@ -91,10 +94,15 @@ struct AttnFwdParams {
   int b = 0, hq = 0, hkv = 0, sq = 0, sk = 0, d = 0;
   float scale = 1.f;  // must be > 0
   Visibility vis;
-  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap); needs no mask
+  int diagonal = 0;  // window_diagonal of the call, from which ALiBi measures |i' - j|
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap), then get the mask
   // (Hq) fp32 on the device, or nullptr: one logit per query head that joins each row's
   // softmax sum with no value (attention sinks); lse and the statistics include it.
   const float* sinks = nullptr;
+  // (B, Hq) fp32 contiguous on the device, or nullptr: ALiBi adds
+  // -alibi_slopes[b * Hq + h] * |i + diagonal - j| to the (capped) scaled score, before
+  // the mask. No gradient; the backward recomputes P with the same bias.
+  const float* alibi_slopes = nullptr;
   DType dtype = DType::kFloat16;
   MaskView mask;
   // Dropout (csrc/philox.h's decisions): rng_state, the call's int64 (seed, offset) in device

@@ -8,7 +8,13 @@
 //
 // Masks: the score accumulator starts at mask / scale, so one mma chain gives
 // scale*q.k + mask without extra registers; a key block that the mask hides for every row
-// of the CTA is skipped before its K/V tiles are loaded.
+// of the CTA is skipped before its K/V tiles are loaded. Capped scores (softcap) read the
+// mask after the cap instead, per element (`score_of`), and skip no key block for it.
+//
+// ALiBi: a run-time branch on the head's slope (uniform across the CTA) in `score_of`, after
+// the cap and before a capped score's mask. A template flag would double the ~300 kernels
+// CI compiles, and the bias needs only the slope, the indices the window test already
+// computes, and one FMA per score.
 //
 // Backward is deterministic: one kernel owns a key block and loops over the query blocks of
 // every query head of its GQA group (dK, dV in registers, no atomics); a second kernel owns a
@@ -277,6 +283,36 @@ __device__ __forceinline__ void zero(float (&a)[MT][NT][4]) {
       for (int e = 0; e < 4; ++e) a[mi][ni][e] = 0.f;
 }
 
+// The head's ALiBi slope (0: no bias), alibi_slopes being (B, Hq) with bh = b * Hq + h.
+__device__ __forceinline__ float alibi_slope_of(const AttnFwdParams& p, int64_t bh) {
+  return p.alibi_slopes != nullptr ? p.alibi_slopes[bh] : 0.f;
+}
+
+// Score (query, key) in natural units from its accumulator `acc` (q.k, plus mask / scale for
+// Scores::kMasked): scaled; capped for kCapped, with d cap / dx in `cap_slope` (1 otherwise);
+// ALiBi's -slope * |query + diagonal - key|; then for kCapped the mask, read here for queries
+// and keys in range (-inf hides the key whatever the capped score is). `mask_base` is the
+// head's mask offset. Keys outside the window or past Sk are the caller's.
+template <Scores kScores>
+__device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, float alibi_slope,
+                                          int64_t mask_base, int query, int key, float& cap_slope) {
+  float x = acc * p.scale;
+  cap_slope = 1.f;
+  if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
+    x = cap_score(x, p.softcap);
+    cap_slope = 1.f - (x / p.softcap) * (x / p.softcap);
+  }
+  if (alibi_slope != 0.f) x -= alibi_slope * fabsf(static_cast<float>(query + p.diagonal - key));
+  if constexpr (kScores == Scores::kCapped) {
+    if (p.mask.kind != MaskKind::kNone && query < p.sq && key < p.sk) {
+      const float m = load_mask(p.mask.ptr, p.mask.kind,
+                                mask_base + query * p.mask.stride_q + key * p.mask.stride_k);
+      x = m == -INFINITY ? -INFINITY : x + m;
+    }
+  }
+  return x;
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward. Grid (B * Hq, ceil(Sq / kBlockM)); kNWarps warps, each owning 16 * kMT query rows.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
@@ -309,6 +345,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int n_begin = key_block_begin(p.vis, m0, kBlockN);
   const int n_end = key_block_end(p.vis, m0, kBlockM, p.sk, kBlockN);
   const float inv_scale = 1.f / p.scale;
+  const float alibi_slope = alibi_slope_of(p, bh);
   DropoutRng rng;
   if constexpr (kDropout) rng = load_dropout_rng(p);
 
@@ -373,8 +410,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 #pragma unroll
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
             const int col = n0 + ni * 8 + 2 * t + (e & 1);
-            float x = s[mi][ni][e] * p.scale;
-            if constexpr (kScores == Scores::kCapped) x = cap_score(x, p.softcap);
+            float cap_slope;
+            float x = score_of<kScores>(s[mi][ni][e], p, alibi_slope, mask_base, row, col, cap_slope);
             if (edge && (col >= p.sk || (kScores != Scores::kMasked && !sees(p.vis, row, col)))) x = -INFINITY;
             s[mi][ni][e] = x;
             mx = fmaxf(mx, x);
@@ -500,6 +537,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int n_begin = key_block_begin(f.vis, m0, kBlockN);
   const int n_end = key_block_end(f.vis, m0, kBlockM, f.sk, kBlockN);
   const float inv_scale = 1.f / f.scale;
+  const float alibi_slope = alibi_slope_of(f, bh);
   DropoutRng rng;
   if constexpr (kDropout) rng = load_dropout_rng(f);
 
@@ -554,14 +592,11 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         const int row = m0 + warp_row0 + g + hf * 8;
         const int col = n0 + ni * 8 + 2 * t + (e & 1);
         const bool hidden = edge && (col >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, row, col)));
-        float x = s[0][ni][e] * f.scale, slope = 1.f;
-        if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
-          x = cap_score(x, f.softcap);
-          slope = 1.f - (x / f.softcap) * (x / f.softcap);
-        }
+        float cap_slope;
+        const float x = score_of<kScores>(s[0][ni][e], f, alibi_slope, mask_base, row, col, cap_slope);
         const float pr = hidden ? 0.f : exp_shifted(x, row_max[hf]) * inv_sum[hf];
-        const float ds = pr * (dp[0][ni][e] - dsum[hf]);
-        s[0][ni][e] = ds * slope;
+        const float ds = pr * (dp[0][ni][e] - dsum[hf]);  // dmask: dS after the cap
+        s[0][ni][e] = ds * cap_slope;
         if (p.dmask != nullptr && row < f.sq && col < f.sk) {
           p.dmask[(static_cast<int64_t>(bh) * f.sq + row) * f.sk + col] = ds;
         }
@@ -624,7 +659,6 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   // Only the query blocks the window shows this key block to are visited.
   const int m_start = query_block_begin(f.vis, n0, kBlockM);
   const int m_blocks = query_block_end(f.vis, n0, kBlockN, f.sq, kBlockM);
-  const float scale_log2 = f.scale * kLog2e;
   const float inv_scale = 1.f / f.scale;
   DropoutRng rng;
   if constexpr (kDropout) rng = load_dropout_rng(f);
@@ -679,6 +713,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
       __syncthreads();
       gemm_ss_nt<T, 1, kQT, kHeadDim>(dpt, sV + warp_row0 * kLd, kLd, sdO, kLd, lane);
 
+      // Read per tile, after the matmuls: held across them, it spilled (head dim 128, sm_90).
+      const float alibi_slope = alibi_slope_of(f, bh);
 #pragma unroll
       for (int ni = 0; ni < kQT; ++ni) {
 #pragma unroll
@@ -686,14 +722,9 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           const int key = n0 + warp_row0 + g + (e >> 1) * 8;
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
           const bool hidden = key >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, query, key));
-          float pr, slope = 1.f;
-          if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
-            const float capped = cap_score(st[0][ni][e] * f.scale, f.softcap);
-            slope = 1.f - (capped / f.softcap) * (capped / f.softcap);
-            pr = hidden ? 0.f : exp2f(capped * kLog2e - lse2[ni][e & 1]);
-          } else {
-            pr = hidden ? 0.f : exp2f(st[0][ni][e] * scale_log2 - lse2[ni][e & 1]);
-          }
+          float cap_slope;
+          const float x = score_of<kScores>(st[0][ni][e], f, alibi_slope, mask_base, query, key, cap_slope);
+          const float pr = hidden ? 0.f : exp2f(x * kLog2e - lse2[ni][e & 1]);
           float dp = dpt[0][ni][e], pv = pr;  // pv: the probability that reached V
           if constexpr (kDropout) {
             const bool kept = dropout_keeps(rng, static_cast<uint32_t>(bh), query, key);
@@ -701,7 +732,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
             pv = kept ? pr * rng.keep_scale : 0.f;
           }
           st[0][ni][e] = pv;
-          dpt[0][ni][e] = pr * (dp - dsum[ni][e & 1]) * slope;
+          dpt[0][ni][e] = pr * (dp - dsum[ni][e & 1]) * cap_slope;
         }
       }
       uint32_t pa[1][kQT / 2][4];

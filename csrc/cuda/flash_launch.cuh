@@ -11,15 +11,16 @@ namespace cuda {
 namespace flash {
 
 // Forward: 128 x 64 tiles, 4 warps of 32 query rows. Head dim 256, and 128 with a mask (whose
-// addressing needs registers too), use 64-row query blocks (16 rows a warp); head dims 96/128
+// addressing needs registers too; capped scores may read one), use 64-row query blocks (16
+// rows a warp: capped ones with 128 spilled 76 bytes, ptxas sm_90); head dims 96/128
 // with 128-row blocks use 32-key blocks: scores and output accumulator stay in registers.
 // Dropout (whose Philox rounds need registers too) always takes 64-row blocks, and 32-key
 // blocks from head dim 96: with 128 rows, or 64 keys at 96 (masked) and 256, they spilled 4-40
 // bytes (ptxas, sm_90).
 template <int kHeadDim, Scores kScores, bool kDropout>
 struct FwdConfig {
-  static constexpr bool kHasMask = kScores == Scores::kMasked;
-  static constexpr int kBlockM = kDropout || kHeadDim > 128 || (kHasMask && kHeadDim == 128) ? 64 : 128;
+  static constexpr bool kMayReadMask = kScores != Scores::kPlain;
+  static constexpr int kBlockM = kDropout || kHeadDim > 128 || (kMayReadMask && kHeadDim == 128) ? 64 : 128;
   static constexpr int kBlockN =
       (kDropout && kHeadDim >= 96) || ((kHeadDim == 96 || kHeadDim == 128) && kBlockM == 128) ? 32 : 64;
   static constexpr int kNWarps = 4;
@@ -28,12 +29,14 @@ struct FwdConfig {
 // Backward: 4 warps of 16 rows own 64 rows (keys for dK/dV, queries for dQ) and step over
 // the other sequence kStep at a time (narrower at head dim 128 to keep accumulators in
 // registers). Dropout halves the step: at the full step the dK/dV kernel spilled 4-24 bytes
-// (ptxas, sm_90).
-template <int kHeadDim, bool kDropout>
+// (ptxas, sm_90); so does a mask at head dim 128, whose dK/dV kernel spilled 8 bytes once
+// ALiBi's bias joined it.
+template <int kHeadDim, Scores kScores, bool kDropout>
 struct BwdConfig {
   static constexpr int kNWarps = 4;
   static constexpr int kRows = 16 * kNWarps;
-  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kDropout ? 2 : 1);
+  static constexpr bool kHalfStep = kDropout || (kScores == Scores::kMasked && kHeadDim == 128);
+  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kHalfStep ? 2 : 1);
 };
 
 template <typename Kernel, typename Params>
@@ -70,7 +73,7 @@ cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   return FA_SCORES_SWITCH(f, kScores, [&] {
     return FA_BOOL_SWITCH(f.rng_state != nullptr, kDropout, [&] {
-      using C = BwdConfig<kHeadDim, kDropout>;
+      using C = BwdConfig<kHeadDim, kScores, kDropout>;
       const size_t smem = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
       cudaError_t e = launch(
           bwd_dkdv_kernel<T, kHeadDim, C::kStep, C::kRows, C::kNWarps, kScores, kDropout>,

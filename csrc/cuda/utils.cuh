@@ -29,18 +29,19 @@ namespace cuda {
   }()
 
 // How the flash kernels form their scores, a template parameter so that each variant holds
-// only the registers it uses: scale * q.k, with a mask folded into the accumulator, or
-// capped (softcap; the bindings refuse a cap with a mask).
+// only the registers it uses: scale * q.k; with a mask folded into the accumulator; or capped
+// (softcap), the mask (if any) then read per element after the cap, since a cap cannot act on
+// a score that already holds the mask. ALiBi is a run-time branch of every variant.
 enum class Scores { kPlain, kMasked, kCapped };
 
 // Binds `NAME` to the Scores variant of attention parameters `P`.
 #define FA_SCORES_SWITCH(P, NAME, ...)                       \
   [&] {                                                      \
-    if ((P).mask.kind != MaskKind::kNone) {                  \
-      constexpr static Scores NAME = Scores::kMasked;        \
-      return __VA_ARGS__();                                  \
-    } else if ((P).softcap > 0.f) {                          \
+    if ((P).softcap > 0.f) {                                 \
       constexpr static Scores NAME = Scores::kCapped;        \
+      return __VA_ARGS__();                                  \
+    } else if ((P).mask.kind != MaskKind::kNone) {           \
+      constexpr static Scores NAME = Scores::kMasked;        \
       return __VA_ARGS__();                                  \
     } else {                                                 \
       constexpr static Scores NAME = Scores::kPlain;         \
