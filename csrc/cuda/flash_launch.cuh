@@ -31,14 +31,12 @@ struct FwdConfig {
 // Backward: 4 warps of 16 rows own 64 rows (keys for dK/dV, queries for dQ) and step over
 // the other sequence kStep at a time (narrower at head dim 128 to keep accumulators in
 // registers). Dropout halves the step: at the full step the dK/dV kernel spilled 4-24 bytes
-// (ptxas, sm_90); so does a mask at head dim 128, whose dK/dV kernel spilled 8 bytes once
-// ALiBi's bias joined it.
-template <int kHeadDim, Scores kScores, bool kDropout>
+// (ptxas, sm_90).
+template <int kHeadDim, bool kDropout>
 struct BwdConfig {
   static constexpr int kNWarps = 4;
   static constexpr int kRows = 16 * kNWarps;
-  static constexpr bool kHalfStep = kDropout || (kScores == Scores::kMasked && kHeadDim == 128);
-  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kHalfStep ? 2 : 1);
+  static constexpr int kStep = (kHeadDim >= 96 ? 32 : 64) / (kDropout ? 2 : 1);
 };
 
 template <typename Kernel, typename Params>
@@ -90,7 +88,7 @@ cudaError_t run_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   return FA_SCORES_SWITCH(f, kScores, [&] {
     return FA_BOOL_SWITCH(f.rng_state != nullptr, kDropout, [&] {
       return FA_LAYOUT_SWITCH(f, kScores, kPacked, [&] {
-        using C = BwdConfig<kHeadDim, kScores, kDropout>;
+        using C = BwdConfig<kHeadDim, kDropout>;
         const size_t tiles = 2 * (C::kRows + C::kStep) * (kHeadDim + 8) * sizeof(T);
         const size_t query_stats = 2 * C::kStep * sizeof(float);  // dK/dV: lse and dsum of a query block
         cudaError_t e = launch(
