@@ -12,9 +12,13 @@
 // mask after the cap instead, per element (`score_of`), and skip no key block for it.
 //
 // ALiBi: a run-time branch on the head's slope (uniform across the CTA) in `score_of`, after
-// the cap and before a capped score's mask. A template flag would double the ~300 kernels
-// CI compiles, and the bias needs only the slope, the indices the window test already
-// computes, and one FMA per score.
+// the cap and before a capped score's mask. A template flag would double the ~400 kernels
+// per architecture CI compiles, and the bias needs only the slope, the indices the window
+// test already computes, and one FMA per score.
+//
+// Sequences: every kernel finds its sequence's lengths, window and row offsets through
+// SeqInfo, padded (B, H, S, D) or packed (varlen: total, H, D with cu_seqlens) by the kPacked
+// template flag, which keeps the padded kernels' sizes in the parameters, not in registers.
 //
 // Backward is deterministic: one kernel owns a key block and loops over the query blocks of
 // every query head of its GQA group (dK, dV in registers, no atomics); a second kernel owns a
