@@ -9,6 +9,8 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cuda/fastattn_cuda.h"
 #include "philox.h"
@@ -43,16 +45,22 @@ void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Tensor& 
                     " but q/x is on ", like.device());
 }
 
-// Attention operands: 4-d, last dim contiguous, 16-byte aligned rows (cp.async tiles).
-void check_attn_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+// How attention operands are laid out: padded batches (B, H, S, D) or packed sequences
+// (total, H, D); heads are dim 1 in both.
+enum class Layout { kPadded, kPacked };
+
+// Attention operands: the layout's dims, last dim contiguous, 16-byte aligned rows (cp.async
+// tiles).
+void check_attn_operand(const at::Tensor& t, const char* name, const at::Tensor& q, Layout layout) {
   check_cuda_tensor(t, name, q);
-  TORCH_CHECK_VALUE(t.dim() == 4, "fastattn CUDA: ", name, " must be 4-d (B, H, S, D), got ",
-                    t.sizes());
+  const int64_t dims = layout == Layout::kPadded ? 4 : 3;
+  TORCH_CHECK_VALUE(t.dim() == dims, "fastattn CUDA: ", name, " must be ", dims, "-d ",
+                    layout == Layout::kPadded ? "(B, H, S, D)" : "(total, H, D)", ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "fastattn CUDA: ", name, " has dtype ",
                    t.scalar_type(), " but q has ", q.scalar_type());
-  TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, "fastattn CUDA: ", name,
+  TORCH_CHECK_VALUE(t.size(dims - 1) <= 1 || t.stride(dims - 1) == 1, "fastattn CUDA: ", name,
                     " must have a contiguous last dim, got strides ", t.strides());
-  for (int i = 0; i < 3; ++i) {
+  for (int64_t i = 0; i < dims - 1; ++i) {
     TORCH_CHECK_VALUE(t.size(i) <= 1 || t.stride(i) % 8 == 0, "fastattn CUDA: ", name,
                       " strides must be multiples of 8 elements, got ", t.strides());
   }
@@ -105,47 +113,94 @@ const float* head_constants(const std::optional<at::Tensor>& t, const char* name
   return t->data_ptr<float>();
 }
 
+// (stride_b, stride_h, stride_s) of a tensor in `layout` (packed: no batch dim, tokens dim 0).
+void row_strides(const at::Tensor& t, Layout layout, int64_t& stride_b, int64_t& stride_h, int64_t& stride_s) {
+  const bool padded = layout == Layout::kPadded;
+  stride_b = padded ? t.stride(0) : 0;
+  stride_h = t.stride(1);
+  stride_s = t.stride(padded ? 2 : 0);
+}
+
+// What padded and packed calls share: q, k, v in `layout` (heads dim 1, head dim last), their
+// strides, heads and head dim, scale, softcap and dtype; sizes along the batch and sequence
+// dims are the caller's.
+fc::AttnFwdParams shared_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                Layout layout, double scale, double softcap, int max_head_dim) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "fastattn CUDA: q must be a CUDA tensor");
+  check_attn_operand(q, "q", q, layout);
+  check_attn_operand(k, "k", q, layout);
+  check_attn_operand(v, "v", q, layout);
+  TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
+  const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(-1);
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv,
+                    "fastattn CUDA: k/v heads must divide q heads, got q ", q.sizes(), ", k ",
+                    k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(-1) == D, "fastattn CUDA: k head dim must equal q's (", D, "), got ", k.size(-1));
+  TORCH_CHECK_VALUE(v.size(-1) == D, "fastattn CUDA: v head dim must equal q's (", D, "), got ",
+                    v.size(-1));
+  TORCH_CHECK_VALUE(D % fc::kHeadDimMultiple == 0 && D <= max_head_dim,
+                    "fastattn CUDA: head dim must be a multiple of ", fc::kHeadDimMultiple,
+                    " and at most ", max_head_dim, ", got ", D);
+  TORCH_CHECK_VALUE(scale > 0, "fastattn CUDA: scale must be positive, got ", scale);
+  fc::AttnFwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  row_strides(q, layout, p.q_stride_b, p.q_stride_h, p.q_stride_s);
+  row_strides(k, layout, p.k_stride_b, p.k_stride_h, p.k_stride_s);
+  row_strides(v, layout, p.v_stride_b, p.v_stride_h, p.v_stride_s);
+  p.hq = Hq, p.hkv = Hkv, p.d = D;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.dtype = dtype_of(q, "q", /*allow_fp32=*/false);
+  return p;
+}
+
 fc::AttnFwdParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, double scale,
                               int64_t window_left, int64_t window_right, bool window_top_left,
                               double softcap, const std::optional<at::Tensor>& alibi_slopes,
                               int max_head_dim) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "fastattn CUDA: q must be a CUDA tensor");
-  check_attn_operand(q, "q", q);
-  check_attn_operand(k, "k", q);
-  check_attn_operand(v, "v", q);
-  TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
-  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  fc::AttnFwdParams p = shared_params(q, k, v, Layout::kPadded, scale, softcap, max_head_dim);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Sk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, "fastattn CUDA: q, k, v batch sizes differ");
-  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv,
-                    "fastattn CUDA: k/v heads must divide q heads, got q ", q.sizes(), ", k ",
+  TORCH_CHECK_VALUE(v.size(2) == Sk, "fastattn CUDA: k must be (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv), got k ",
                     k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(3) == D && v.size(2) == Sk,
-                    "fastattn CUDA: k must be (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv), got k ",
-                    k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(v.size(3) == D, "fastattn CUDA: v head dim must equal q's (", D, "), got ",
-                    v.size(3));
-  TORCH_CHECK_VALUE(D % fc::kHeadDimMultiple == 0 && D <= max_head_dim,
-                    "fastattn CUDA: head dim must be a multiple of ", fc::kHeadDimMultiple,
-                    " and at most ", max_head_dim, ", got ", D);
-  TORCH_CHECK_VALUE(scale > 0, "fastattn CUDA: scale must be positive, got ", scale);
-
-  fc::AttnFwdParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_s = q.stride(2);
-  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_s = k.stride(2);
-  p.v_stride_b = v.stride(0), p.v_stride_h = v.stride(1), p.v_stride_s = v.stride(2);
-  p.b = B, p.hq = Hq, p.hkv = Hkv, p.sq = Sq, p.sk = Sk, p.d = D;
-  p.scale = static_cast<float>(scale);
+  p.b = B, p.sq = Sq, p.sk = Sk;
   p.vis = fc::visibility(window_left, window_right, window_top_left, Sq, Sk);
   p.diagonal = static_cast<int>(fc::window_diagonal(window_top_left, Sq, Sk));
-  p.softcap = static_cast<float>(softcap);
-  p.dtype = dtype_of(q, "q", /*allow_fp32=*/false);
   p.mask = mask_view(mask, q, {B, Hq, Sq, Sk});
   p.alibi_slopes = head_constants(alibi_slopes, "alibi_slopes", {B, Hq}, q);
+  return p;
+}
+
+// Packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 (B + 1) cu_seqlens on
+// q's device, read there (the kernels take each sequence's lengths from them; no host sync).
+fc::AttnFwdParams varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                int64_t window_left, int64_t window_right, double softcap,
+                                const std::optional<at::Tensor>& alibi_slopes, int max_head_dim) {
+  fc::AttnFwdParams p = shared_params(q, k, v, Layout::kPacked, scale, softcap, max_head_dim);
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0), "fastattn CUDA: k and v must have the same tokens, got k ",
+                    k.sizes(), ", v ", v.sizes());
+  for (const auto& [cu, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, std::pair{&cu_seqlens_k, "cu_seqlens_k"}}) {
+    check_cuda_tensor(*cu, name, q);
+    TORCH_CHECK_VALUE(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->size(0) >= 1 && cu->is_contiguous(),
+                      "fastattn CUDA: ", name, " must be a contiguous int32 tensor of B + 1 cumulative lengths, got ",
+                      cu->scalar_type(), " ", cu->sizes());
+  }
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK_VALUE(cu_seqlens_k.size(0) == B + 1, "fastattn CUDA: cu_seqlens_q and cu_seqlens_k must have the "
+                    "same length (B + 1), got ", cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "fastattn CUDA: max_seqlen_q and max_seqlen_k must be "
+                    ">= 0, got ", max_seqlen_q, " and ", max_seqlen_k);
+  p.b = B, p.sq = max_seqlen_q, p.sk = max_seqlen_k;
+  p.total_q = q.size(0);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  p.window_left = window_left, p.window_right = window_right;
+  p.alibi_slopes = head_constants(alibi_slopes, "alibi_slopes", {B, p.hq}, q);
   return p;
 }
 
@@ -170,8 +225,41 @@ void set_dropout(fc::AttnFwdParams& p, double dropout_p, const std::optional<at:
   p.keep_scale = dropout_p < 1 ? static_cast<float>(1 / (1 - dropout_p)) : 0.f;  // p = 1 drops everything
 }
 
-// The forward's softmax statistics (2, B, Hq, Sq): row max, row sum (see csrc/fastattn.cpp).
+// The forward's softmax statistics (2, B, Hq, Sq), packed (2, Hq, total_q): row max, row sum
+// (see csrc/fastattn.cpp).
 constexpr int64_t kSoftmaxStats = 2;
+
+// Shape of lse and of each softmax statistic: (B, Hq, Sq), packed (Hq, total_q).
+std::vector<int64_t> stat_shape(const fc::AttnFwdParams& p, Layout layout) {
+  if (layout == Layout::kPadded) return {p.b, p.hq, p.sq};
+  return {p.hq, p.total_q};
+}
+
+std::vector<int64_t> stats_shape(const fc::AttnFwdParams& p, Layout layout) {
+  std::vector<int64_t> shape = stat_shape(p, layout);
+  shape.insert(shape.begin(), kSoftmaxStats);
+  return shape;
+}
+
+// The forward of p (operands checked) with dropout and sinks: out (q's shape; Dv == D), lse and
+// the softmax statistics.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(fc::AttnFwdParams& p, const at::Tensor& q, Layout layout,
+                                                       double dropout_p, const std::optional<at::Tensor>& rng_state,
+                                                       const std::optional<at::Tensor>& sinks, const char* op) {
+  set_dropout(p, dropout_p, rng_state, q);
+  p.sinks = head_constants(sinks, "sinks", {p.hq}, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty(stat_shape(p, layout), q.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty(stats_shape(p, layout), q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.row_max = stats[0].data_ptr<float>();
+  p.row_sum = stats[1].data_ptr<float>();
+  row_strides(out, layout, p.o_stride_b, p.o_stride_h, p.o_stride_s);
+  check_launch(fc::attn_fwd(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, lse, stats};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v,
@@ -184,68 +272,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& alibi_slopes) {
   fc::AttnFwdParams p = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left,
                                     softcap, alibi_slopes, fc::kMaxHeadDimFwd);
-  set_dropout(p, dropout_p, rng_state, q);
-  p.sinks = head_constants(sinks, "sinks", {p.hq}, q);
+  return forward(p, q, Layout::kPadded, dropout_p, rng_state, sinks, "attn_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alibi_slopes) {
+  fc::AttnFwdParams p = varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                      window_left, window_right, softcap, alibi_slopes, fc::kMaxHeadDimFwd);
+  return forward(p, q, Layout::kPacked, dropout_p, rng_state, sinks, "varlen_fwd");
+}
+
+// The backward of p.fwd (operands checked; dmask set by the caller) with dropout: dq, dk, dv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(fc::AttnBwdParams& p, const at::Tensor& grad_out,
+                                                        const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& out,
+                                                        const at::Tensor& stats_in, Layout layout,
+                                                        double dropout_p,
+                                                        const std::optional<at::Tensor>& rng_state,
+                                                        const char* op) {
+  fc::AttnFwdParams& f = p.fwd;
+  set_dropout(f, dropout_p, rng_state, q);
+  check_attn_operand(grad_out, "grad_out", q, layout);
+  check_attn_operand(out, "out", q, layout);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "fastattn CUDA: grad_out and out must have q's shape ", q.sizes());
+  check_cuda_tensor(stats_in, "softmax_stats", q);
+  const std::vector<int64_t> expected_stats = stats_shape(f, layout);
+  TORCH_CHECK_VALUE(stats_in.scalar_type() == at::kFloat && stats_in.sizes() == at::IntArrayRef(expected_stats),
+                    "fastattn CUDA: softmax_stats must be float32 ", at::IntArrayRef(expected_stats), ", got ",
+                    stats_in.scalar_type(), " ", stats_in.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({p.b, p.hq, p.sq, p.d}, q.options());
-  at::Tensor lse = at::empty({p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));
-  at::Tensor stats = at::empty({kSoftmaxStats, p.b, p.hq, p.sq}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
+  const at::Tensor stats = stats_in.contiguous();
+
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), contiguous);
+  at::Tensor dk = at::empty(k.sizes(), contiguous);
+  at::Tensor dv = at::empty(v.sizes(), contiguous);
+  if (f.sq == 0 || f.sk == 0) {  // nothing attends: all gradients are zero
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv};
+  }
+  at::Tensor dsum = at::empty(stat_shape(f, layout), q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty(stat_shape(f, layout), q.options().dtype(at::kFloat));
+  f.out = const_cast<void*>(out.data_ptr());
+  f.row_max = const_cast<float*>(stats[0].data_ptr<float>());
+  f.row_sum = const_cast<float*>(stats[1].data_ptr<float>());
+  row_strides(out, layout, f.o_stride_b, f.o_stride_h, f.o_stride_s);
+  p.dout = grad_out.data_ptr();
+  row_strides(grad_out, layout, p.do_stride_b, p.do_stride_h, p.do_stride_s);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  row_strides(dq, layout, p.dq_stride_b, p.dq_stride_h, p.dq_stride_s);
+  row_strides(dk, layout, p.dkv_stride_b, p.dkv_stride_h, p.dkv_stride_s);
+  p.dsum = dsum.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  p.row_max = stats[0].data_ptr<float>();
-  p.row_sum = stats[1].data_ptr<float>();
-  p.o_stride_b = out.stride(0), p.o_stride_h = out.stride(1), p.o_stride_s = out.stride(2);
-  check_launch(fc::attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "attn_fwd");
-  return {out, lse, stats};
+  check_launch(fc::attn_bwd(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {dq, dk, dv};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& stats_in, const std::optional<at::Tensor>& mask,
+    const at::Tensor& out, const at::Tensor& stats, const std::optional<at::Tensor>& mask,
     double scale, bool mask_grad, int64_t window_left, int64_t window_right, bool window_top_left,
     double softcap, double dropout_p, const std::optional<at::Tensor>& rng_state,
     const std::optional<at::Tensor>& alibi_slopes) {
   fc::AttnBwdParams p;
   p.fwd = attn_params(q, k, v, mask, scale, window_left, window_right, window_top_left, softcap,
                       alibi_slopes, fc::kMaxHeadDimBwd);
-  fc::AttnFwdParams& f = p.fwd;
-  set_dropout(f, dropout_p, rng_state, q);
-  check_attn_operand(grad_out, "grad_out", q);
-  check_attn_operand(out, "out", q);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "fastattn CUDA: grad_out and out must have q's shape ", q.sizes());
-  check_cuda_tensor(stats_in, "softmax_stats", q);
-  TORCH_CHECK_VALUE(stats_in.scalar_type() == at::kFloat &&
-                        stats_in.sizes() == at::IntArrayRef({kSoftmaxStats, f.b, f.hq, f.sq}),
-                    "fastattn CUDA: softmax_stats must be float32 (2, B, Hq, Sq), got ",
-                    stats_in.scalar_type(), " ", stats_in.sizes());
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor stats = stats_in.contiguous();
-
-  at::Tensor dq = at::empty({f.b, f.hq, f.sq, f.d}, q.options());
-  at::Tensor dk = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
-  at::Tensor dv = at::empty({f.b, f.hkv, f.sk, f.d}, q.options());
-  at::Tensor dsum = at::empty({f.b, f.hq, f.sq}, q.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({f.b, f.hq, f.sq}, q.options().dtype(at::kFloat));
+  const fc::AttnFwdParams& f = p.fwd;
   at::Tensor dmask = mask_grad ? at::zeros({f.b, f.hq, f.sq, f.sk}, q.options().dtype(at::kFloat))
                                : at::empty({0}, q.options().dtype(at::kFloat));
-  if (f.sq == 0 || f.sk == 0) {  // nothing attends: all gradients are zero
-    dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv, dmask};
-  }
-  f.out = const_cast<void*>(out.data_ptr());
-  f.row_max = const_cast<float*>(stats[0].data_ptr<float>());
-  f.row_sum = const_cast<float*>(stats[1].data_ptr<float>());
-  f.o_stride_b = out.stride(0), f.o_stride_h = out.stride(1), f.o_stride_s = out.stride(2);
-  p.dout = grad_out.data_ptr();
-  p.do_stride_b = grad_out.stride(0), p.do_stride_h = grad_out.stride(1);
-  p.do_stride_s = grad_out.stride(2);
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  p.dsum = dsum.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
-  check_launch(fc::attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "attn_bwd");
+  auto [dq, dk, dv] = backward(p, grad_out, q, k, v, out, stats, Layout::kPadded, dropout_p, rng_state, "attn_bwd");
   return {dq, dk, dv, dmask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& stats, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, double softcap, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& alibi_slopes) {
+  fc::AttnBwdParams p;
+  p.fwd = varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                        window_right, softcap, alibi_slopes, fc::kMaxHeadDimBwd);
+  return backward(p, grad_out, q, k, v, out, stats, Layout::kPacked, dropout_p, rng_state, "varlen_bwd");
 }
 
 at::Tensor softmax_fwd(const at::Tensor& x_in, const std::optional<at::Tensor>& mask,
@@ -297,6 +409,8 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y_in, const at::Tensor& y_in) {
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attn_fwd", &attn_fwd);
   m.impl("attn_bwd", &attn_bwd);
+  m.impl("varlen_fwd", &varlen_fwd);
+  m.impl("varlen_bwd", &varlen_bwd);
   m.impl("softmax_fwd", &softmax_fwd);
   m.impl("softmax_bwd", &softmax_bwd);
 }

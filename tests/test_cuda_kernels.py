@@ -268,11 +268,11 @@ def test_dropout_backward_keep_pattern_is_philox_bit_for_bit(D):
     assert torch.equal(dv[:, :, :, :Sq].transpose(-2, -1) != 0, philox.keep_mask(state, (B, H, Sq, Sk), p))
 
 
-def _check_options_against_reference(q, k, v, mask, scale, window, softcap=0.0, dropout_p=0.0, rng_state=None,
-                                     sinks=None, alibi_slopes=None):
-    """attn_fwd, and attn_bwd up to the backward's head dims, against reference.attention in float64 within
-    twice the reference in q's dtype: out, lse (the same rows -inf, their output zeros), dq, dk, dv and, for
-    an additive mask, dmask. Every option is passed to both sides as is."""
+def _check_against_reference(kernel_fwd, kernel_bwd, reference_fn, q, k, v, mask=None):
+    """kernel_fwd() -> (out, lse, stats) and, up to the backward's head dims, kernel_bwd(grad_out,
+    out, stats, mask_grad) -> gradients, against reference_fn(q, k, v, mask) -> (out, lse) in
+    float64 within twice the same in q's dtype: out, lse (the same rows -inf, their output zeros),
+    dq, dk, dv and, for an additive mask, dmask."""
     dtype, D = q.dtype, q.shape[-1]
     with_backward = D <= CAPABILITIES["cuda"].max_head_dim_bwd
     mask_grad = mask is not None and mask.dtype != torch.bool
@@ -284,28 +284,45 @@ def _check_options_against_reference(q, k, v, mask, scale, window, softcap=0.0, 
         if mask_grad:
             m = mask.detach().to(to_dtype).contiguous().requires_grad_()
             leaves.append(m)
-        o, lse = reference.attention(*leaves[:3], m, scale, window, dropout_p, upcast=False, rng_state=rng_state,
-                                     softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+        o, lse = reference_fn(*leaves[:3], m)
         return o, lse, torch.autograd.grad(o, leaves, grad_out.to(to_dtype)) if with_backward else None
 
     _poison_allocator()
-    out, lse, stats = OPS.attn_fwd(q, k, v, mask, scale, *window, softcap, dropout_p, rng_state, sinks, alibi_slopes)
+    out, lse, stats = kernel_fwd()
     (ref_out, ref_lse, ref_grads), (base_out, base_lse, base_grads) = run_reference(torch.float64), run_reference(dtype)
     assert_within_baseline("out", out, ref_out, base_out)
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty), "lse: -inf rows differ from the reference"
     assert_within_baseline("lse", lse[~empty], ref_lse[~empty].float(), base_lse[~empty])
     if empty.any():
-        assert out[empty].abs().max() == 0, "rows that see no key must be zeros"
+        rows = out.transpose(0, 1) if out.dim() == 3 else out  # packed out is (total, H, D), lse (H, total)
+        assert rows[empty].abs().max() == 0, "rows that see no key must be zeros"
     if not with_backward:
         return
     _poison_allocator()
-    grads = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *window, softcap, dropout_p,
-                         rng_state, alibi_slopes)
+    grads = kernel_bwd(grad_out, out, stats, mask_grad)
     names = ("dq", "dk", "dv", "dmask") if mask_grad else ("dq", "dk", "dv")
     for name, got, ref, base in zip(names, grads, ref_grads, base_grads):
         assert not torch.isnan(got).any(), f"{name} has NaN"
         assert_within_baseline(name, got, ref, base.to(got.dtype))
+
+
+def _check_options_against_reference(q, k, v, mask, scale, window, softcap=0.0, dropout_p=0.0, rng_state=None,
+                                     sinks=None, alibi_slopes=None):
+    """attn_fwd / attn_bwd with these options against reference.attention (_check_against_reference)."""
+    def kernel_fwd():
+        return OPS.attn_fwd(q, k, v, mask, scale, *window, softcap, dropout_p, rng_state, sinks, alibi_slopes)
+
+    def kernel_bwd(grad_out, out, stats, mask_grad):
+        grads = OPS.attn_bwd(grad_out, q, k, v, out, stats, mask, scale, mask_grad, *window, softcap, dropout_p,
+                             rng_state, alibi_slopes)
+        return grads if mask_grad else grads[:3]
+
+    def reference_fn(q, k, v, m):
+        return reference.attention(q, k, v, m, scale, window, dropout_p, upcast=False, rng_state=rng_state,
+                                   softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+
+    _check_against_reference(kernel_fwd, kernel_bwd, reference_fn, q, k, v, mask)
 
 
 # (B, Hq, Hkv, Sq, Sk, D, window, mask kind, dtype, softcap); head dim 256 runs the forward only
@@ -485,6 +502,62 @@ def test_alibi_slopes_argument_errors():
     out, _, stats = OPS.attn_fwd(q, q, q, None, 0.125, -1, -1, False, 0.0, 0.0, None, None, good)
     with pytest.raises(ValueError, match="alibi_slopes must be a contiguous float32"):
         OPS.attn_bwd(out, q, q, q, out, stats, None, 0.125, False, -1, -1, False, 0.0, 0.0, None, good[:1])
+
+
+# ----------------------------------------------------------------------- packed sequences
+
+# (lengths_q, lengths_k, Hq, Hkv, D, window, dtype, softcap, dropout_p, sinks, alibi); head dim 256: forward only
+VARLEN_CASES = [
+    ([37, 0, 130, 5, 64], [50, 3, 130, 0, 70], 4, 2, 64, UNBOUNDED, torch.float16, 0.0, 0.0, False, False),
+    ([300, 1, 77], [300, 200, 90], 8, 2, 128, CAUSAL, torch.bfloat16, 0.0, 0.0, False, False),
+    ([65, 129, 0], [200, 64, 0], 2, 1, 96, Window(30, 10), torch.float16, 5.0, 0.0, True, True),
+    ([100, 0, 33], [120, 10, 33], 4, 4, 32, CAUSAL, torch.bfloat16, 0.0, 0.2, False, True),
+    ([90, 150], [90, 150], 2, 2, 256, CAUSAL, torch.float16, 0.0, 0.0, True, False),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_varlen_matches_reference(case):
+    """Packed sequences (empty ones included, GQA) against reference.varlen_attention: each
+    sequence is its own batch (window bottom-right within it, dropout's batch b, ALiBi's row b)."""
+    lengths_q, lengths_k, Hq, Hkv, D, window, dtype, softcap, p, with_sinks, with_alibi = case
+    torch.manual_seed(sum(lengths_q) + D)
+    cu_q, cu_k = (torch.tensor([0] + n, device=DEVICE).cumsum(0).to(torch.int32) for n in (lengths_q, lengths_k))
+    q = torch.randn(sum(lengths_q), Hq, D, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(sum(lengths_k), Hkv, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    max_q, max_k, scale = max(lengths_q), max(lengths_k), D ** -0.5
+    sinks = torch.randn(Hq, device=DEVICE) if with_sinks else None
+    slopes = _alibi_slopes(len(lengths_q), Hq) if with_alibi else None
+    state = _rng_state(4242, 17) if p else None
+    left, right = window.left, window.right
+
+    def kernel_fwd():
+        return OPS.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, p, state, sinks, slopes)
+
+    def kernel_bwd(grad_out, out, stats, mask_grad):
+        return OPS.varlen_bwd(grad_out, q, k, v, out, stats, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+                              p, state, slopes)
+
+    def reference_fn(q, k, v, mask):
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, scale, window, p, upcast=False, rng_state=state,
+                                          softcap=softcap, sinks=sinks, alibi_slopes=slopes)
+
+    _check_against_reference(kernel_fwd, kernel_bwd, reference_fn, q, k, v)
+
+
+def test_varlen_argument_errors():
+    q = torch.randn(10, 2, 64, device=DEVICE, dtype=torch.float16)
+    cu = torch.tensor([0, 4, 10], device=DEVICE, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be a contiguous int32"):
+        OPS.varlen_fwd(q, q, q, cu.long(), cu, 6, 6, 0.125)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be a CUDA tensor"):
+        OPS.varlen_fwd(q, q, q, cu, cu.cpu(), 6, 6, 0.125)
+    with pytest.raises(ValueError, match="same length"):
+        OPS.varlen_fwd(q, q, q, cu, cu[:2], 6, 6, 0.125)
+    with pytest.raises(ValueError, match=r"q must be 3-d \(total, H, D\)"):
+        OPS.varlen_fwd(q[None], q, q, cu, cu, 6, 6, 0.125)
+    with pytest.raises(ValueError, match="alibi_slopes must be a contiguous float32 tensor of shape \\[2, 2\\]"):
+        OPS.varlen_fwd(q, q, q, cu, cu, 6, 6, 0.125, -1, -1, 0.0, 0.0, None, None, torch.ones(2, device=DEVICE))
 
 
 # ------------------------------------------------------------------------------- softmax

@@ -172,6 +172,35 @@ def test_alibi_autograd_matches_reference(backend, dtype, causal, padded, softca
         assert_within_baseline(name, got, ref, base)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,window,with_alibi", [(True, None, False), (False, (40, 8), True)])
+def test_varlen_autograd_matches_reference(backend, dtype, causal, window, with_alibi):
+    """varlen_attention with an empty sequence and GQA: outputs and gradients against the reference."""
+    if "alibi" not in CAPABILITIES[backend].features and with_alibi:
+        pytest.skip(f"the {backend} backend has no alibi")
+    torch.manual_seed(7)
+    lengths_q, lengths_k = [120, 0, 257, 31], [100, 9, 257, 64]
+    cu_q, cu_k = (torch.tensor([0] + n, device="cuda").cumsum(0).to(torch.int32) for n in (lengths_q, lengths_k))
+    q = torch.randn(sum(lengths_q), 8, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(sum(lengths_k), 2, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    slopes = torch.rand(4, 8, device="cuda") if with_alibi else None
+    out = fastattn.varlen_attention(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal, window=window,
+                                    alibi_slopes=slopes, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    rule = fastattn.ops.window_rule(causal, window)
+    results = []
+    for to_dtype in (torch.float64, dtype):
+        leaves = [t.detach().to(to_dtype).requires_grad_() for t in (q, k, v)]
+        ref, _ = reference.varlen_attention(*leaves, cu_q, cu_k, None, rule, upcast=False, alibi_slopes=slopes)
+        results.append((ref, torch.autograd.grad(ref, leaves, grad_out.to(to_dtype))))
+    (ref_out, ref_grads), (base_out, base_grads) = results
+    assert_within_baseline("out", out, ref_out, base_out)
+    for name, got, ref, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads):
+        assert_within_baseline(name, got, ref, base)
+
+
 def test_automatic_dispatch_runs_a_fused_gpu_kernel():
     q = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
     chosen = dispatch.choose(lambda name: dispatch.attention_reason(name, q, q, q, None, None), q.device)

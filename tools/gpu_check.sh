@@ -104,7 +104,8 @@ write_sanitize_py() {
   cat >"$OUT/sanitize_workload.py" <<'PY'
 # Forward, backward and softmax of both GPU backends on small odd shapes (partial tiles, GQA,
 # masks, the causal rules and a sliding window, dropout, sinks, softcap, ALiBi where the backend
-# has it). Triton's autotuner runs every config of a case, so each is checked.
+# has it), padded and packed (varlen). Triton's autotuner runs every config of a case, so each
+# is checked.
 import torch
 import fastattn  # registers the ops
 from fastattn.capabilities import CAPABILITIES
@@ -140,6 +141,16 @@ for prefix, backend in (("", "cuda"), ("triton_", "triton")):
         x = torch.randn(2, 3, 33, 1500 if masked else 100, device="cuda", dtype=dtype)
         y = softmax_fwd(x, None, 0.5, *rule)
         softmax_bwd(torch.randn_like(y), y)
+        # Packed sequences (an empty one included) with the same options, less the mask.
+        cu_q = torch.tensor([0, 70, 70, 150], device="cuda", dtype=torch.int32)
+        cu_k = torch.tensor([0, 50, 60, 130], device="cuda", dtype=torch.int32)
+        varlen_fwd, varlen_bwd = getattr(ops, prefix + "varlen_fwd"), getattr(ops, prefix + "varlen_bwd")
+        packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]
+        bias = {"alibi_slopes": slopes.expand(3, 4).contiguous()} if alibi and has_alibi else {}
+        out, _, stats = varlen_fwd(*packed, cu_q, cu_k, 80, 70, D ** -0.5, rule.left, rule.right, softcap, **dropout,
+                                   sinks=sinks if with_sinks else None, **bias)
+        varlen_bwd(torch.randn_like(out), *packed, out, stats, cu_q, cu_k, 80, 70, D ** -0.5, rule.left, rule.right,
+                   softcap, **dropout, **bias)
     torch.cuda.synchronize()
     print(prefix or "cuda ", "workload done")
 PY

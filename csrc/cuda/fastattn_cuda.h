@@ -11,6 +11,14 @@
 
 #include "limits.h"
 
+// The window rule below is computed on the host for padded batches and per sequence on the
+// device for packed ones.
+#ifdef __CUDACC__
+#define FA_HOST_DEVICE __host__ __device__
+#else
+#define FA_HOST_DEVICE
+#endif
+
 namespace fastattn {
 namespace cuda {
 
@@ -26,11 +34,12 @@ struct Visibility {
 };
 
 // i' - i, the diagonal of the window rule below: sk - sq (bottom-right) or 0 (top-left).
-inline int64_t window_diagonal(bool top_left, int64_t sq, int64_t sk) { return top_left ? 0 : sk - sq; }
+FA_HOST_DEVICE inline int64_t window_diagonal(bool top_left, int64_t sq, int64_t sk) { return top_left ? 0 : sk - sq; }
 
 // The rule of a window: query i sees key j iff i' - left <= j <= i' + right, i' = i + sk - sq
 // (i' = i when top_left); a negative side is unbounded and becomes an offset past every key.
-inline Visibility visibility(int64_t left, int64_t right, bool top_left, int64_t sq, int64_t sk) {
+FA_HOST_DEVICE inline Visibility visibility(int64_t left, int64_t right, bool top_left, int64_t sq,
+                                           int64_t sk) {
   const int64_t off = window_diagonal(top_left, sq, sk), far = sq + sk;
   Visibility v;
   v.lo = static_cast<int>(left < 0 || off - left < -far ? -far : off - left);
@@ -79,6 +88,13 @@ cudaError_t softmax_bwd(const SoftmaxBwdParams& p, cudaStream_t stream);
 // ---------------------------------------------------------------------------------------
 // Flash attention (fp16/bf16, sm_80+). Layout (B, H, S, D); last dims contiguous, every
 // row stride a multiple of 8 elements and every base pointer 16-byte aligned.
+//
+// Packed sequences (varlen) set cu_seqlens_q/k: q and out are then (total_q, H, D), k and v
+// (total_k, Hkv, D), read through the same strides with stride_s between tokens (stride_b
+// unused); b counts sequences, sq / sk are the longest ones' lengths (the grid); the row
+// statistics (lse, row_max, row_sum and the backward's scratch) are (Hq, total_q); each
+// sequence's window (window_left / right) is aligned bottom-right; there is no mask. The
+// lengths stay on the device.
 struct AttnFwdParams {
   const void *q = nullptr, *k = nullptr, *v = nullptr;
   void* out = nullptr;  // (B, Hq, Sq, D) with the strides below
@@ -113,16 +129,28 @@ struct AttnFwdParams {
   const int64_t* rng_state = nullptr;
   uint64_t drop_threshold = 0;
   float keep_scale = 1.f;
+  // Packed sequences: int32 (B + 1) cumulative lengths on the device, or nullptr (padded).
+  const int* cu_seqlens_q = nullptr;
+  const int* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;                       // tokens of q: the statistics' row count
+  int64_t window_left = -1, window_right = -1;  // each sequence's window (vis is per call)
 };
+
+// Rows of the row statistics: B * Hq * Sq for padded batches, Hq * total_q for packed ones.
+FA_HOST_DEVICE inline int64_t stat_rows(const AttnFwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? p.hq * p.total_q : static_cast<int64_t>(p.b) * p.hq * p.sq;
+}
 
 struct AttnBwdParams {
   AttnFwdParams fwd;  // q, k, v, out, row_max, row_sum (read), sizes, mask
   const void* dout = nullptr;
   int64_t do_stride_b = 0, do_stride_h = 0, do_stride_s = 0;
-  void *dq = nullptr, *dk = nullptr, *dv = nullptr;  // contiguous, shapes of q, k, v
-  float* dsum = nullptr;   // scratch, contiguous (B, Hq, Sq): rowsum(dout * out)
-  float* lse = nullptr;    // scratch, contiguous (B, Hq, Sq): row_max + log(row_sum)
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;  // shapes of q, k, v, strides below
+  float* dsum = nullptr;   // scratch, the statistics' layout: rowsum(dout * out)
+  float* lse = nullptr;    // scratch, the statistics' layout: row_max + log(row_sum)
   float* dmask = nullptr;  // optional contiguous (B, Hq, Sq, Sk), zero-filled by the caller
+  int64_t dq_stride_b = 0, dq_stride_h = 0, dq_stride_s = 0;
+  int64_t dkv_stride_b = 0, dkv_stride_h = 0, dkv_stride_s = 0;  // dk and dv alike
 };
 
 cudaError_t attn_fwd(const AttnFwdParams& p, cudaStream_t stream);

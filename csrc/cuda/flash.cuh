@@ -12,9 +12,13 @@
 // mask after the cap instead, per element (`score_of`), and skip no key block for it.
 //
 // ALiBi: a run-time branch on the head's slope (uniform across the CTA) in `score_of`, after
-// the cap and before a capped score's mask. A template flag would double the ~300 kernels
-// CI compiles, and the bias needs only the slope, the indices the window test already
-// computes, and one FMA per score.
+// the cap and before a capped score's mask. A template flag would double the ~400 kernels
+// per architecture CI compiles, and the bias needs only the slope, the indices the window
+// test already computes, and one FMA per score.
+//
+// Sequences: every kernel finds its sequence's lengths, window and row offsets through
+// SeqInfo, padded (B, H, S, D) or packed (varlen: total, H, D with cu_seqlens) by the kPacked
+// template flag, which keeps the padded kernels' sizes in the parameters, not in registers.
 //
 // Backward is deterministic: one kernel owns a key block and loops over the query blocks of
 // every query head of its GQA group (dK, dV in registers, no atomics); a second kernel owns a
@@ -48,6 +52,58 @@ __device__ __forceinline__ void load_row_stats(const AttnFwdParams& f, int64_t i
   row_max = l == 0.f ? INFINITY : f.row_max[idx];
   inv_sum = l == 0.f ? 0.f : 1.f / l;
 }
+
+// Where sequence b lies (flash-attention's BlockInfo): its query and key counts, its window,
+// and the offsets of its rows in the operands, outputs and row statistics. Every kernel finds
+// its sequence through it. Padded batches take all from the parameters (b * stride_b,
+// statistics (B, Hq, Sq)); packed ones (kPacked) from cu_seqlens (rows from the sequence's
+// first token, statistics (Hq, total_q), the window aligned bottom-right per sequence).
+template <bool kPacked>
+class SeqInfo {
+ public:
+  __device__ __forceinline__ SeqInfo(const AttnFwdParams& p, int b) {
+    if constexpr (kPacked) {
+      q_start_ = p.cu_seqlens_q[b];
+      k_start_ = p.cu_seqlens_k[b];
+      sq_ = p.cu_seqlens_q[b + 1] - q_start_;
+      sk_ = p.cu_seqlens_k[b + 1] - k_start_;
+      vis_ = visibility(p.window_left, p.window_right, false, sq_, sk_);
+    }
+  }
+  // The sequence's queries and keys, its window and that window's diagonal i' - i (ALiBi's
+  // origin). Padded ones are read from the parameters where used, holding no registers.
+  __device__ __forceinline__ int sq(const AttnFwdParams& p) const { return kPacked ? sq_ : p.sq; }
+  __device__ __forceinline__ int sk(const AttnFwdParams& p) const { return kPacked ? sk_ : p.sk; }
+  __device__ __forceinline__ Visibility vis(const AttnFwdParams& p) const {
+    if constexpr (kPacked) return vis_;
+    return p.vis;
+  }
+  __device__ __forceinline__ int diagonal(const AttnFwdParams& p) const {
+    return kPacked ? static_cast<int>(window_diagonal(false, sq_, sk_)) : p.diagonal;
+  }
+  // Offset of head h's first query (key) row in a tensor with these strides.
+  __device__ __forceinline__ int64_t q_offset(int b, int h, int64_t stride_b, int64_t stride_h,
+                                              int64_t stride_s) const {
+    return row_offset(q_start_, b, h, stride_b, stride_h, stride_s);
+  }
+  __device__ __forceinline__ int64_t k_offset(int b, int h, int64_t stride_b, int64_t stride_h,
+                                              int64_t stride_s) const {
+    return row_offset(k_start_, b, h, stride_b, stride_h, stride_s);
+  }
+  // Index of query 0's statistics (lse, row_max, row_sum, dsum) of query head h, bh = b * Hq + h.
+  __device__ __forceinline__ int64_t stat_base(const AttnFwdParams& p, int64_t bh, int h) const {
+    return kPacked ? static_cast<int64_t>(h) * p.total_q + q_start_ : bh * p.sq;
+  }
+
+ private:
+  __device__ __forceinline__ int64_t row_offset(int start, int b, int h, int64_t stride_b,
+                                                int64_t stride_h, int64_t stride_s) const {
+    return (kPacked ? start * stride_s : b * stride_b) + h * stride_h;
+  }
+
+  int q_start_ = 0, k_start_ = 0, sq_ = 0, sk_ = 0;  // packed only
+  Visibility vis_;                                     // packed only
+};
 
 
 // Dropout's per-call state, read once per thread (rng_state lives in device memory).
@@ -292,17 +348,19 @@ __device__ __forceinline__ float alibi_slope_of(const AttnFwdParams& p, int64_t 
 // Scores::kMasked): scaled; capped for kCapped, with d cap / dx in `cap_slope` (1 otherwise);
 // ALiBi's -slope * |query + diagonal - key|; then for kCapped the mask, read here for queries
 // and keys in range (-inf hides the key whatever the capped score is). `mask_base` is the
-// head's mask offset. Keys outside the window or past Sk are the caller's.
+// head's mask offset (masks come with padded batches only); `diagonal` the sequence's i' - i.
+// Keys outside the window or past Sk are the caller's.
 template <Scores kScores>
-__device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, float alibi_slope,
-                                          int64_t mask_base, int query, int key, float& cap_slope) {
+__device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, int diagonal,
+                                          float alibi_slope, int64_t mask_base, int query, int key,
+                                          float& cap_slope) {
   float x = acc * p.scale;
   cap_slope = 1.f;
   if constexpr (kScores == Scores::kCapped) {  // d cap(x) / dx = 1 - (cap(x) / softcap)^2
     x = cap_score(x, p.softcap);
     cap_slope = 1.f - (x / p.softcap) * (x / p.softcap);
   }
-  if (alibi_slope != 0.f) x -= alibi_slope * fabsf(static_cast<float>(query + p.diagonal - key));
+  if (alibi_slope != 0.f) x -= alibi_slope * fabsf(static_cast<float>(query + diagonal - key));
   if constexpr (kScores == Scores::kCapped) {
     if (p.mask.kind != MaskKind::kNone && query < p.sq && key < p.sk) {
       const float m = load_mask(p.mask.ptr, p.mask.kind,
@@ -315,7 +373,9 @@ __device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, flo
 
 // ---------------------------------------------------------------------------------------
 // Forward. Grid (B * Hq, ceil(Sq / kBlockM)); kNWarps warps, each owning 16 * kMT query rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
+// Writes out and the row statistics (lse, row_max, row_sum) of its query block.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout,
+          bool kPacked>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     fwd_kernel(const AttnFwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -335,23 +395,25 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int bh = blockIdx.x, b = bh / p.hq, h = bh % p.hq, hk = h / (p.hq / p.hkv);
   const int m0 = blockIdx.y * kBlockM;
   const int warp_row0 = warp * kMT * 16;
+  const SeqInfo<kPacked> seq(p, b);
+  if (m0 >= seq.sq(p)) return;  // past this sequence's queries (packed: a shorter one)
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  const T* q = static_cast<const T*>(p.q) + seq.q_offset(b, h, p.q_stride_b, p.q_stride_h, p.q_stride_s);
+  const T* k = static_cast<const T*>(p.k) + seq.k_offset(b, hk, p.k_stride_b, p.k_stride_h, p.k_stride_s);
+  const T* v = static_cast<const T*>(p.v) + seq.k_offset(b, hk, p.v_stride_b, p.v_stride_h, p.v_stride_s);
   const int64_t mask_base = b * p.mask.stride_b + h * p.mask.stride_h;
 
   // Only the key blocks the window shows this query block are visited.
-  const int n_begin = key_block_begin(p.vis, m0, kBlockN);
-  const int n_end = key_block_end(p.vis, m0, kBlockM, p.sk, kBlockN);
+  const int n_begin = key_block_begin(seq.vis(p), m0, kBlockN);
+  const int n_end = key_block_end(seq.vis(p), m0, kBlockM, seq.sk(p), kBlockN);
   const float inv_scale = 1.f / p.scale;
   const float alibi_slope = alibi_slope_of(p, bh);
   DropoutRng rng;
   if constexpr (kDropout) rng = load_dropout_rng(p);
 
-  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, m0, p.sq, p.d, tid);
+  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, m0, seq.sq(p), p.d, tid);
   if (n_begin < n_end)
-    load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n_begin * kBlockN, p.sk, p.d, tid);
+    load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n_begin * kBlockN, seq.sk(p), p.d, tid);
   cp_async_commit();
   int k_loaded = n_begin;  // key block held (or being filled) in sK
 
@@ -373,18 +435,18 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     float s[kMT][kNT][4];
     if constexpr (kScores == Scores::kMasked) {
       const bool any = init_scores_from_mask<kMT, kNT, false>(
-          s, p.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, p.sq, p.sk, inv_scale, p.vis);
+          s, p.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, seq.sq(p), seq.sk(p), inv_scale, seq.vis(p));
       if (!__syncthreads_or(any)) continue;  // the mask hides this key block for every row
     } else {
       zero(s);
     }
     if (k_loaded != n) {  // the prefetched block was skipped: wait for it, then reload
       cp_async_wait<0>();
-      load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n0, p.sk, p.d, tid);
+      load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n0, seq.sk(p), p.d, tid);
       cp_async_commit();
       k_loaded = n;
     }
-    load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_stride_s, n0, p.sk, p.d, tid);
+    load_tile<kBlockN, kHeadDim, kThreads>(sV, v, p.v_stride_s, n0, seq.sk(p), p.d, tid);
     cp_async_commit();
     cp_async_wait<1>();  // Q and K ready; V may still be in flight
     __syncthreads();
@@ -392,13 +454,13 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     gemm_ss_nt<T, kMT, kNT, kHeadDim>(s, sQ + warp_row0 * kLd, kLd, sK, kLd, lane);
     __syncthreads();  // every warp is done with sK: prefetch the next key block
     if (n + 1 < n_end) {
-      load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n0 + kBlockN, p.sk, p.d, tid);
+      load_tile<kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, n0 + kBlockN, seq.sk(p), p.d, tid);
       k_loaded = n + 1;
     }
     cp_async_commit();
 
     // Keys past Sk and (on blocks the window cuts) keys outside the window.
-    const bool edge = n0 + kBlockN > p.sk || partial_tile(p.vis, m0, kBlockM, n0, kBlockN);
+    const bool edge = n0 + kBlockN > seq.sk(p) || partial_tile(seq.vis(p), m0, kBlockM, n0, kBlockN);
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -411,8 +473,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
             const int col = n0 + ni * 8 + 2 * t + (e & 1);
             float cap_slope;
-            float x = score_of<kScores>(s[mi][ni][e], p, alibi_slope, mask_base, row, col, cap_slope);
-            if (edge && (col >= p.sk || (kScores != Scores::kMasked && !sees(p.vis, row, col)))) x = -INFINITY;
+            float x = score_of<kScores>(s[mi][ni][e], p, seq.diagonal(p), alibi_slope, mask_base, row, col, cap_slope);
+            if (edge && (col >= seq.sk(p) || (kScores != Scores::kMasked && !sees(seq.vis(p), row, col)))) x = -INFINITY;
             s[mi][ni][e] = x;
             mx = fmaxf(mx, x);
           }
@@ -467,8 +529,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         *reinterpret_cast<uint32_t*>(sQ + r * kLd + di * 8 + 2 * t) =
             pack2<T>(acc_o[mi][di][2 * hf] * inv, acc_o[mi][di][2 * hf + 1] * inv);
       }
-      if (t == 0 && m0 + r < p.sq) {
-        const int64_t idx = static_cast<int64_t>(bh) * p.sq + m0 + r;
+      if (t == 0 && m0 + r < seq.sq(p)) {
+        const int64_t idx = seq.stat_base(p, bh, h) + m0 + r;
         const float m = l == 0.f ? -INFINITY : row_max[mi][hf];
         p.lse[idx] = m + logf(l);
         p.row_max[idx] = m;
@@ -477,21 +539,22 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     }
   }
   __syncthreads();
-  T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
-  store_tile<kBlockM, kHeadDim, kThreads>(out, p.o_stride_s, sQ, m0, p.sq, p.d, tid);
+  T* out = static_cast<T*>(p.out) + seq.q_offset(b, h, p.o_stride_b, p.o_stride_h, p.o_stride_s);
+  store_tile<kBlockM, kHeadDim, kThreads>(out, p.o_stride_s, sQ, m0, seq.sq(p), p.d, tid);
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward preprocessing: dsum[row] = sum_d dout[row, d] * out[row, d]; one warp per row.
+// Backward preprocessing: dsum[row] = sum_d dout[row, d] * out[row, d]; one warp per row of
+// the statistics' layout (stat_rows).
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const AttnFwdParams& f = p.fwd;
-  const int64_t n_rows = static_cast<int64_t>(f.b) * f.hq * f.sq;
-  if (row >= n_rows) return;
-  const int s = row % f.sq;
-  const int bh = row / f.sq, b = bh / f.hq, h = bh % f.hq;
+  if (row >= stat_rows(f)) return;
+  // Packed statistics are (Hq, total_q): one "batch" whose rows are tokens (stride_b unused).
+  const int64_t head_rows = f.cu_seqlens_q != nullptr ? f.total_q : f.sq;
+  const int64_t s = row % head_rows, bh = row / head_rows, b = bh / f.hq, h = bh % f.hq;
   const T* o = static_cast<const T*>(f.out) + b * f.o_stride_b + h * f.o_stride_h + s * f.o_stride_s;
   const T* dout =
       static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h + s * p.do_stride_s;
@@ -506,7 +569,8 @@ __global__ void __launch_bounds__(256) bwd_dsum_kernel(const AttnBwdParams p) {
 }
 
 // dQ (and dmask). Grid (B * Hq, ceil(Sq / kBlockM)); each warp owns 16 query rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout,
+          bool kPacked>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dq_kernel(const AttnBwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -527,22 +591,25 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int bh = blockIdx.x, b = bh / f.hq, h = bh % f.hq, hk = h / (f.hq / f.hkv);
   const int m0 = blockIdx.y * kBlockM;
   const int warp_row0 = warp * 16;
+  const SeqInfo<kPacked> seq(f, b);
+  if (m0 >= seq.sq(f)) return;  // past this sequence's queries (packed: a shorter one)
 
-  const T* q = static_cast<const T*>(f.q) + b * f.q_stride_b + h * f.q_stride_h;
-  const T* k = static_cast<const T*>(f.k) + b * f.k_stride_b + hk * f.k_stride_h;
-  const T* v = static_cast<const T*>(f.v) + b * f.v_stride_b + hk * f.v_stride_h;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
+  const T* q = static_cast<const T*>(f.q) + seq.q_offset(b, h, f.q_stride_b, f.q_stride_h, f.q_stride_s);
+  const T* k = static_cast<const T*>(f.k) + seq.k_offset(b, hk, f.k_stride_b, f.k_stride_h, f.k_stride_s);
+  const T* v = static_cast<const T*>(f.v) + seq.k_offset(b, hk, f.v_stride_b, f.v_stride_h, f.v_stride_s);
+  const T* dout =
+      static_cast<const T*>(p.dout) + seq.q_offset(b, h, p.do_stride_b, p.do_stride_h, p.do_stride_s);
   const int64_t mask_base = b * f.mask.stride_b + h * f.mask.stride_h;
 
-  const int n_begin = key_block_begin(f.vis, m0, kBlockN);
-  const int n_end = key_block_end(f.vis, m0, kBlockM, f.sk, kBlockN);
+  const int n_begin = key_block_begin(seq.vis(f), m0, kBlockN);
+  const int n_end = key_block_end(seq.vis(f), m0, kBlockM, seq.sk(f), kBlockN);
   const float inv_scale = 1.f / f.scale;
   const float alibi_slope = alibi_slope_of(f, bh);
   DropoutRng rng;
   if constexpr (kDropout) rng = load_dropout_rng(f);
 
-  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
-  load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
+  load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, seq.sq(f), f.d, tid);
+  load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, seq.sq(f), f.d, tid);
   cp_async_commit();
 
   // Per-row softmax statistics and dsum.
@@ -550,9 +617,9 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int row = m0 + warp_row0 + g + hf * 8;
-    const int64_t idx = static_cast<int64_t>(bh) * f.sq + row;
-    load_row_stats(f, idx, row < f.sq, row_max[hf], inv_sum[hf]);
-    dsum[hf] = row < f.sq ? p.dsum[idx] : 0.f;
+    const int64_t idx = seq.stat_base(f, bh, h) + row;
+    load_row_stats(f, idx, row < seq.sq(f), row_max[hf], inv_sum[hf]);
+    dsum[hf] = row < seq.sq(f) ? p.dsum[idx] : 0.f;
   }
 
   float acc_dq[1][kDT][4];
@@ -563,14 +630,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     float s[1][kNT][4];
     if constexpr (kScores == Scores::kMasked) {
       const bool any = init_scores_from_mask<1, kNT, false>(
-          s, f.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, f.sq, f.sk, inv_scale, f.vis);
+          s, f.mask, mask_base, m0 + warp_row0 + g, n0 + 2 * t, seq.sq(f), seq.sk(f), inv_scale, seq.vis(f));
       if (!__syncthreads_or(any)) continue;
     } else {
       zero(s);
     }
-    load_tile<kBlockN, kHeadDim, kThreads>(sK, k, f.k_stride_s, n0, f.sk, f.d, tid);
+    load_tile<kBlockN, kHeadDim, kThreads>(sK, k, f.k_stride_s, n0, seq.sk(f), f.d, tid);
     cp_async_commit();
-    load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, f.sk, f.d, tid);
+    load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, seq.sk(f), f.d, tid);
     cp_async_commit();
     cp_async_wait<1>();  // Q, dO, K ready
     __syncthreads();
@@ -583,7 +650,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     if constexpr (kDropout) dropout_query_rows<1, kNT>(dp, rng, bh, m0 + warp_row0 + g, n0 + 2 * t, rng.keep_scale);
 
     // Keys past Sk and (on blocks the window cuts) keys outside the window.
-    const bool edge = n0 + kBlockN > f.sk || partial_tile(f.vis, m0, kBlockM, n0, kBlockN);
+    const bool edge = n0 + kBlockN > seq.sk(f) || partial_tile(seq.vis(f), m0, kBlockM, n0, kBlockN);
 #pragma unroll
     for (int ni = 0; ni < kNT; ++ni) {
 #pragma unroll
@@ -591,14 +658,14 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         const int hf = e >> 1;
         const int row = m0 + warp_row0 + g + hf * 8;
         const int col = n0 + ni * 8 + 2 * t + (e & 1);
-        const bool hidden = edge && (col >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, row, col)));
+        const bool hidden = edge && (col >= seq.sk(f) || (kScores != Scores::kMasked && !sees(seq.vis(f), row, col)));
         float cap_slope;
-        const float x = score_of<kScores>(s[0][ni][e], f, alibi_slope, mask_base, row, col, cap_slope);
+        const float x = score_of<kScores>(s[0][ni][e], f, seq.diagonal(f), alibi_slope, mask_base, row, col, cap_slope);
         const float pr = hidden ? 0.f : exp_shifted(x, row_max[hf]) * inv_sum[hf];
         const float ds = pr * (dp[0][ni][e] - dsum[hf]);  // dmask: dS after the cap
         s[0][ni][e] = ds * cap_slope;
-        if (p.dmask != nullptr && row < f.sq && col < f.sk) {
-          p.dmask[(static_cast<int64_t>(bh) * f.sq + row) * f.sk + col] = ds;
+        if (p.dmask != nullptr && row < seq.sq(f) && col < seq.sk(f)) {
+          p.dmask[(static_cast<int64_t>(bh) * f.sq + row) * f.sk + col] = ds;  // padded only
         }
       }
     }
@@ -620,14 +687,15 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     }
   }
   __syncthreads();
-  T* dq = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * f.sq * f.d;
-  store_tile<kBlockM, kHeadDim, kThreads>(dq, f.d, sQ, m0, f.sq, f.d, tid);
+  T* dq = static_cast<T*>(p.dq) + seq.q_offset(b, h, p.dq_stride_b, p.dq_stride_h, p.dq_stride_s);
+  store_tile<kBlockM, kHeadDim, kThreads>(dq, p.dq_stride_s, sQ, m0, seq.sq(f), f.d, tid);
 }
 
 // dK, dV. Grid (B * Hkv, ceil(Sk / kBlockN)); each warp owns 16 keys and loops over the
 // query blocks of every query head in its GQA group, so dK/dV need no atomics.
 // Scores are computed transposed (rows = keys, columns = queries).
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, Scores kScores, bool kDropout,
+          bool kPacked>
 __global__ void __launch_bounds__(kNWarps * 32, 1)
     bwd_dkdv_kernel(const AttnBwdParams p) {
   constexpr int kThreads = kNWarps * 32;
@@ -642,6 +710,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   T* sV = sK + kBlockN * kLd;
   T* sQ = sV + kBlockN * kLd;
   T* sdO = sQ + kBlockM * kLd;
+  float* sLse2 = reinterpret_cast<float*>(sdO + kBlockM * kLd);  // kBlockM each, see below
+  float* sDsum = sLse2 + kBlockM;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
@@ -649,16 +719,20 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   const int group = f.hq / f.hkv;
   const int n0 = blockIdx.y * kBlockN;
   const int warp_row0 = warp * 16;
+  const SeqInfo<kPacked> seq(f, b);
+  if constexpr (kPacked) {  // padded: never taken, yet the test alone spilled (head dim 128, sm_90)
+    if (n0 >= seq.sk(f)) return;  // past a shorter sequence's keys
+  }
 
-  const T* k = static_cast<const T*>(f.k) + b * f.k_stride_b + hk * f.k_stride_h;
-  const T* v = static_cast<const T*>(f.v) + b * f.v_stride_b + hk * f.v_stride_h;
-  load_tile<kBlockN, kHeadDim, kThreads>(sK, k, f.k_stride_s, n0, f.sk, f.d, tid);
-  load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, f.sk, f.d, tid);
+  const T* k = static_cast<const T*>(f.k) + seq.k_offset(b, hk, f.k_stride_b, f.k_stride_h, f.k_stride_s);
+  const T* v = static_cast<const T*>(f.v) + seq.k_offset(b, hk, f.v_stride_b, f.v_stride_h, f.v_stride_s);
+  load_tile<kBlockN, kHeadDim, kThreads>(sK, k, f.k_stride_s, n0, seq.sk(f), f.d, tid);
+  load_tile<kBlockN, kHeadDim, kThreads>(sV, v, f.v_stride_s, n0, seq.sk(f), f.d, tid);
   cp_async_commit();
 
   // Only the query blocks the window shows this key block to are visited.
-  const int m_start = query_block_begin(f.vis, n0, kBlockM);
-  const int m_blocks = query_block_end(f.vis, n0, kBlockN, f.sq, kBlockM);
+  const int m_start = query_block_begin(seq.vis(f), n0, kBlockM);
+  const int m_blocks = query_block_end(seq.vis(f), n0, kBlockN, seq.sq(f), kBlockM);
   const float inv_scale = 1.f / f.scale;
   DropoutRng rng;
   if constexpr (kDropout) rng = load_dropout_rng(f);
@@ -670,38 +744,35 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const int64_t bh = static_cast<int64_t>(b) * f.hq + h;
-    const T* q = static_cast<const T*>(f.q) + b * f.q_stride_b + h * f.q_stride_h;
-    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
+    const T* q = static_cast<const T*>(f.q) + seq.q_offset(b, h, f.q_stride_b, f.q_stride_h, f.q_stride_s);
+    const T* dout =
+        static_cast<const T*>(p.dout) + seq.q_offset(b, h, p.do_stride_b, p.do_stride_h, p.do_stride_s);
     const int64_t mask_base = b * f.mask.stride_b + h * f.mask.stride_h;
     for (int m = m_start; m < m_blocks; ++m) {
       const int m0 = m * kBlockM;
       float st[1][kQT][4];
       if constexpr (kScores == Scores::kMasked) {
         const bool any = init_scores_from_mask<1, kQT, true>(
-            st, f.mask, mask_base, n0 + warp_row0 + g, m0 + 2 * t, f.sq, f.sk, inv_scale, f.vis);
+            st, f.mask, mask_base, n0 + warp_row0 + g, m0 + 2 * t, seq.sq(f), seq.sk(f), inv_scale, seq.vis(f));
         if (!__syncthreads_or(any)) continue;
       } else {
         zero(st);
       }
-      load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, f.sq, f.d, tid);
+      load_tile<kBlockM, kHeadDim, kThreads>(sQ, q, f.q_stride_s, m0, seq.sq(f), f.d, tid);
       cp_async_commit();
-      load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, f.sq, f.d, tid);
+      load_tile<kBlockM, kHeadDim, kThreads>(sdO, dout, p.do_stride_s, m0, seq.sq(f), f.d, tid);
       cp_async_commit();
 
-      // Per-column (query) log2-domain lse (from the dsum kernel) and dsum, read while the
-      // tiles load. One value per column, not the row max and sum apart: two more registers
-      // per column spill this kernel, and in fp16 / bf16 the lse's rounding (|lse| * 2^-24)
-      // is far below theirs.
-      float lse2[kQT][2], dsum[kQT][2];
-#pragma unroll
-      for (int ni = 0; ni < kQT; ++ni) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int query = m0 + ni * 8 + 2 * t + j;
-          const float l = query < f.sq ? p.lse[bh * f.sq + query] : -INFINITY;
-          lse2[ni][j] = l == -INFINITY ? INFINITY : l * kLog2e;
-          dsum[ni][j] = query < f.sq ? p.dsum[bh * f.sq + query] : 0.f;
-        }
+      // The query block's log2-domain lse (from the dsum kernel) and dsum, staged in shared
+      // memory while the tiles load (as flash-attention 2 does): held in registers, 4 per query
+      // column, they left this kernel no headroom (head dim 128 spilled on any change). One
+      // lse, not the row max and sum apart: in fp16 / bf16 its rounding (|lse| * 2^-24) is far
+      // below theirs.
+      for (int i = tid; i < kBlockM; i += kThreads) {
+        const int query = m0 + i;
+        const float l = query < seq.sq(f) ? p.lse[seq.stat_base(f, bh, h) + query] : -INFINITY;
+        sLse2[i] = l == -INFINITY ? INFINITY : l * kLog2e;
+        sDsum[i] = query < seq.sq(f) ? p.dsum[seq.stat_base(f, bh, h) + query] : 0.f;
       }
 
       cp_async_wait<1>();  // K, V, Q ready
@@ -721,10 +792,11 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + warp_row0 + g + (e >> 1) * 8;
           const int query = m0 + ni * 8 + 2 * t + (e & 1);
-          const bool hidden = key >= f.sk || (kScores != Scores::kMasked && !sees(f.vis, query, key));
+          const bool hidden = key >= seq.sk(f) || (kScores != Scores::kMasked && !sees(seq.vis(f), query, key));
           float cap_slope;
-          const float x = score_of<kScores>(st[0][ni][e], f, alibi_slope, mask_base, query, key, cap_slope);
-          const float pr = hidden ? 0.f : exp2f(x * kLog2e - lse2[ni][e & 1]);
+          const float x = score_of<kScores>(st[0][ni][e], f, seq.diagonal(f), alibi_slope, mask_base, query, key, cap_slope);
+          const int column = ni * 8 + 2 * t + (e & 1);
+          const float pr = hidden ? 0.f : exp2f(x * kLog2e - sLse2[column]);
           float dp = dpt[0][ni][e], pv = pr;  // pv: the probability that reached V
           if constexpr (kDropout) {
             const bool kept = dropout_keeps(rng, static_cast<uint32_t>(bh), query, key);
@@ -732,7 +804,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
             pv = kept ? pr * rng.keep_scale : 0.f;
           }
           st[0][ni][e] = pv;
-          dpt[0][ni][e] = pr * (dp - dsum[ni][e & 1]) * cap_slope;
+          dpt[0][ni][e] = pr * (dp - sDsum[column]) * cap_slope;
         }
       }
       uint32_t pa[1][kQT / 2][4];
@@ -760,11 +832,11 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
     }
   }
   __syncthreads();
-  const int64_t head_off = static_cast<int64_t>(bhk) * f.sk * f.d;
-  store_tile<kBlockN, kHeadDim, kThreads>(static_cast<T*>(p.dk) + head_off, f.d, sK, n0, f.sk,
-                                          f.d, tid);
-  store_tile<kBlockN, kHeadDim, kThreads>(static_cast<T*>(p.dv) + head_off, f.d, sV, n0, f.sk,
-                                          f.d, tid);
+  const int64_t head_off = seq.k_offset(b, hk, p.dkv_stride_b, p.dkv_stride_h, p.dkv_stride_s);
+  store_tile<kBlockN, kHeadDim, kThreads>(static_cast<T*>(p.dk) + head_off, p.dkv_stride_s, sK, n0,
+                                          seq.sk(f), f.d, tid);
+  store_tile<kBlockN, kHeadDim, kThreads>(static_cast<T*>(p.dv) + head_off, p.dkv_stride_s, sV, n0,
+                                          seq.sk(f), f.d, tid);
 }
 
 }  // namespace flash
