@@ -63,12 +63,14 @@ def _device_reason(index):
             f"rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
 
 
-def _operand_reason(name, t):
-    if t.dim() != 4:
-        return f"{name} must be 4-d (B, H, S, D), got shape {tuple(t.shape)}"
-    if t.shape[3] > 1 and t.stride(3) != 1:
+def _operand_reason(name, t, packed):
+    """Why the kernels cannot read `t` ((B, H, S, D), or (total tokens, H, D) when packed)."""
+    ndim, layout = (3, "(total tokens, H, D)") if packed else (4, "(B, H, S, D)")
+    if t.dim() != ndim:
+        return f"{name} must be {ndim}-d {layout}, got shape {tuple(t.shape)}"
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
         return f"{name} needs a contiguous last dim, got strides {t.stride()}"
-    for i in range(3):
+    for i in range(ndim - 1):
         if t.shape[i] > 1 and t.stride(i) % 8 != 0:
             return f"{name} strides must be multiples of 8 elements (16-byte rows), got {t.stride()}"
     # torch.compile cannot trace storage_offset(); there the op itself rejects a misaligned
@@ -78,17 +80,17 @@ def _operand_reason(name, t):
     return None
 
 
-def supports(q, k, v, mask=None, scale=None, softcap=0.0):
-    """None if the CUDA flash kernels can run attention on these inputs, else why not. Dtypes
-    and head dims are checked beforehand against CAPABILITIES["cuda"]; this checks what the
-    kernels need of strides, alignment, scale and device. Every softcap runs, with or without a
-    mask; the argument is accepted as the dispatcher passes it."""
+def supports(q, k, v, mask=None, scale=None, packed=False):
+    """None if the CUDA flash kernels can run attention on these inputs (packed: varlen's
+    (total tokens, H, D) layout), else why not. Dtypes, head dims and features are checked
+    beforehand against CAPABILITIES["cuda"]; this checks what the kernels need of strides,
+    alignment, scale and device."""
     if scale is not None and not scale > 0:
         return f"the cuda attention kernels need a positive scale, got {scale}"
     if q.device.type != "cuda":
         return f"the cuda backend takes CUDA tensors, got {q.device.type}"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        reason = _operand_reason(name, t)
+        reason = _operand_reason(name, t, packed)
         if reason:
             return reason
     if mask is not None and mask.dtype not in MASK_DTYPES:

@@ -139,7 +139,7 @@ def attention_reason(backend, q, k, v, mask, scale, window=UNBOUNDED, softcap=0.
     if backend == "triton":
         return ops.triton_backend.supports(q, k, v, mask)
     if backend == "cuda":
-        return cuda_support.supports(q, k, v, mask, scale=scale, softcap=softcap)
+        return cuda_support.supports(q, k, v, mask, scale=scale)
     return None
 
 
@@ -156,7 +156,8 @@ def _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks, a
     return caps.attention_reason(backend, q, v, need_grad) or caps.feature_reason(backend, needed)
 
 
-def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0, dropout_p=0.0, sinks=None, alibi_slopes=None):
+def varlen_reason(backend, q, k, v, scale=None, window=UNBOUNDED, softcap=0.0, dropout_p=0.0, sinks=None,
+                  alibi_slopes=None):
     """None if `backend` can run this packed (varlen) attention call, else why not."""
     reason = _common_reason(backend, q)
     if reason is not None:
@@ -167,6 +168,8 @@ def varlen_reason(backend, q, k, v, window=UNBOUNDED, softcap=0.0, dropout_p=0.0
     reason = _table_reason(backend, q, v, need_grad, window, softcap, dropout_p, sinks, alibi_slopes)
     if reason is None and backend == "triton":
         return ops.triton_backend.supports(q, k, v, None)
+    if reason is None and backend == "cuda":
+        return cuda_support.supports(q, k, v, scale=scale, packed=True)
     return reason
 
 

@@ -152,8 +152,7 @@ def varlen_attention(
     numbered from 0).
     return_lse: also return the natural-log sum-exp of each row, float32 (Hq, total_q), -inf
     for rows that see no key (their output is zero).
-    backend: force "cpu", "triton" or "reference" (the cuda kernels do not take packed
-    sequences); default: the fastest that can run it.
+    backend: force "cpu", "cuda", "triton" or "reference" (default: the fastest that can run it).
     Nothing is padded: each sequence costs its own Sq x Sk. Returns out (total_q, Hq, Dv).
     """
     ops.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -163,8 +162,8 @@ def varlen_attention(
     scale = reference.default_scale(q.shape[-1]) if scale is None else scale
     rng_state = _rng_state(dropout_p, q.device)
     chosen = dispatch.choose(
-        lambda name: dispatch.varlen_reason(name, q, k, v, window, softcap, dropout_p, sinks, alibi_slopes), q.device,
-        backend,
+        lambda name: dispatch.varlen_reason(name, q, k, v, scale, window, softcap, dropout_p, sinks, alibi_slopes),
+        q.device, backend,
     )
     if chosen == "reference" or _is_empty(q, k, v):
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, dropout_p,

@@ -300,8 +300,8 @@ def test_transformers_decoder_on_gpu_matches_eager():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_varlen_on_the_gpu(dtype):
-    """Packed sequences on CUDA tensors: automatic dispatch picks Triton (the CUDA kernels take
-    no packed batches), forward and backward within the rule of the float64 reference."""
+    """Packed sequences on CUDA tensors: automatic dispatch picks Triton (first for CUDA tensors,
+    as for attention), forward and backward within the rule of the float64 reference."""
     if not dispatch.backends()["triton"]["usable"]:
         pytest.skip("triton backend not usable")
     torch.manual_seed(0)

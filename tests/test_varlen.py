@@ -174,18 +174,16 @@ def test_dispatch_and_capabilities():
     assert out.shape == (10, 2, 16)
 
 
-def test_cuda_backend_declines_packed_sequences(monkeypatch):
-    """The CUDA kernels have no packed path: the capability table says so and dispatch gives
-    that reason (past the build and device checks, which fail first on this machine)."""
+def test_cuda_backend_takes_packed_sequences(monkeypatch):
+    """The CUDA kernels declare packed sequences, and dispatch asks cuda_support whether they
+    can read these tensors in the packed layout (past the build and device checks, which fail
+    first on a machine without a GPU: the tensors' device is then the reason)."""
     if "cuda" not in CAPABILITIES:
         pytest.skip("fastattn._C is not built")
-    assert "varlen" not in CAPABILITIES["cuda"].features
+    assert "varlen" in CAPABILITIES["cuda"].features
     monkeypatch.setattr(dispatch, "_common_reason", lambda backend, t: None)
     q, k, v, _, _ = packed([4], [4], 2, 2, 16, 16, F16, seed=3)
-    assert dispatch.varlen_reason("cuda", q, k, v) == "the cuda backend does not run packed (varlen) sequences"
-    with pytest.raises(ValueError, match="backend 'cuda' cannot run this call: the cuda backend does not run packed"):
-        fastattn.varlen_attention(q, k, v, torch.tensor([0, 4], dtype=torch.int32),
-                                  torch.tensor([0, 4], dtype=torch.int32), 4, 4, backend="cuda")
+    assert dispatch.varlen_reason("cuda", q, k, v) == "the cuda backend takes CUDA tensors, got cpu"
 
 
 @pytest.mark.parametrize(
