@@ -13,7 +13,8 @@
 #   PYTEST_ARGS  default: tests/test_cpu_kernels.py and the CPU cases of tests/test_numerics.py,
 #                tests/test_kvcache.py (paged caches read in place), tests/test_varlen.py
 #                (packed sequences), tests/test_dropout.py (the vectorised Philox) and
-#                tests/test_sinks.py (the split-KV merge)
+#                tests/test_sinks.py (the split-KV merge) and tests/test_alibi.py (ALiBi's
+#                vectorised distances)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,7 +30,7 @@ fi
 PYTEST_ARGS=("$@")
 if [[ ${#PYTEST_ARGS[@]} -eq 0 ]]; then
     PYTEST_ARGS=(tests/test_cpu_kernels.py tests/test_numerics.py tests/test_kvcache.py tests/test_varlen.py
-                 tests/test_dropout.py tests/test_sinks.py -k "not triton and not example")
+                 tests/test_dropout.py tests/test_sinks.py tests/test_alibi.py -k "not triton and not example")
 fi
 
 # The copy: sources, package and tests, without compiled modules of other builds. tar keeps
