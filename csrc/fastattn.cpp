@@ -78,6 +78,10 @@ namespace cpu {
 // in one call of attention(q, k, v) under the window (bottom-right; -1: unbounded side).
 std::vector<int64_t> forward_phase_ns(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       int64_t window_left, int64_t window_right);
+// The same for the backward (BwdPhase) of that call with the gradient grad_out (the forward
+// runs first, untimed).
+std::vector<int64_t> backward_phase_ns(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& grad_out, int64_t window_left, int64_t window_right);
 }  // namespace cpu
 }  // namespace fastattn
 
@@ -127,7 +131,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("window_left") = -1, py::arg("window_right") = -1,
         "Runs the CPU attention forward once on q, k, v (scale 1/sqrt(D), the window bottom-right) and "
         "returns the nanoseconds its threads spent in each phase, in the order of cpu_forward_phases.");
-  py::list phases;
-  for (const char* name : fastattn::cpu::kFwdPhaseNames) phases.append(name);
-  m.attr("cpu_forward_phases") = py::tuple(phases);
+  m.def("cpu_backward_phase_ns", &fastattn::cpu::backward_phase_ns, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("grad_out"), py::arg("window_left") = -1, py::arg("window_right") = -1,
+        "Runs the CPU attention forward, then times its backward with grad_out: the nanoseconds the "
+        "backward's threads spent in each phase, in the order of cpu_backward_phases.");
+  py::list forward_phases, backward_phases;
+  for (const char* name : fastattn::cpu::kFwdPhaseNames) forward_phases.append(name);
+  for (const char* name : fastattn::cpu::kBwdPhaseNames) backward_phases.append(name);
+  m.attr("cpu_forward_phases") = py::tuple(forward_phases);
+  m.attr("cpu_backward_phases") = py::tuple(backward_phases);
 }

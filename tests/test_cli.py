@@ -380,19 +380,21 @@ def test_cpu_timing_interleaves_implementations_and_isolates_failures():
 
 @pytest.mark.skipif(fastattn.ops._C is None, reason="the phase timers are in the compiled CPU kernels")
 def test_phases_script_breaks_the_forward_down(tmp_path):
-    """benchmarks/phases.py: every phase of the forward kernel timed, the GEMM phases never
-    empty, the shares summing to 1."""
+    """benchmarks/phases.py: every phase of the forward and backward kernels timed, the GEMM
+    phases never empty, the shares summing to 1."""
     out = tmp_path / "phases.json"
     proc = run("benchmarks/phases.py", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out) as f:
         doc = json.load(f)
-    assert doc["peak_gflops"] > 0 and len(doc["rows"]) == 3
+    assert doc["peak_gflops"] > 0 and [row["pass"] for row in doc["rows"]] == ["forward"] * 3 + ["backward"] * 3
+    gemms = {"forward": ("scores", "values"), "backward": ("recompute", "products")}
     for row in doc["rows"]:
         shares = row["phase share"]
-        assert list(shares) == list(fastattn.ops._C.cpu_forward_phases)
+        assert list(shares) == list(getattr(fastattn.ops._C, f"cpu_{row['pass']}_phases"))
         assert sum(shares.values()) == pytest.approx(1.0, abs=0.01) and min(shares.values()) >= 0
-        assert shares["scores"] > 0 and shares["values"] > 0 and row["wall_ms"] > 0
+        assert all(shares[name] > 0 and row[f"{name} GEMM / peak"] > 0 for name in gemms[row["pass"]])
+        assert row["ms"] > 0
 
 
 @pytest.mark.skipif(fastattn.ops._C is None, reason="the phase timers are in the compiled CPU kernels")

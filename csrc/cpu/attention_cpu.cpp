@@ -671,5 +671,28 @@ std::vector<int64_t> forward_phase_ns(const at::Tensor& q, const at::Tensor& k, 
   return ns;
 }
 
+std::vector<int64_t> backward_phase_ns(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& grad_out, int64_t window_left, int64_t window_right) {
+  const AttnShapes s = check_attention_inputs(q, k, v, 0.0);
+  const double scale = 1.0 / std::sqrt(double(s.D));
+  const WindowParams window = window_params(window_left, window_right, false);
+  AttnFwdParams forward;
+  set_attention_inputs(forward, q, k, v, s, std::nullopt, scale, window, 0.0, DropoutParams{});
+  const auto [out, lse, stats_out] = run_padded_forward(forward, q.options(), std::nullopt);
+  const at::Tensor stats = check_backward_inputs(grad_out, q, out, stats_out, {s.B, s.Hq, s.Sq, s.Dv},
+                                                 {kSoftmaxStats, s.B, s.Hq, s.Sq});
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AttnBwdParams p;
+  set_attention_inputs(p, q, k, v, s, std::nullopt, scale, window, 0.0, DropoutParams{});
+  p.out = view4(out);
+  p.dout = view4(grad_out);
+  std::vector<int64_t> ns(kBwdPhases, 0);
+  p.phase_ns = ns.data();
+  run_backward(p, stats, dq, dk, dv);
+  return ns;
+}
+
 }  // namespace cpu
 }  // namespace fastattn

@@ -385,8 +385,10 @@ static void choose_dropout(const Params& p, int64_t begin, int64_t end, int64_t 
 }
 
 // ---------------------------------------------------------------- phase timing
-// Time per phase of one thread's share of a forward call, added to p.phase_ns when it ends;
-// with phase_ns null (every normal call) each lap is one predictable branch.
+// Time per phase (kPhases of them) of one thread's share of a kernel call, added to the
+// call's phase_ns when it ends; with phase_ns null (every normal call) each lap is one
+// predictable branch.
+template <int kPhases>
 class PhaseClock {
  public:
   explicit PhaseClock(int64_t* totals) : totals_(totals) {
@@ -394,11 +396,11 @@ class PhaseClock {
   }
   ~PhaseClock() {
     if (totals_)
-      for (int phase = 0; phase < kFwdPhases; ++phase)
+      for (int phase = 0; phase < kPhases; ++phase)
         __atomic_fetch_add(totals_ + phase, local_[phase], __ATOMIC_RELAXED);
   }
   // The time since the previous lap was spent in `phase`.
-  void lap(FwdPhase phase) {
+  void lap(int phase) {
     if (!totals_) return;
     const Clock::time_point now = Clock::now();
     local_[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last_).count();
@@ -408,7 +410,7 @@ class PhaseClock {
  private:
   using Clock = std::chrono::steady_clock;
   int64_t* totals_;
-  int64_t local_[kFwdPhases] = {};
+  int64_t local_[kPhases] = {};
   Clock::time_point last_;
 };
 
@@ -579,7 +581,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   Scratch kp(nkb * BK * p.D), vp(nkb * BK * Dvp), packed(nkb);
   Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   int64_t current = -1;
-  PhaseClock clock(p.phase_ns);
+  PhaseClock<kFwdPhases> clock(p.phase_ns);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
@@ -869,6 +871,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       neg_log2_sum(Sqp), dqt(Dp * ldt);
   Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), dcap(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
+  PhaseClock<kBwdPhases> clock(p.phase_ns);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nchunks;
     const int64_t rest = it / p.nchunks;
@@ -935,8 +938,10 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           const int64_t q0 = qb * BQ, mq = min64(BQ, sq - q0);
           bool per_query = false;
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
+          clock.lap(kBwdPack);
           gemm(kr.p, Dp, qt.p + q0, ldt, st.p, BQ, nk, BQ / W, p.D, false);
           gemm(vr.p, Dvp, dot.p + q0, ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
+          clock.lap(kBwdRecompute);
           if (p.softcap > 0.f) {
             cap_scores(st.p, nk * BQ, p.softcap);
             cap_derivative(st.p, nk * BQ, p.softcap, dcap.p);
@@ -980,9 +985,11 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           if (p.softcap > 0.f)
             for (int64_t e = 0; e < nk * BQ; e += W)
               Vec::store(dst.p + e, Vec::mul(Vec::load(dst.p + e), Vec::load(dcap.p + e)));
+          clock.lap(kBwdSoftmax);
           gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
           gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
           gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + q0, ldt, p.D, BQ / W, nk, true);
+          clock.lap(kBwdProducts);
         }
       }
       // dq of this head (transposed back); chunked items write unscaled fp32 partials.
@@ -996,6 +1003,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           store_row(dq, kF32, p.D, row.p, 1.f);
         }
       }
+      clock.lap(kBwdStore);
     }
     for (int64_t key = kb0 * BK; key < min64(kb1 * BK, sk); ++key) {
       const int64_t local = key - kb0 * BK;
@@ -1004,6 +1012,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       store_row(dk, p.dtype, p.D, dkacc.p + local * Dp, p.scale);
       store_row(dv, p.dtype, p.Dv, dvacc.p + local * Dvp, 1.f);
     }
+    clock.lap(kBwdStore);
   }
 }
 

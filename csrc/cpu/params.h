@@ -77,6 +77,12 @@ struct SeqLayout {
 // max/exp/sum, rescaling O, dropout), O += P V, and normalising and storing O and the statistics.
 enum FwdPhase : int { kPhasePack, kPhaseScores, kPhaseSoftmax, kPhaseValues, kPhaseStore, kFwdPhases };
 constexpr const char* kFwdPhaseNames[kFwdPhases] = {"pack", "scores", "softmax", "values", "store"};
+// Phases of the backward kernel (AttnBwdParams::phase_ns): packing Q, dO, O, delta, K and V
+// (and reading the mask), recomputing S = Q K^T and dP = dO V^T, the element-wise step from
+// them to P and dS (cap, ALiBi, mask, dropout, dmask), the products dV += P^T dO,
+// dK += dS^T Q and dQ += dS K, and storing dq, dk and dv.
+enum BwdPhase : int { kBwdPack, kBwdRecompute, kBwdSoftmax, kBwdProducts, kBwdStore, kBwdPhases };
+constexpr const char* kBwdPhaseNames[kBwdPhases] = {"pack", "recompute", "softmax", "products", "store"};
 
 struct AttnFwdParams {
   View4 q, k, v;
@@ -133,6 +139,7 @@ struct AttnBwdParams {
   void* dk = nullptr;   // contiguous, rows numbered by seqs.key_rows, dtype
   void* dv = nullptr;
   float* dmask = nullptr;  // contiguous (B, Hq, Sq, Sk) fp32, zero-filled, or nullptr
+  int64_t* phase_ns = nullptr;  // kBwdPhases nanosecond totals over all threads, or nullptr
 };
 
 struct SoftmaxFwdParams {
