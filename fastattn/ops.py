@@ -102,18 +102,24 @@ def check_softcap(softcap):
     return float(softcap)
 
 
+def _check_per_head(name, t, value, shapes, shape_text, like):
+    """The checks every per-head argument (sinks, ALiBi slopes) needs: a floating tensor of one
+    `value` per query head, of one of `shapes` (described as `shape_text`), on `like`'s device."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a floating-point tensor of one {value} per query head, got {got}")
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like the inputs, got {t.device}")
+
+
 def check_sinks(sinks, heads, like):
     """sinks: None, or a floating tensor of one logit per query head (`heads`,) on `like`'s
     device. Returns it in float32, the kernels' dtype (autograd casts its gradient back)."""
     if sinks is None:
         return None
-    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
-        got = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
-        raise TypeError(f"sinks must be a floating-point tensor of one logit per query head, got {got}")
-    if tuple(sinks.shape) != (heads,):
-        raise ValueError(f"sinks must have shape ({heads},) (one logit per query head), got {tuple(sinks.shape)}")
-    if sinks.device != like.device:
-        raise ValueError(f"sinks must be on {like.device} like the inputs, got {sinks.device}")
+    _check_per_head("sinks", sinks, "logit", [(heads,)], f"({heads},) (one logit per query head)", like)
     return sinks.float().contiguous()
 
 
@@ -123,16 +129,8 @@ def check_alibi_slopes(slopes, batch, heads, like):
     Returns them as the kernels take them: float32 (batch, heads), contiguous."""
     if slopes is None:
         return None
-    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
-        got = slopes.dtype if isinstance(slopes, torch.Tensor) else type(slopes).__name__
-        raise TypeError(f"alibi_slopes must be a floating-point tensor of one slope per query head, got {got}")
-    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
-        raise ValueError(
-            f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (per query head, optionally per batch), "
-            f"got {tuple(slopes.shape)}"
-        )
-    if slopes.device != like.device:
-        raise ValueError(f"alibi_slopes must be on {like.device} like the inputs, got {slopes.device}")
+    _check_per_head("alibi_slopes", slopes, "slope", [(heads,), (batch, heads)],
+                    f"({heads},) or ({batch}, {heads}) (per query head, optionally per batch)", like)
     if slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("alibi_slopes get no gradient (they are constants of the call): pass them detached")
     return slopes.float().expand(batch, heads).contiguous()
