@@ -3,6 +3,8 @@ shuffled order), rows of different lengths, appends that cross block boundaries,
 prefill (several new tokens), GQA, causal or not, on every backend that runs here; the
 backends with a KV-cache kernel (capability "kv_cache") with pages on both sides of a key
 tile, split-KV and slots past a row's end poisoned."""
+import itertools
+
 import pytest
 import torch
 
@@ -14,6 +16,18 @@ from tolerance import assert_within_baseline
 
 BACKENDS = [name for name in ("cpu", "triton", "reference") if dispatch.backends()[name]["usable"]]
 KV_CACHE_BACKENDS = [name for name in BACKENDS if "kv_cache" in CAPABILITIES[name].features]
+
+
+def _cases(*axes, triton_default):
+    """Every combination of BACKENDS and the axes (each a list of tuples of parameters),
+    flattened. The interpreted Triton kernels take seconds a call: their combinations for
+    which triton_default(*params) is false run in the slow run only."""
+    for backend, *parts in itertools.product(BACKENDS, *axes):
+        params = tuple(x for part in parts for x in part)
+        if backend == "triton" and not triton_default(*params):
+            yield pytest.param(backend, *params, marks=pytest.mark.slow)
+        else:
+            yield (backend, *params)
 
 
 def _per_row_reference(q, keys, values, lengths, causal, dtype, upcast, window=None, softcap=0.0, alibi_slopes=None,
@@ -48,10 +62,12 @@ def _make_case(B, Hq, Hkv, Sq, D, dtype, seqlens, paged, block_size=8, capacity=
 
 
 # Page sizes: none (contiguous), 8 (tiles straddle pages: packed), 32 (tiles follow pages).
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("page", [None, 8, 32])
-@pytest.mark.parametrize("Sq, causal", [(1, True), (5, True), (5, False), (37, True)])  # 37: a prefill chunk
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "backend, page, Sq, causal, dtype",
+    _cases([(None,), (8,), (32,)], [(1, True), (5, True), (5, False), (37, True)],  # 37: a prefill chunk
+           [(torch.float32,), (torch.bfloat16,)],
+           triton_default=lambda page, Sq, causal, dtype: page != 32 and (dtype == torch.float32 or Sq == 1)),
+)
 def test_matches_the_per_row_reference(backend, page, Sq, causal, dtype):
     seqlens = [0, 7, 16, 30]  # an empty row, a row whose append crosses block boundaries, ...
     q, (k_cache, v_cache), table, (k_new, v_new), (k_rows, v_rows) = _make_case(
@@ -100,10 +116,11 @@ def test_window_and_softcap_follow_each_row(backend, page, Sq):
     assert_within_baseline("out", out, expected, baseline)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("page", [None, 8])
-@pytest.mark.parametrize("Sq, causal", [(1, True), (6, False)])
-@pytest.mark.parametrize("B, seqlens, capacity", [(4, [0, 3, 16, 30], 48), (1, [550], 560)])
+@pytest.mark.parametrize(
+    "backend, page, Sq, causal, B, seqlens, capacity",
+    _cases([(None,), (8,)], [(1, True), (6, False)], [(4, [0, 3, 16, 30], 48), (1, [550], 560)],
+           triton_default=lambda page, Sq, causal, B, seqlens, capacity: B > 1 or page is None),
+)
 def test_alibi_follows_each_row(backend, page, Sq, causal, B, seqlens, capacity):
     """ALiBi's distances measured from each row's own last key: rows of different lengths, and
     one long row alone (whose keys the CPU splits across threads)."""
