@@ -74,6 +74,16 @@ def _capacity(k_cache, block_table):
     return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
 
 
+def _check_room(cache_seqlens, added, capacity):
+    """Raises unless every row's cache_seqlens + added entries fit in its `capacity`."""
+    lengths = cache_seqlens.tolist()
+    if lengths and (max(lengths) + added > capacity or min(lengths) < 0):
+        raise ValueError(
+            f"cache_seqlens (+ {added} new tokens) must stay within [0, {capacity}] (the cache's room per row), "
+            f"got lengths up to {max(lengths) + added} and down to {min(lengths)}"
+        )
+
+
 def _append(cache, new, positions, block_table):
     """Writes new (B, Hkv, Sq, D) at positions (B, Sq) of each row, in place."""
     # Indexing the cache itself (not a transposed view, which index_put_ would copy whole):
@@ -131,25 +141,22 @@ def attention_with_kvcache(
     capacity = _capacity(k_cache, block_table)
     added = Sq if k_new is not None else 0
     lengths = cache_seqlens + added if added else cache_seqlens  # keys each row sees (int32)
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
-        shortest, longest = (int(end) for end in torch.aminmax(cache_seqlens))
-        longest += added
-        if longest > capacity or shortest < 0:
-            raise ValueError(
-                f"cache_seqlens (+ {Sq} new tokens) must stay within [0, {capacity}] (the cache's room per row), "
-                f"got lengths up to {longest} and down to {shortest}"
-            )
-    if k_new is not None:
-        positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
-        _append(k_cache, k_new, positions, block_table)
-        _append(v_cache, v_new, positions, block_table)
     # ALiBi is no feature asked of the backend: the masked path below folds it into its mask.
     chosen = dispatch.choose(
         lambda name: dispatch.attention_reason(name, q, k_cache, v_cache, None, scale, rule, softcap, sinks=sinks),
         q.device, backend,
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, sinks))
-    if "kv_cache" in CAPABILITIES[chosen].features and not needs_grad:
+    native = "kv_cache" in CAPABILITIES[chosen].features and not needs_grad
+    # The KV-cache ops check the lengths of CPU tensors themselves; an append (which would
+    # write out of the row) and the masked path (which would see every key) need it here.
+    if (added or not native) and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_room(cache_seqlens, added, capacity)
+    if k_new is not None:
+        positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
+        _append(k_cache, k_new, positions, block_table)
+        _append(v_cache, v_new, positions, block_table)
+    if native:
         out, lse = _kvcache_op(chosen)(
             ops.last_dim_contiguous(q), k_cache, v_cache, lengths.contiguous(), block_table,
             float(reference.default_scale(q.shape[-1]) if scale is None else scale),

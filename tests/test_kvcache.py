@@ -285,6 +285,16 @@ def test_bad_inputs_name_the_argument():
                                         k_new=k_new, v_new=v_new, block_table=table)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lengths_past_the_room_raise(backend):
+    """Without new tokens the KV-cache ops check the lengths themselves (the masked path in Python)."""
+    q, (k_cache, v_cache), table, _, _ = _make_case(2, 4, 2, 1, 8, torch.float32, None, True)
+    for lengths in ([1, 41], [-1, 3]):
+        with pytest.raises((ValueError, RuntimeError), match=r"cache_seqlens.* must .*\[0, 40\]"):
+            fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                            block_table=table, backend=backend)
+
+
 def test_decoding_step_compiles_without_graph_breaks():
     q, (k_cache, v_cache), table, (k_new, v_new), _ = _make_case(2, 4, 2, 1, 8, torch.float32, None, True)
     step = torch.compile(fastattn.attention_with_kvcache, fullgraph=True)
