@@ -864,11 +864,13 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   const int64_t Sqp = round_up(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
   const int64_t esz = elem_size(p.dtype);
   const int64_t max_chunk_keys = ceil_div(nkb, p.nchunks) * BK;
-  // Leading dim of the transposed (dim x query) buffers: padded past Sqp, as a power-of-two
-  // row pitch (Sq = 1024: 4 KiB) maps every row of a tile to the same L1 sets.
-  const int64_t ldt = Sqp + 16;
-  Scratch qt(Dp * ldt), qr(Sqp * Dp), dot(Dvp * ldt), dor(Sqp * Dvp), delta(Sqp), row_max(Sqp),
-      neg_log2_sum(Sqp), dqt(Dp * ldt);
+  // The transposed (dim x query) buffers Q^T, dO^T and dQ^T are stored one (dims x BQ) tile
+  // per query block, so that a GEMM operand is one contiguous tile: a (dims x Sq) matrix
+  // would put each of an operand's rows on its own page once Sq >= 1024 and thrash the TLB.
+  // Element (d, i) of a buffer of `dims` rows is at transposed(i, dims) + d * BQ.
+  const auto transposed = [BQ](int64_t i, int64_t dims) { return (i / BQ) * dims * BQ + i % BQ; };
+  Scratch qt(Sqp * Dp), qr(Sqp * Dp), dot(Sqp * Dvp), dor(Sqp * Dvp), delta(Sqp), row_max(Sqp),
+      neg_log2_sum(Sqp), dqt(Sqp * Dp);
   Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), dcap(BK * BQ), bias(BQ * BK),
       row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
   PhaseClock<kBwdPhases> clock(p.phase_ns);
@@ -891,11 +893,13 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         float* qrow = qr.p + i * Dp;
         load_row(seq.query(p.q, hq, i), p.dtype, p.D, qrow, 1.f);
         fill(qrow + p.D, Dp - p.D, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = qrow[d] * p.scale;
+        float* qcol = qt.p + transposed(i, Dp);
+        for (int64_t d = 0; d < p.D; ++d) qcol[d * BQ] = qrow[d] * p.scale;
         float* dorow = dor.p + i * Dvp;
         load_row(seq.query(p.dout, hq, i), p.dtype, p.Dv, dorow, 1.f);
         fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
-        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = dorow[d];
+        float* docol = dot.p + transposed(i, Dvp);
+        for (int64_t d = 0; d < p.Dv; ++d) docol[d * BQ] = dorow[d];
         load_row(seq.query(p.out, hq, i), p.dtype, p.Dv, row2.p, 1.f);
         fill(row2.p + p.Dv, Dvp - p.Dv, 0.f);
         // delta = rowsum(dO * O) in double: on nearly one-hot rows dP - delta cancels to
@@ -915,13 +919,13 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       for (int64_t i = sq; i < nqb * BQ; ++i) {
         fill(qr.p + i * Dp, Dp, 0.f);
         fill(dor.p + i * Dvp, Dvp, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[d * ldt + i] = 0.f;
-        for (int64_t d = 0; d < p.Dv; ++d) dot.p[d * ldt + i] = 0.f;
+        for (int64_t d = 0; d < p.D; ++d) qt.p[transposed(i, Dp) + d * BQ] = 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) dot.p[transposed(i, Dvp) + d * BQ] = 0.f;
         delta.p[i] = 0.f;
         row_max.p[i] = kInf;
         neg_log2_sum.p[i] = 0.f;
       }
-      fill(dqt.p, p.D * ldt, 0.f);
+      fill(dqt.p, nqb * BQ * Dp, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t k0 = kb * BK, nk = min64(BK, sk - k0);
         if (nk <= 0) break;  // past a packed sequence's keys
@@ -939,8 +943,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           bool per_query = false;
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
           clock.lap(kBwdPack);
-          gemm(kr.p, Dp, qt.p + q0, ldt, st.p, BQ, nk, BQ / W, p.D, false);
-          gemm(vr.p, Dvp, dot.p + q0, ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
+          gemm(kr.p, Dp, qt.p + transposed(q0, Dp), BQ, st.p, BQ, nk, BQ / W, p.D, false);
+          gemm(vr.p, Dvp, dot.p + transposed(q0, Dvp), BQ, dst.p, BQ, nk, BQ / W, p.Dv, false);
           clock.lap(kBwdRecompute);
           if (p.softcap > 0.f) {
             cap_scores(st.p, nk * BQ, p.softcap);
@@ -988,13 +992,14 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
           clock.lap(kBwdSoftmax);
           gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
           gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
-          gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + q0, ldt, p.D, BQ / W, nk, true);
+          gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + transposed(q0, Dp), BQ, p.D, BQ / W, nk, true);
           clock.lap(kBwdProducts);
         }
       }
       // dq of this head (transposed back); chunked items write unscaled fp32 partials.
       for (int64_t i = 0; i < sq; ++i) {
-        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqt.p[d * ldt + i];
+        const float* dqcol = dqt.p + transposed(i, Dp);
+        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqcol[d * BQ];
         if (p.nchunks == 1) {
           char* dq = static_cast<char*>(p.dq) + seq.query_row(hq, i) * p.D * esz;
           store_row(dq, p.dtype, p.D, row.p, p.scale);
