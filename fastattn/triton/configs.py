@@ -65,8 +65,9 @@ KVCACHE = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 KVCACHE_MAX_ROWS = {64: 64, 128: 64, 256: 32}
 MIN_DOT_ROWS = 16
 # Split-KV: when B * Hkv * query blocks programs leave SMs idle, each row's keys are split
-# into up to KVCACHE_MAX_SPLITS chunks of at least KVCACHE_MIN_SPLIT_BLOCKS key blocks, so
-# that about one program per SM runs; the partial results are merged in a second, small kernel.
+# into up to KVCACHE_MAX_SPLITS equal shares of the row's own length (read on the device), at
+# most one per KVCACHE_MIN_SPLIT_BLOCKS key blocks of room, so that about one program per SM
+# runs; the partial results are merged in a second, small kernel.
 KVCACHE_MAX_SPLITS = 64
 KVCACHE_MIN_SPLIT_BLOCKS = 4
 KVCACHE_COMBINE_ROWS = 16
@@ -92,14 +93,12 @@ def kvcache_block_q(sq, group_pad, max_rows):
 
 
 def kvcache_splits(programs, capacity, block_n, sms, min_split_blocks):
-    """(splits, keys per split, a multiple of block_n) of rows `capacity` keys long: one split
-    when `programs` fill the `sms`, else about sms / programs of at least min_split_blocks key
-    blocks each."""
-    splits = 1
-    if programs < sms:
-        splits = min(triton.cdiv(sms, programs), triton.cdiv(capacity, block_n * min_split_blocks), KVCACHE_MAX_SPLITS)
-    split_len = triton.cdiv(triton.cdiv(capacity, max(splits, 1)), block_n) * block_n
-    return max(1, triton.cdiv(capacity, max(split_len, 1))), max(split_len, block_n)
+    """Splits of each row's keys: one when `programs` fill the `sms`, else about
+    sms / programs, so that a row of `capacity` keys (the most it can hold: its length is on
+    the device) gives each split at least min_split_blocks key blocks."""
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), capacity // (block_n * min_split_blocks), KVCACHE_MAX_SPLITS))
 
 
 def head_bucket(d_pad, dv_pad, element_size):

@@ -413,7 +413,7 @@ def _attn_fwd_kvcache_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_tb, Hq, Hkv, Sq, group, capacity, block_size, split_len, split_rows,
+    stride_tb, Hq, Hkv, Sq, group, capacity, block_size, split_rows,
     sm_scale, softcap, win_lo, win_hi,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, PAGED: tl.constexpr,
@@ -423,8 +423,9 @@ def _attn_fwd_kvcache_kernel(
     cdiv(Sq, BLOCK_Q), splits): kv head hk of cache row b, queries [start_q, start_q + BLOCK_Q)
     of every query head of its GQA group, as one tile of BLOCK_Q * GROUP_PAD rows (row
     r: query start_q + r // GROUP_PAD, head hk * group + r % GROUP_PAD), so the group shares
-    each K / V tile; keys [split * split_len, (split + 1) * split_len) of the row's first
-    CacheSeqlens[b] (int32, read here; clamped to [0, capacity]). K / V: contiguous
+    each K / V tile; split `split` of `splits` takes an equal share of the key blocks these
+    queries see among the row's first CacheSeqlens[b] keys (int32, read here; clamped to
+    [0, capacity]), so that splits divide each row's own length, not the room. K / V: contiguous
     (B, Hkv, capacity, D), or (PAGED) pages (num_blocks, Hkv, block_size, D) through the int32
     BlockTable (B, max_blocks). The window bounds arrive around diagonal 0 and move to the row's
     own bottom-right diagonal, as _seq_info does for packed sequences.
@@ -454,8 +455,10 @@ def _attn_fwd_kvcache_kernel(
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, DV_PAD], tl.float32)
     lo, hi = _key_range(start_q, Sk, win_lo, win_hi, BLOCK_Q, BLOCK_N, WINDOW)
-    lo = tl.maximum(lo, split * split_len)  # split_len is a multiple of BLOCK_N: lo stays on a block
-    hi = tl.minimum(hi, (split + 1) * split_len)
+    splits = tl.num_programs(2)
+    blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    hi = tl.minimum(hi, lo + (split + 1) * blocks // splits * BLOCK_N)
+    lo += split * blocks // splits * BLOCK_N  # stays on a key block boundary
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < Sk

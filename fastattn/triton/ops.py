@@ -587,7 +587,7 @@ def triton_attn_fwd_kvcache(
         min_split_blocks = configs.KVCACHE_MIN_SPLIT_BLOCKS
     block_q = configs.kvcache_block_q(Sq, group_pad, max_rows)
     programs = B * Hkv * triton.cdiv(Sq, block_q)
-    splits, split_len = configs.kvcache_splits(programs, capacity, block_n, _device_sms(q.device), min_split_blocks)
+    splits = configs.kvcache_splits(programs, capacity, block_n, _device_sms(q.device), min_split_blocks)
     n_rows = B * Hq * Sq
     if splits == 1:  # the kernel writes the result
         part_out, part_lse = out, lse
@@ -602,7 +602,7 @@ def triton_attn_fwd_kvcache(
         q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
         lse if sinks is None else sinks, _alibi_arg(alibi_slopes, lse),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), Hq, Hkv, Sq, group, capacity,
-        k_cache.shape[2], split_len, n_rows, scale, softcap, *_window_offsets(window, Sq, capacity, varlen=True),
+        k_cache.shape[2], n_rows, scale, softcap, *_window_offsets(window, Sq, capacity, varlen=True),
         D=D, DV=Dv, D_PAD=_pad(D), DV_PAD=_pad(Dv), GROUP_PAD=group_pad, WINDOW=window != reference.UNBOUNDED,
         SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None and splits == 1, PAGED=paged,
         PRECISION=precision, BLOCK_Q=block_q, **blocks,
