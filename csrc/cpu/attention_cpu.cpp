@@ -307,6 +307,9 @@ void run_forward(AttnFwdParams& p, at::Tensor out, at::Tensor lse, at::Tensor st
     p.row_max_partial = stats_partial[0].data_ptr<float>();
     p.row_sum_partial = stats_partial[1].data_ptr<float>();
   }
+  const int64_t workers = std::min(threads, items * p.nsplit);  // as run_items counts them
+  p.threads_own_kv_heads =
+      !few && p.nsplit == 1 && !p.seqs.cu_seqlens_q && !p.seqs.seqlens_k && (p.B * p.Hkv) % workers == 0;
   const auto kernel = few ? kt.attn_fwd_rows : kt.attn_fwd;
   run_items(items * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kernel(p, t, n, stride); });
   if (p.nsplit > 1) merge_splits(out_partial, stats_partial, sink_rows, out, lse, stats);

@@ -582,7 +582,12 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   int64_t current = -1;
   PhaseClock<kFwdPhases> clock(p.phase_ns);
-  for (int64_t it = begin; it < end; it += stride) {
+  const int64_t head_items = G * nqb * p.nsplit;  // the items of one (batch, kv head)
+  for (int64_t turn = begin; turn < end; turn += stride) {
+    // Thread `begin` of `stride` takes items begin, begin + stride, ... or, owning kv heads,
+    // all of heads begin, begin + stride, ... in turn.
+    const int64_t k = turn / stride;
+    const int64_t it = p.threads_own_kv_heads ? (begin + stride * (k / head_items)) * head_items + k % head_items : turn;
     const int64_t c = it % p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     int64_t rest = it / p.nsplit;

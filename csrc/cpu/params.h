@@ -112,6 +112,11 @@ struct AttnFwdParams {
   // (nsplit, seqs.rows, Dv) and (nsplit, seqs.rows)) instead of out, lse, row_max and row_sum,
   // for the caller to merge.
   int64_t nsplit = 1;
+  // The query-lane kernel's items go round-robin over the threads, except with
+  // threads_own_kv_heads: each thread then takes whole (batch, kv head)s, whose K and V it
+  // packs once instead of every thread packing every head (set when the heads divide
+  // evenly among the threads and cost the same: padded batches, no key split).
+  bool threads_own_kv_heads = false;
   float* out_partial = nullptr;
   float* row_max_partial = nullptr;
   float* row_sum_partial = nullptr;
