@@ -2,7 +2,6 @@
 // parameter structs of csrc/cuda/fastattn_cuda.h and launch on the current stream.
 // Built only where torch has CUDA (setup.py). What the kernels accept is mirrored, for the
 // dispatcher, by fastattn/cuda_support.py.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -346,7 +345,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache(const at::Tensor& q, const a
   a.lse = lse.data_ptr<float>();
   // The split count follows from the device's size only: the result is the same for any
   // (csrc/cuda/decode.cu), so no caller needs to choose it.
-  p.splits = fc::kvcache_splits(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  int sms = 0;
+  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()), "attn_fwd_kvcache");
+  p.splits = fc::kvcache_splits(p, sms);
   at::Tensor part_out, part_lse;
   if (p.splits > 1) {
     const int64_t chunks = fc::kvcache_chunks(p.capacity);
