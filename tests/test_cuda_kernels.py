@@ -743,3 +743,13 @@ def test_kvcache_argument_errors():
         OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens, None, 0.125)
     with pytest.raises(ValueError, match="cache_seqlens must be a CUDA tensor"):
         OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens.cpu(), table, 0.125)
+
+
+def test_kvcache_opcheck():
+    torch.manual_seed(9)
+    q = torch.randn(2, 4, 2, 64, device=DEVICE, dtype=torch.float16)
+    k_pages, v_pages = (torch.randn(40, 2, 16, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    table = torch.randperm(40, device=DEVICE).view(2, 20).to(torch.int32)
+    seqlens = torch.tensor([10, 300], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(OPS.attn_fwd_kvcache.default,
+                          (q, k_pages, v_pages, seqlens, table, 0.125, -1, 0, 0.0, torch.randn(4, device=DEVICE), None))
