@@ -450,7 +450,7 @@ int kvcache_splits(const KvcacheFwdParams& p, int sms) {
 cudaError_t attn_fwd_kvcache(const KvcacheFwdParams& p, cudaStream_t stream) {
   const AttnFwdParams& a = p.attn;
   if (a.d > kMaxHeadDimFwd || a.d % 8 != 0 || !(a.scale > 0.f) || a.hkv <= 0 || a.hq % a.hkv != 0 ||
-      p.capacity < 0 || p.splits < 1 || (p.block_table != nullptr && p.block_size <= 0) ||
+      p.capacity < 0 || p.splits < 1 || (p.block_table != nullptr && p.max_blocks > 0 && p.block_size <= 0) ||
       (p.splits > 1 && (p.part_out == nullptr || p.part_lse == nullptr))) {
     return cudaErrorInvalidValue;
   }
