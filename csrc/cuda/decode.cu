@@ -72,9 +72,12 @@ constexpr size_t smem_bytes() {
   return (kRows + 4 * C::kBlockN) * (kHeadDim + 8) * sizeof(T) + sizeof(DecodeStorage<kHeadDim, C::kBlockN>);
 }
 
-// 1 / sum, 0 for a row that saw nothing (NaN stays NaN), and the row's lse.
+// 1 / sum, 0 for a row that saw nothing (NaN stays NaN), and the row's lse (its add explicitly
+// rounded: contracted with logf's scaling in one kernel and not in the other, it would differ).
 __device__ __forceinline__ float inv_sum(float sum) { return sum == 0.f ? 0.f : 1.f / sum; }
-__device__ __forceinline__ float row_lse(float max, float sum) { return sum == 0.f ? -INFINITY : max + logf(sum); }
+__device__ __forceinline__ float row_lse(float max, float sum) {
+  return sum == 0.f ? -INFINITY : __fadd_rn(max, logf(sum));
+}
 
 // Softmax state (max, sum) of a row joined by another's (max_new, sum_new): sets the factors
 // that weigh the two accumulators and returns true, or returns false and leaves the state as it
