@@ -103,13 +103,14 @@ __device__ __forceinline__ void start_fold(float sink, float& max, float& sum) {
 }
 
 // Calls fn(row, col) for this thread's 16-byte pieces (8 elements from column col) of a
-// kTileRows x kHeadDim tile shared by kThreads threads. Not unrolled: unrolled, the addresses of
-// all pieces were held at once and head dim 256 spilled 44-56 bytes (ptxas, sm_90).
+// kTileRows x kHeadDim tile shared by kThreads threads. Unrolled 4 times, so that the pieces'
+// shared-memory reads (pages, slots) overlap: fully unrolled, the addresses of all pieces were
+// held at once and head dim 256 spilled 44-56 bytes (ptxas, sm_90).
 template <int kTileRows, int kHeadDim, int kThreads, typename Fn>
 __device__ __forceinline__ void for_each_piece(int tid, Fn&& fn) {
   constexpr int kPiecesPerRow = kHeadDim / 8;
   constexpr int kPieces = kTileRows * kPiecesPerRow;
-#pragma unroll 1
+#pragma unroll 4
   for (int i = 0; i < (kPieces + kThreads - 1) / kThreads; ++i) {
     const int c = i * kThreads + tid;
     if (kPieces % kThreads == 0 || c < kPieces) fn(c / kPiecesPerRow, (c % kPiecesPerRow) * 8);
