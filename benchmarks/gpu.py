@@ -9,7 +9,11 @@ boolean mask; TFLOP/s count the visible scores only); each fastattn backend and 
 cuDNN, and the math one for masks where the others refuse) on the same fresh random inputs.
 Backward is timed through autograd for both libraries (the backward kernels only: the forward
 graph is built once and kept). Softmax: GB/s of the fused masked softmax against a measured
-device-to-device copy. Times are medians of CUDA-event timings (triton.testing.do_bench).
+device-to-device copy. KV-cache decoding (one new query per row, Hq 32, Hkv 8, head dim 128,
+fp16 and bf16, the cache contiguous or in shuffled pages of 16): B 8 with 4096 cached tokens
+and B 1 with 32768 (split-KV), the GB/s at which the CUDA op, the Triton op and SDPA
+(enable_gqa, on the contiguous cache) read the cache, against a copy of as many bytes timed in
+the same run. Times are medians of CUDA-event timings (triton.testing.do_bench).
 Writes JSON (device, versions, command, rows) to --out and prints a table with ratios to the
 best SDPA kernel of each case.
 """
@@ -126,6 +130,72 @@ def copy_gbs():
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
+def decode_cases():
+    """(B, cached tokens, dtype, block size or None): B 8 x 4096 fills the device with rows,
+    B 1 x 32768 needs split-KV."""
+    for B, length in ((8, 4096), (1, 32768)):
+        for dtype in (torch.float16, torch.bfloat16):
+            for block in (None, 16):
+                yield B, length, dtype, block
+
+
+def decode_rows(B, length, dtype, block, Hq=32, Hkv=8, D=128):
+    """Decode GB/s: bytes of K and V the rows see over the time of one call (a new query per
+    row, causal), against a device copy of as many bytes (read + write: a copy's GB/s counts
+    both, the decode only its reads, so `of_copy` is read GB/s / copy GB/s)."""
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+    keys, values = (torch.randn(B, Hkv, length, D, device="cuda", dtype=dtype) for _ in range(2))
+    seqlens = torch.full((B,), length, dtype=torch.int32, device="cuda")
+    if block is None:
+        table, k_cache, v_cache = None, keys, values
+    else:  # rows' pages in shuffled order within one pool
+        per_row = length // block
+        table = torch.randperm(B * per_row, device="cuda").view(B, per_row).to(torch.int32)
+        k_cache, v_cache = (torch.empty(B * per_row, Hkv, block, D, device="cuda", dtype=dtype) for _ in range(2))
+        for pool, rows in ((k_cache, keys), (v_cache, values)):
+            pool[table.flatten().long()] = rows.view(B, Hkv, per_row, block, D).transpose(1, 2).flatten(0, 1)
+    scale = D ** -0.5
+    nbytes = 2 * keys.numel() * keys.element_size()
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy = 2 * nbytes / bench_ms(lambda: dst.copy_(src)) / 1e6
+    ops = torch.ops.fastattn
+    impls = {
+        "sdpa_gqa": lambda: F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True),
+        "fastattn_cuda": lambda: ops.attn_fwd_kvcache(q, k_cache, v_cache, seqlens, table, scale)[0],
+        "fastattn_triton": lambda: ops.triton_attn_fwd_kvcache(q, k_cache, v_cache, seqlens, table, scale)[0],
+    }
+    name = f"B{B} L{length} {str(dtype)[6:]}" + (f" pages{block}" if block else "")
+    rows, expected = [], None
+    for impl, call in impls.items():
+        row = {"case": name, "impl": impl, "B": B, "length": length, "block": block, "copy_gbs": copy}
+        try:
+            out = call().float()
+            if expected is None:
+                expected = out
+            else:
+                row["rel_err"] = ((out - expected).norm() / expected.norm()).item()
+                row["wrong"] = not row["rel_err"] < 2e-2
+            ms = bench_ms(call)
+            row.update(ms=ms, read_gbs=nbytes / ms / 1e6, of_copy=nbytes / ms / 1e6 / copy)
+        except Exception as e:  # an implementation that refuses this case
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        rows.append(row)
+    del q, keys, values, k_cache, v_cache, src, dst
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_decode_table(rows):
+    print(f"{'decode case':<26} {'impl':<16} {'us':>8} {'read GB/s':>10} {'of copy':>8}")
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['case']:<26} {r['impl']:<16} {r['error'][:60]}")
+            continue
+        flag = f"  WRONG (rel err {r['rel_err']:.2g})" if r.get("wrong") else ""
+        print(f"{r['case']:<26} {r['impl']:<16} {r['ms'] * 1e3:8.1f} {r['read_gbs']:10.0f} {r['of_copy']:8.0%}{flag}")
+
+
 def eager_softmax(x, mask, scale):
     """PyTorch's scaled, masked softmax as eager attention computes it (the baseline)."""
     scores = x * scale
@@ -193,11 +263,14 @@ def main(argv=None):
         return 2
     torch.manual_seed(0)
     result = {"versions": versions(), "command": " ".join(["python", "benchmarks/gpu.py", *sys.argv[1:]]),
-              "attention": [], "softmax": []}
+              "attention": [], "softmax": [], "decode": []}
     copy = copy_gbs()
     result["copy_gbs"] = copy
     print(f"device-to-device copy: {copy:.0f} GB/s")
     result["softmax"] = softmax_rows(copy)
+    for case in decode_cases():
+        result["decode"] += decode_rows(*case)
+    print_decode_table(result["decode"])
     for i, case in enumerate(attention_cases(args.head_dims, args.seqs)):
         rows = run_attention_case(*case)
         print_attention_table(rows, header=i == 0)

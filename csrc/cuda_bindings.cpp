@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -125,18 +126,20 @@ void row_strides(const at::Tensor& t, Layout layout, int64_t& stride_b, int64_t&
 // strides, heads and head dim, scale, softcap and dtype; sizes along the batch and sequence
 // dims are the caller's.
 fc::AttnFwdParams shared_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                Layout layout, double scale, double softcap, int max_head_dim) {
+                                Layout layout, double scale, double softcap, int max_head_dim,
+                                const char* k_name = "k", const char* v_name = "v") {
   TORCH_CHECK_VALUE(q.is_cuda(), "fastattn CUDA: q must be a CUDA tensor");
   check_attn_operand(q, "q", q, layout);
-  check_attn_operand(k, "k", q, layout);
-  check_attn_operand(v, "v", q, layout);
+  check_attn_operand(k, k_name, q, layout);
+  check_attn_operand(v, v_name, q, layout);
   TORCH_CHECK_VALUE(softcap >= 0, "fastattn CUDA: softcap must be >= 0 (0: no cap), got ", softcap);
   const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(-1);
   TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv,
-                    "fastattn CUDA: k/v heads must divide q heads, got q ", q.sizes(), ", k ",
-                    k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(-1) == D, "fastattn CUDA: k head dim must equal q's (", D, "), got ", k.size(-1));
-  TORCH_CHECK_VALUE(v.size(-1) == D, "fastattn CUDA: v head dim must equal q's (", D, "), got ",
+                    "fastattn CUDA: ", k_name, "/", v_name, " heads must divide q heads, got q ", q.sizes(), ", ",
+                    k_name, " ", k.sizes(), ", ", v_name, " ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(-1) == D, "fastattn CUDA: ", k_name, " head dim must equal q's (", D, "), got ",
+                    k.size(-1));
+  TORCH_CHECK_VALUE(v.size(-1) == D, "fastattn CUDA: ", v_name, " head dim must equal q's (", D, "), got ",
                     v.size(-1));
   TORCH_CHECK_VALUE(D % fc::kHeadDimMultiple == 0 && D <= max_head_dim,
                     "fastattn CUDA: head dim must be a multiple of ", fc::kHeadDimMultiple,
@@ -285,6 +288,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(
   return forward(p, q, Layout::kPacked, dropout_p, rng_state, sinks, "varlen_fwd");
 }
 
+// Attention of q (B, Hq, Sq, D) against a KV cache read in place: k_cache / v_cache contiguous
+// (B, Hkv, S_max, D), or with block_table (int32 (B, max_blocks)) pages (num_blocks, Hkv,
+// block_size, D) in any order; row b sees its first cache_seqlens[b] keys (int32 (B,), read on
+// the device: no host sync, so entries must lie in [0, the room of a row] and the table's
+// entries index the cache's pages), the window aligned bottom-right per row. Forward only:
+// out (B, Hq, Sq, D) and lse (B, Hq, Sq).
+std::tuple<at::Tensor, at::Tensor> attn_fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                    const std::optional<at::Tensor>& block_table, double scale,
+                                                    int64_t window_left, int64_t window_right, double softcap,
+                                                    const std::optional<at::Tensor>& sinks,
+                                                    const std::optional<at::Tensor>& alibi_slopes) {
+  fc::KvcacheFwdParams p;
+  p.attn = shared_params(q, k_cache, v_cache, Layout::kPadded, scale, softcap, fc::kMaxHeadDimFwd, "k_cache",
+                         "v_cache");
+  fc::AttnFwdParams& a = p.attn;
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "fastattn CUDA: v_cache must have k_cache's shape ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
+  check_cuda_tensor(cache_seqlens, "cache_seqlens", q);
+  TORCH_CHECK_VALUE(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                        cache_seqlens.is_contiguous(),
+                    "fastattn CUDA: cache_seqlens must be a contiguous int32 tensor of shape (", B, "), got ",
+                    cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
+  int64_t capacity = k_cache.size(2);
+  if (block_table.has_value()) {
+    const at::Tensor& table = *block_table;
+    check_cuda_tensor(table, "block_table", q);
+    TORCH_CHECK_VALUE(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B && table.is_contiguous(),
+                      "fastattn CUDA: block_table must be a contiguous int32 tensor of shape (", B,
+                      ", max_blocks), got ", table.scalar_type(), " ", table.sizes());
+    TORCH_CHECK_VALUE(k_cache.size(2) > 0 || table.size(1) == 0,
+                      "fastattn CUDA: a paged k_cache must have blocks of at least one slot, got ", k_cache.sizes());
+    p.block_table = table.data_ptr<int>();
+    p.max_blocks = static_cast<int>(table.size(1));
+    p.block_size = static_cast<int>(k_cache.size(2));
+    capacity = table.size(1) * k_cache.size(2);
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == B, "fastattn CUDA: a contiguous k_cache must have q's batch size ", B,
+                      ", got ", k_cache.sizes());
+  }
+  TORCH_CHECK_VALUE(capacity <= std::numeric_limits<int>::max(), "fastattn CUDA: a cache row must hold fewer than 2^31 "
+                    "keys, got ", capacity);
+  p.seqlens = cache_seqlens.data_ptr<int>();
+  p.capacity = static_cast<int>(capacity);
+  a.b = B, a.sq = Sq;
+  a.window_left = window_left, a.window_right = window_right;
+  a.sinks = head_constants(sinks, "sinks", {Hq}, q);
+  a.alibi_slopes = head_constants(alibi_slopes, "alibi_slopes", {B, Hq}, q);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, Hq, Sq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  // The split count follows from the device's size only: the result is the same for any
+  // (csrc/cuda/decode.cu), so no caller needs to choose it.
+  int sms = 0;
+  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()), "attn_fwd_kvcache");
+  p.splits = fc::kvcache_splits(p, sms);
+  at::Tensor part_out, part_lse;
+  if (p.splits > 1) {
+    const int64_t chunks = fc::kvcache_chunks(p.capacity);
+    part_out = at::empty({chunks, B * Hq * Sq, D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({chunks, B * Hq * Sq}, q.options().dtype(at::kFloat));
+    p.part_out = part_out.data_ptr<float>();
+    p.part_lse = part_lse.data_ptr<float>();
+  }
+  check_launch(fc::attn_fwd_kvcache(p, c10::cuda::getCurrentCUDAStream()), "attn_fwd_kvcache");
+  return {out, lse};
+}
+
 // The backward of p.fwd (operands checked; dmask set by the caller) with dropout: dq, dk, dv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(fc::AttnBwdParams& p, const at::Tensor& grad_out,
                                                         const at::Tensor& q, const at::Tensor& k,
@@ -411,6 +486,7 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attn_bwd", &attn_bwd);
   m.impl("varlen_fwd", &varlen_fwd);
   m.impl("varlen_bwd", &varlen_bwd);
+  m.impl("attn_fwd_kvcache", &attn_fwd_kvcache);
   m.impl("softmax_fwd", &softmax_fwd);
   m.impl("softmax_bwd", &softmax_bwd);
 }

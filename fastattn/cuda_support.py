@@ -1,7 +1,13 @@
 """What the CUDA C++ kernels (csrc/cuda/) accept, for the dispatcher.
 
 `supports(q, k, v, mask)` and `supports_softmax(x, mask)` return None when the CUDA backend
-can run the call, else a reason string. They look only at shapes, strides, dtypes and
+can run the call, else a reason string. The KV-cache op (fastattn::attn_fwd_kvcache, the
+decode kernel of csrc/cuda/decode.cu) is asked through `supports` with the caches as k and v:
+it needs of them what the attention kernels need of k and v (16-byte rows and strides, v's
+head dim equal to q's) and takes pages of any block size in any order, rows of any length
+(checked against the cache's room on no side: lengths and block-table entries stay on the
+device) and every feature of the CUDA capabilities but masks and dropout, which the KV-cache
+path never asks for. They look only at shapes, strides, dtypes and
 devices, so they also work on fake tensors under torch.compile. csrc/cuda_bindings.cpp raises
 for anything else.
 """

@@ -61,7 +61,7 @@ def _check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
 
 
 # The op of each backend whose capabilities list "kv_cache" (schema of fastattn::attn_fwd_kvcache).
-_KVCACHE_OPS = {"cpu": "attn_fwd_kvcache", "triton": "triton_attn_fwd_kvcache"}
+_KVCACHE_OPS = {"cpu": "attn_fwd_kvcache", "triton": "triton_attn_fwd_kvcache", "cuda": "attn_fwd_kvcache"}
 
 
 def _kvcache_op(backend):

@@ -81,6 +81,8 @@ def test_kv_cache_feature_is_declared_where_the_op_exists():
     for name, caps in CAPABILITIES.items():
         if name == "triton" and fastattn.ops.TRITON_OPS is None:
             continue  # Triton's features are declared without importing triton; its ops are not here
+        if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attn_fwd", "CUDA"):
+            continue  # every build declares the CUDA kernels' features; only CUDA builds register their ops
         declared = "kv_cache" in caps.features
         registered = _kv_cache_op_registered(name)
         assert declared == registered, f"{name}: kv_cache declared {declared}, op registered {registered}"

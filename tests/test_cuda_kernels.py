@@ -604,3 +604,152 @@ def test_softmax_matches_reference(case):
     ref_dx = y64 * (grad_y.double() - (grad_y.double() * y64).sum(-1, keepdim=True))
     base_dx = y * (grad_y - (grad_y * y).sum(-1, keepdim=True))
     assert_within_baseline("dx", dx, ref_dx, base_dx)
+
+
+# ----------------------------------------------------------------------- KV-cache decoding
+
+def _kvcache_case(lengths, Hq, Hkv, Sq, D, dtype, block_size, seed):
+    """q (B, Hq, Sq, D), the rows' keys and values (B, Hkv, capacity, D) and a cache holding
+    them: contiguous (block_size None) or pages of block_size in shuffled order within a pool
+    that also holds pages no row owns. Every slot past a row's length is NaN, like the unowned
+    pages: the kernel must stop at each row's end. Returns q, keys, values, k_cache, v_cache,
+    block_table (None when contiguous)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    B, step = len(lengths), block_size or 1
+    capacity = -(-(max(lengths) + 29) // step) * step  # room past the longest row
+    q = torch.randn(B, Hq, Sq, D, generator=g, device=DEVICE).to(dtype)
+    keys, values = (torch.randn(B, Hkv, capacity, D, generator=g, device=DEVICE).to(dtype) for _ in range(2))
+    stored = []
+    for rows in (keys, values):
+        rows = rows.clone()
+        for b, length in enumerate(lengths):
+            rows[b, :, length:] = float("nan")
+        stored.append(rows)
+    if block_size is None:
+        return q, keys, values, *stored, None
+    per_row, unowned = capacity // block_size, 3
+    table = torch.randperm(B * per_row + unowned, generator=g, device=DEVICE)[: B * per_row].view(B, per_row)
+    pools = []
+    for rows in stored:
+        pool = torch.full((B * per_row + unowned, Hkv, block_size, D), float("nan"), device=DEVICE, dtype=dtype)
+        pool[table.flatten()] = rows.view(B, Hkv, per_row, block_size, D).transpose(1, 2).flatten(0, 1)
+        pools.append(pool)
+    return q, keys, values, *pools, table.to(torch.int32)
+
+
+def _kvcache_reference(q, keys, values, lengths, window, softcap, sinks, slopes, dtype, upcast):
+    """Row by row: q[b] against the first lengths[b] keys, the window bottom-right within the row."""
+    outs, lses = [], []
+    for b, length in enumerate(lengths):
+        out, lse = reference.attention(
+            q[b : b + 1].to(dtype), keys[b : b + 1, :, :length].to(dtype), values[b : b + 1, :, :length].to(dtype),
+            None, q.shape[-1] ** -0.5, window, upcast=upcast, softcap=softcap, sinks=sinks,
+            alibi_slopes=None if slopes is None else slopes[b : b + 1],
+        )
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _run_kvcache(q, k_cache, v_cache, lengths, table, window, softcap, sinks, slopes):
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    return OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens, table, q.shape[-1] ** -0.5, *window[:2], softcap, sinks,
+                                slopes)
+
+
+# (lengths, Hq, Hkv, Sq, D, dtype, block size, window, softcap, sinks, alibi). The kernel's key
+# tiles are 64 keys (32 at head dim 256) and its chunks 256: pages of 8 and 16 split tiles, 256
+# hold several; lengths cross tiles, chunks and pages, and 0 is a row that sees nothing.
+KVCACHE_CASES = [
+    ([0, 1, 300, 1000], 8, 2, 1, 128, torch.float16, None, CAUSAL, 0.0, False, False),  # decode, GQA 4
+    ([17, 0, 700], 8, 2, 1, 128, torch.bfloat16, 16, CAUSAL, 0.0, True, False),  # sinks: the empty row's lse
+    ([300, 513], 4, 4, 5, 64, torch.float16, 256, UNBOUNDED, 0.0, False, False),  # MHA, not causal
+    ([250, 90, 3], 8, 1, 3, 96, torch.bfloat16, 8, Window(40, 0), 20.0, True, True),  # MQA: 24 rows, 2 CTAs
+    ([1200], 16, 2, 7, 256, torch.float16, 32, CAUSAL, 30.0, True, False),  # head dim 256
+    ([33, 64], 4, 2, 2, 40, torch.bfloat16, None, Window(5, 3), 0.0, False, True),  # head dim 40, future keys
+    ([200, 57], 4, 2, 37, 64, torch.float16, 16, CAUSAL, 0.0, False, True),  # chunked prefill: 37 new queries
+    ([4096, 1, 2500], 32, 8, 1, 128, torch.bfloat16, 64, CAUSAL, 0.0, False, False),  # long rows
+    ([5000], 4, 1, 1, 32, torch.float16, None, Window(700, 0), 0.0, True, False),  # one row: split-KV
+]
+
+
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kvcache_matches_reference(case):
+    lengths, Hq, Hkv, Sq, D, dtype, block_size, window, softcap, with_sinks, with_alibi = case
+    seed = KVCACHE_CASES.index(case)
+    q, keys, values, k_cache, v_cache, table = _kvcache_case(lengths, Hq, Hkv, Sq, D, dtype, block_size, seed)
+    torch.manual_seed(seed)
+    sinks = torch.randn(Hq, device=DEVICE) if with_sinks else None
+    slopes = _alibi_slopes(len(lengths), Hq) if with_alibi else None
+    _poison_allocator()
+    out, lse = _run_kvcache(q, k_cache, v_cache, lengths, table, window, softcap, sinks, slopes)
+    ref_out, ref_lse = _kvcache_reference(q, keys, values, lengths, window, softcap, sinks, slopes, torch.float64, True)
+    base_out, base_lse = _kvcache_reference(q, keys, values, lengths, window, softcap, sinks, slopes, dtype, False)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_within_baseline("out", out, ref_out, base_out)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse: -inf rows differ from the reference"
+    assert not torch.isnan(lse).any()
+    assert_within_baseline("lse", lse[~empty], ref_lse[~empty].float(), base_lse[~empty])
+    if 0 in lengths:  # the empty row: zeros, lse -inf or the head's sink
+        row = lengths.index(0)
+        assert out[row].abs().max() == 0
+        expected = sinks.view(Hq, 1).expand(Hq, Sq) if sinks is not None else torch.full((Hq, Sq), float("-inf"))
+        torch.testing.assert_close(lse[row].cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("dtype, block_size", [(torch.float16, None), (torch.bfloat16, 16)])
+def test_kvcache_split_kv_changes_no_bit(dtype, block_size):
+    """The split count follows from how many CTAs fill the device (kvcache_splits in
+    csrc/cuda/decode.cu): one cache row alone is split across the SMs, the same row among
+    enough others (B * Hkv CTAs >= SMs) is not. The kernel computes every 256-key chunk alike
+    and folds the chunks in order, itself or in the combine kernel, so both give the row's out
+    and lse bit for bit, and a repeated call the same bits. Testing through two batch shapes
+    needs no way to force the split count into the op."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    Hq, Hkv, Sq, D, length = 8, 2, 2, 128, 3000
+    q, keys, values, k_cache, v_cache, table = _kvcache_case([length], Hq, Hkv, Sq, D, dtype, block_size, 7)
+    torch.manual_seed(7)
+    sinks, slopes = torch.randn(Hq, device=DEVICE), _alibi_slopes(1, Hq)
+    options = (Window(900, 0), 25.0, sinks)
+    alone = _run_kvcache(q, k_cache, v_cache, [length], table, *options, slopes)
+    again = _run_kvcache(q, k_cache, v_cache, [length], table, *options, slopes)
+    B = -(-sms // Hkv)  # B * Hkv CTAs fill the device: no split
+    batched = _run_kvcache(
+        q.expand(B, -1, -1, -1), k_cache if table is not None else k_cache.expand(B, -1, -1, -1),
+        v_cache if table is not None else v_cache.expand(B, -1, -1, -1), [length] * B,
+        None if table is None else table.expand(B, -1).contiguous(), *options, slopes.expand(B, -1).contiguous(),
+    )
+    for split, whole, repeat in zip(alone, batched, again):
+        assert torch.equal(split[0], whole[0]) and torch.equal(split, repeat)
+        assert torch.equal(whole[B - 1], whole[0])
+    ref_out, _ = _kvcache_reference(q, keys, values, [length], options[0], 25.0, sinks, slopes, torch.float64, True)
+    base_out, _ = _kvcache_reference(q, keys, values, [length], options[0], 25.0, sinks, slopes, dtype, False)
+    assert_within_baseline("out", alone[0], ref_out, base_out)
+
+
+def test_kvcache_argument_errors():
+    q, _, _, k_cache, v_cache, table = _kvcache_case([10, 20], 4, 2, 1, 64, torch.float16, 16, 0)
+    seqlens = torch.tensor([10, 20], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cache_seqlens must be a contiguous int32 tensor of shape"):
+        OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens.long(), table, 0.125)
+    with pytest.raises(ValueError, match="block_table must be a contiguous int32 tensor of shape"):
+        OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens, table.long(), 0.125)
+    with pytest.raises(TypeError, match="k_cache has dtype"):
+        OPS.attn_fwd_kvcache(q, k_cache.bfloat16(), v_cache, seqlens, table, 0.125)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        OPS.attn_fwd_kvcache(q, k_cache, v_cache[:, :, :8], seqlens, table, 0.125)
+    with pytest.raises(ValueError, match="a contiguous k_cache must have q's batch size"):
+        OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens, None, 0.125)
+    with pytest.raises(ValueError, match="cache_seqlens must be a CUDA tensor"):
+        OPS.attn_fwd_kvcache(q, k_cache, v_cache, seqlens.cpu(), table, 0.125)
+
+
+def test_kvcache_opcheck():
+    torch.manual_seed(9)
+    q = torch.randn(2, 4, 2, 64, device=DEVICE, dtype=torch.float16)
+    k_pages, v_pages = (torch.randn(40, 2, 16, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    table = torch.randperm(40, device=DEVICE).view(2, 20).to(torch.int32)
+    seqlens = torch.tensor([10, 300], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(OPS.attn_fwd_kvcache.default,
+                          (q, k_pages, v_pages, seqlens, table, 0.125, -1, 0, 0.0, torch.randn(4, device=DEVICE), None))

@@ -258,6 +258,85 @@ def test_kv_cache_decoding_matches_reference(paged):
         assert_within_baseline(f"row {b}", out[b:b + 1], ref, base)
 
 
+
+def _paged_rows(rows, block_table, block):
+    """A pool of pages (NaN where no row's page lies) holding rows (B, Hkv, S, D) as block_table says."""
+    B, Hkv, S, D = rows.shape
+    pool = torch.full((int(block_table.max()) + 2, Hkv, block, D), float("nan"), device="cuda", dtype=rows.dtype)
+    pool[block_table.flatten().long()] = rows.view(B, Hkv, S // block, block, D).transpose(1, 2).flatten(0, 1)
+    return pool
+
+
+# (Hq, Hkv, Sq new tokens, D, dtype, block size, causal): MHA, GQA, MQA; decode and chunks;
+# pages smaller and larger than the CUDA kernel's 64-key tiles.
+KV_APPEND_CASES = [
+    (8, 8, 1, 64, torch.float16, None, True),
+    (8, 2, 1, 128, torch.bfloat16, 16, True),
+    (16, 1, 4, 128, torch.float16, 128, True),
+    (6, 2, 9, 96, torch.bfloat16, 8, False),
+]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", KV_APPEND_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kv_cache_appends_then_attends_on_each_gpu_backend(backend, case):
+    """attention_with_kvcache with k_new / v_new crossing block boundaries, rows of different
+    lengths (one empty), slots past every row's end NaN: each row against the reference."""
+    Hq, Hkv, Sq, D, dtype, block, causal = case
+    torch.manual_seed(KV_APPEND_CASES.index(case))
+    lengths = [0, 13, 250, 31]  # + Sq new tokens each; 13 + 4 and 250 + 9 cross pages
+    B, capacity = len(lengths), 384
+    keys, values = (torch.randn(B, Hkv, capacity, D, device="cuda", dtype=dtype) for _ in range(2))
+    for rows in (keys, values):
+        for b, length in enumerate(lengths):
+            rows[b, :, length:] = float("nan")
+    q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=dtype)
+    k_new, v_new = (torch.randn(B, Hkv, Sq, D, device="cuda", dtype=dtype) for _ in range(2))
+    if block is None:
+        block_table, k_cache, v_cache = None, keys.clone(), values.clone()
+    else:
+        block_table = torch.randperm(B * capacity // block, device="cuda").view(B, -1).to(torch.int32)
+        k_cache, v_cache = _paged_rows(keys, block_table, block), _paged_rows(values, block_table, block)
+    out, lse = fastattn.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device="cuda"), k_new=k_new,
+        v_new=v_new, block_table=block_table, causal=causal, return_lse=True, backend=backend,
+    )
+    window = reference.CAUSAL if causal else reference.UNBOUNDED
+    for b, length in enumerate(lengths):
+        k_row = torch.cat([keys[b:b + 1, :, :length], k_new[b:b + 1]], 2)
+        v_row = torch.cat([values[b:b + 1, :, :length], v_new[b:b + 1]], 2)
+        ref, ref_lse = reference.attention(q[b:b + 1].double(), k_row.double(), v_row.double(), None, None, window)
+        base, base_lse = reference.attention(q[b:b + 1], k_row, v_row, None, None, window, upcast=False)
+        assert_within_baseline(f"row {b}", out[b:b + 1], ref, base)
+        assert_within_baseline(f"row {b} lse", lse[b:b + 1], ref_lse.float(), base_lse)
+
+
+@pytest.mark.skipif(not dispatch.backends().get("cuda", {}).get("usable"), reason="cuda backend not usable")
+def test_cuda_kv_cache_decoding_replays_in_a_cuda_graph_and_compiles():
+    """The lengths and block table are read on the device: a captured decode step replayed after
+    they change in place follows them, and torch.compile(fullgraph=True) traces the call."""
+    torch.manual_seed(5)
+    B, Hq, Hkv, D, block, per_row = 2, 8, 2, 128, 16, 40
+    k_cache, v_cache = (torch.randn(B * per_row, Hkv, block, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    block_table = torch.randperm(B * per_row, device="cuda").view(B, per_row).to(torch.int32)
+    lengths = torch.tensor([100, 7], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+
+    def step():
+        return fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, block_table=block_table,
+                                               backend="cuda")
+
+    step()  # warm up outside the capture (allocator, one-time attribute setup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    lengths.copy_(torch.tensor([600, 333], dtype=torch.int32))
+    block_table.copy_(block_table.flip(1))
+    graph.replay()
+    eager = step()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(), eager)
+
 def test_softmax_matches_torch():
     torch.manual_seed(3)
     x = torch.randn(2, 4, 100, 3000, device="cuda", dtype=torch.bfloat16)

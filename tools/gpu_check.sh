@@ -11,7 +11,9 @@
 #   ptxas     tools/check_cuda_compile.py for the same arch (registers, spills)
 #   test      pytest tests/test_cuda_kernels.py, tests/test_triton.py and tests/test_gpu_api.py
 #   sanitize  compute-sanitizer (memcheck, racecheck, synccheck) on a small forward/backward
-#   bench     benchmarks/gpu.py: TFLOP/s against every SDPA kernel, softmax GB/s against a copy
+#             and a KV-cache decode call
+#   bench     benchmarks/gpu.py: TFLOP/s against every SDPA kernel, softmax and KV-cache decode
+#             GB/s against a copy
 #   sass      HGMMA (wgmma) / HMMA counts per compiled Triton kernel and in the CUDA library
 #   suite     the whole test suite with the GPU present
 # Each step has a time limit (BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT, SANITIZE_LIMIT, SUITE_LIMIT
@@ -104,7 +106,7 @@ write_sanitize_py() {
   cat >"$OUT/sanitize_workload.py" <<'PY'
 # Forward, backward and softmax of both GPU backends on small odd shapes (partial tiles, GQA,
 # masks, the causal rules and a sliding window, dropout, sinks, softcap, ALiBi where the backend
-# has it), padded and packed (varlen). Triton's autotuner runs every config of a case, so each
+# has it), padded and packed (varlen), and one paged KV-cache decode call. Triton's autotuner runs every config of a case, so each
 # is checked.
 import torch
 import fastattn  # registers the ops
@@ -151,6 +153,15 @@ for prefix, backend in (("", "cuda"), ("triton_", "triton")):
                                    sinks=sinks if with_sinks else None, **bias)
         varlen_bwd(torch.randn_like(out), *packed, out, stats, cu_q, cu_k, 80, 70, D ** -0.5, rule.left, rule.right,
                    softcap, **dropout, **bias)
+    # KV-cache decoding: 3 new queries of a GQA group against pages of 32 in shuffled order, rows
+    # of different lengths (one empty, one split across CTAs), sinks and ALiBi.
+    kvcache_fwd = getattr(ops, prefix + "attn_fwd_kvcache")
+    k_pages = torch.randn(130, 2, 32, 64, device="cuda", dtype=torch.float16)
+    v_pages = torch.randn_like(k_pages)
+    table = torch.randperm(130, device="cuda")[:120].view(3, 40).to(torch.int32)
+    seqlens = torch.tensor([0, 45, 1100], device="cuda", dtype=torch.int32)
+    kvcache_fwd(torch.randn(3, 4, 3, 64, device="cuda", dtype=torch.float16), k_pages, v_pages, seqlens, table,
+                0.125, -1, 0, 0.0, sinks, slopes.expand(3, 4).contiguous())
     torch.cuda.synchronize()
     print(prefix or "cuda ", "workload done")
 PY

@@ -156,5 +156,44 @@ struct AttnBwdParams {
 cudaError_t attn_fwd(const AttnFwdParams& p, cudaStream_t stream);
 cudaError_t attn_bwd(const AttnBwdParams& p, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------
+// KV-cache decoding (flash-decoding), forward only: q (B, Hq, Sq, D) against a cache read in
+// place, contiguous (B, Hkv, capacity, D) or paged (num_blocks, Hkv, block_size, D) through
+// block_table. Row b sees its first seqlens[b] keys (read on the device, clamped to
+// [0, capacity]); the window is aligned bottom-right within each row.
+// `attn` describes q, k = k_cache and v = v_cache (stride_b: the batch or the page stride; v's
+// head dim is D), out (contiguous (B, Hq, Sq, D)), lse (contiguous (B, Hq, Sq)), b, hq, hkv,
+// sq, d, scale, softcap, sinks, alibi_slopes ((B, Hq)), window_left / right and dtype; its
+// mask, softmax statistics, dropout and packed-sequence fields are unused.
+struct KvcacheFwdParams {
+  AttnFwdParams attn;
+  const int* seqlens = nullptr;      // int32 (B) on the device
+  const int* block_table = nullptr;  // int32 (B, max_blocks) contiguous, or nullptr: contiguous cache
+  int max_blocks = 0, block_size = 0;
+  int capacity = 0;  // keys a row can hold: S_max, or max_blocks * block_size
+  // Split-KV: splits > 1 CTAs share a row's chunks (kvcache_splits) and write each chunk's
+  // normalised output and lse here, which the combine kernel merges; with 1 the kernel writes
+  // out and lse itself.
+  int splits = 1;
+  float* part_out = nullptr;  // (kvcache_chunks, B * Hq * Sq, D) fp32
+  float* part_lse = nullptr;  // (kvcache_chunks, B * Hq * Sq) fp32
+};
+
+// Keys of a chunk, the unit of the decode kernel's arithmetic: each chunk's normalised output
+// and lse are computed alike whatever the split, and folded in chunk order by the kernel (one
+// split) or the combine kernel (several) with the same explicitly rounded operations, so the
+// split count (which follows from how many CTAs fill the device) changes no bit of the result.
+// 256 keys: 4 tiles of 64 keys at head dims <= 128, the warps' states merged once per chunk.
+constexpr int kKvcacheChunkKeys = 256;
+FA_HOST_DEVICE inline int kvcache_chunks(int capacity) {
+  return (capacity + kKvcacheChunkKeys - 1) / kKvcacheChunkKeys;
+}
+
+// The split count of a call on a device with `sms` multiprocessors: 1 when its CTAs (one per
+// cache row, kv head and 16 (query, head) rows) fill the device, else enough runs of chunks
+// to give it about two CTAs per multiprocessor.
+int kvcache_splits(const KvcacheFwdParams& p, int sms);
+cudaError_t attn_fwd_kvcache(const KvcacheFwdParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

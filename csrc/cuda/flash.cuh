@@ -371,6 +371,34 @@ __device__ __forceinline__ float score_of(float acc, const AttnFwdParams& p, int
   return x;
 }
 
+// One step of the online softmax for row half hf (elements 2 hf, 2 hf + 1 of each n8 tile) of
+// an m16 tile: `s` holds the row's new scores (natural units, -inf where hidden), `mx` their
+// max over the quad. The scores become exp(s - max); the row's output accumulator, max and
+// (per-lane) sum are updated.
+template <int kNT, int kDT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNT][4], float (&acc_o)[kDT][4], int hf, float mx,
+                                                    float& row_max, float& row_sum) {
+  const float m_new = fmaxf(row_max, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // rows seeing nothing yet
+  const float alpha = exp_shifted(row_max, m_use);
+  row_max = m_new;
+  float sum = 0.f;
+#pragma unroll
+  for (int ni = 0; ni < kNT; ++ni) {
+#pragma unroll
+    for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+      s[ni][e] = exp_shifted(s[ni][e], m_use);
+      sum += s[ni][e];
+    }
+  }
+  row_sum = row_sum * alpha + sum;
+#pragma unroll
+  for (int di = 0; di < kDT; ++di) {
+    acc_o[di][2 * hf] *= alpha;
+    acc_o[di][2 * hf + 1] *= alpha;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward. Grid (B * Hq, ceil(Sq / kBlockM)); kNWarps warps, each owning 16 * kMT query rows.
 // Writes out and the row statistics (lse, row_max, row_sum) of its query block.
@@ -479,26 +507,7 @@ __global__ void __launch_bounds__(kNWarps * 32, 1)
             mx = fmaxf(mx, x);
           }
         }
-        mx = quad_max(mx);
-        const float m_new = fmaxf(row_max[mi][hf], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // rows seeing nothing yet
-        const float alpha = exp_shifted(row_max[mi][hf], m_use);
-        row_max[mi][hf] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int ni = 0; ni < kNT; ++ni) {
-#pragma unroll
-          for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
-            s[mi][ni][e] = exp_shifted(s[mi][ni][e], m_use);
-            sum += s[mi][ni][e];
-          }
-        }
-        row_sum[mi][hf] = row_sum[mi][hf] * alpha + sum;
-#pragma unroll
-        for (int di = 0; di < kDT; ++di) {
-          acc_o[mi][di][2 * hf] *= alpha;
-          acc_o[mi][di][2 * hf + 1] *= alpha;
-        }
+        online_softmax_step(s[mi], acc_o[mi], hf, quad_max(mx), row_max[mi][hf], row_sum[mi][hf]);
       }
     }
     if constexpr (kDropout) {  // after the row sums; 1 / (1 - p) is applied in the epilogue
