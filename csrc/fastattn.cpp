@@ -117,8 +117,9 @@ PYBIND11_MODULE(_C, m) {
   cuda["head_dim_multiple"] = fastattn::cuda::kHeadDimMultiple;
   cuda["v_head_dim_may_differ"] = false;
   cuda["min_compute_capability"] = fastattn::cuda::kMinComputeCapability;
-  // varlen: varlen_fwd/bwd; dropout: in attn_fwd/bwd and varlen_fwd/bwd (csrc/cuda/flash.cuh)
-  cuda["extra_features"] = py::make_tuple("window", "softcap", "varlen", "dropout", "sinks", "alibi");
+  // kv_cache: attn_fwd_kvcache (csrc/cuda/decode.cu); varlen: varlen_fwd/bwd; dropout: in
+  // attn_fwd/bwd and varlen_fwd/bwd (csrc/cuda/flash.cuh)
+  cuda["extra_features"] = py::make_tuple("kv_cache", "window", "softcap", "varlen", "dropout", "sinks", "alibi");
   py::dict capabilities;
   capabilities["cpu"] = cpu;
   capabilities["cuda"] = cuda;

@@ -88,11 +88,6 @@ def _from_compiled(table):
     return Capabilities(**values, features=COMMON_FEATURES | frozenset(table.get("extra_features", ())))
 
 
-# Features of CUDA ops that fastattn._C's CUDA feature list (csrc/fastattn.cpp) does not name:
-# kv_cache, the decode kernel (csrc/cuda/decode.cu) behind fastattn::attn_fwd_kvcache.
-_CUDA_OP_FEATURES = frozenset({"kv_cache"})
-
-
 def _table():
     float64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     table = {
@@ -110,8 +105,6 @@ def _table():
         return table
     for backend in ("cpu", "cuda"):
         table[backend] = _from_compiled(_C.capabilities[backend])
-    cuda = table["cuda"]
-    table["cuda"] = dataclasses.replace(cuda, features=cuda.features | _CUDA_OP_FEATURES)
     return table
 
 

@@ -6,8 +6,9 @@ The cache is contiguous `(B, Hkv, S_max, D)`, or paged: `(num_blocks, Hkv, block
 blocks that an int32 `block_table (B, max_blocks)` assigns to rows, in any order. Row b holds
 `cache_seqlens[b]` entries; rows of different lengths share one batch.
 
-Backends whose capabilities list "kv_cache" (the CPU kernels: fastattn::attn_fwd_kvcache; the
-Triton split-KV decode kernel: fastattn::triton_attn_fwd_kvcache; see `_kvcache_op`) read the
+Backends whose capabilities list "kv_cache" (the CPU kernels and the CUDA split-KV decode
+kernel: fastattn::attn_fwd_kvcache; the Triton one: fastattn::triton_attn_fwd_kvcache; see
+`_kvcache_op`) read the
 cache in place (pages through the block table) and stop at each row's end. Others
 get the cache (gathered from its pages when paged) through `attention` with a boolean mask
 of each row's valid keys and the causal rule, which their kernels use to skip the key blocks
