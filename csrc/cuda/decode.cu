@@ -16,9 +16,10 @@
 // merged in warp order and normalised into the chunk's output and lse. With one split the CTA
 // folds its chunks in order into out and lse, starting from the head's sink (max sink, sum 1;
 // lse then counts it, and a row that sees no key gives zeros and lse = sink, or -inf without
-// one). With several, split s owns chunks [s * per_split, (s + 1) * per_split), writes each
-// one's partial (fp32; chunks it has no key of get lse -inf) and kvcache_combine_kernel folds
-// every chunk of a row in order from the same start. Both folds use `fold_scales` and
+// one). With several, split s owns chunks [s * per_split, (s + 1) * per_split) of the row's
+// own ceil(length / chunk keys) (the length read on the device: a short row in a long cache
+// leaves no split idle), writes each one's partial (fp32; chunks it has no key of get lse
+// -inf) and kvcache_combine_kernel folds those chunks of the row in order from the same start. Both folds use `fold_scales` and
 // `fold_value`, explicitly rounded (never contracted differently in the two kernels), so the
 // result does not depend on the split count.
 #include <algorithm>
@@ -183,7 +184,8 @@ __global__ void __launch_bounds__(kNWarps * 32, 1) kvcache_fwd_kernel(const Kvca
 
   // Key tiles [tile_begin, tile_end): those the window shows these rows, within this split's chunks.
   const int first_query = rows.query(0), queries = rows.query(n_rows - 1) - first_query + 1;
-  const int n_chunks = kvcache_chunks(p.capacity);
+  // The splits share the row's own chunks (its length is read here), not the room's.
+  const int n_chunks = kvcache_chunks(len);
   const int per_split = (n_chunks + p.splits - 1) / p.splits;
   const int chunk_begin = blockIdx.z * per_split, chunk_end = min(n_chunks, chunk_begin + per_split);
   const int tile_begin = max(key_block_begin(vis, first_query, kBlockN), chunk_begin * kBlocksPerChunk);
@@ -391,11 +393,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32) kvcache_combine_kernel(con
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= stat_rows) return;
+  const int len = min(max(p.seqlens[row / (static_cast<int64_t>(a.hq) * a.sq)], 0), p.capacity);
   float max, sum, acc[kCols];
   start_fold(a.sinks != nullptr ? a.sinks[(row / a.sq) % a.hq] : -INFINITY, max, sum);
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-  const int n_chunks = kvcache_chunks(p.capacity);
+  const int n_chunks = kvcache_chunks(len);  // the chunks the splits wrote
   for (int chunk = 0; chunk < n_chunks; ++chunk) {
     const int64_t part = chunk * stat_rows + row;
     float scale_old, scale_new;
