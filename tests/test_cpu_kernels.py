@@ -100,6 +100,9 @@ ATTENTION_CASES = [
     (1, 4, 2, 40, 300, 64, 64, F32, BOTTOM_RIGHT, "add_full", False),
     (2, 2, 1, 70, 150, 48, 48, BF16, TOP_LEFT, "bool_full", True),
     (1, 2, 2, 150, 97, 64, 64, F32, BOTTOM_RIGHT, "key_padding", False),
+    # Threads owning whole kv heads, which walk the keys chunk by chunk (several chunks here).
+    (2, 4, 2, 100, 900, 64, 64, F32, BOTTOM_RIGHT, "key_padding", False),
+    (1, 2, 2, 70, 1000, 128, 96, BF16, TOP_LEFT, "add_full", True),
     # One or two work items: keys split over the threads, partial outputs merged.
     (1, 1, 1, 100, 700, 64, 64, F32, NONE, "add_full", False),
     (1, 1, 1, 40, 600, 32, 32, BF16, TOP_LEFT, None, True),  # later splits see nothing

@@ -19,6 +19,11 @@ using R = Vec::R;
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+// Row pitch of a packed buffer whose rows hold n floats: whole vectors plus one cache line.
+// With a pitch of 256 or 512 bytes the 64 rows of a GEMM operand share 16 or 8 of L1's 64
+// sets and, at head dim 128, evict one another (GEMMs 10-15% slower); an odd number of lines
+// spreads them over every set.
+static inline int64_t pitch(int64_t n) { return round_up(n, W) + 16; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t elem_size(int dtype) { return dtype == kF32 ? 4 : dtype == kBool ? 1 : 2; }
 static inline const char* at_elem(const void* base, int64_t offset, int dtype) {
@@ -569,25 +574,138 @@ static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t hq, int64_t
   if (whole) p.lse[stat] = *row_max + std::log(l);
 }
 
+// Key blocks per chunk of the owned-head order below: K and V of a chunk (fp32, padded rows)
+// take about 256 KiB, half of a 512 KiB L2, so that they stay there while every query block of
+// the head passes over them. Streamed from L3 instead (K and V of a head once per query block)
+// the GEMMs ran at 0.6 of the FMA peak rather than 0.85 while the other core was busy too.
+static inline int64_t fwd_chunk_blocks(int64_t ldk, int64_t ldv) {
+  return max64(1, (int64_t(256) << 10) / (kFwdBK * (ldk + ldv) * int64_t(sizeof(float))));
+}
+// At most this many query blocks' states (~80 KiB each at head dim 128) pass over a chunk
+// together; the K and V chunks are read again for the next group.
+static constexpr int64_t kFwdHeldBlocks = 64;
+
 template <bool DROPOUT>
 static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t stride) {
   const int64_t BQ = fwd_block_q(p.Sq), BK = kFwdBK;
   const int64_t Dvp = round_up(p.Dv, W);
+  const int64_t ldk = pitch(p.D), ldv = pitch(p.Dv), ldq = pitch(BQ), ldo = ldv;  // row pitches
   const int64_t G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Sq, BQ), nkb = ceil_div(p.Sk, BK);
   const int64_t esz = elem_size(p.dtype);
+  // Query blocks whose state (Q^T, O, running max and sum) a thread holds at once: one, or up
+  // to kFwdHeldBlocks (query head, query block)s of an owned kv head.
+  const int64_t head_blocks = G * nqb, held = p.threads_own_kv_heads ? min64(head_blocks, kFwdHeldBlocks) : 1;
   // K and V of the current (batch, kv head) in fp32, packed lazily block by block so that
   // blocks the mask or the window hides are never touched.
-  Scratch kp(nkb * BK * p.D), vp(nkb * BK * Dvp), packed(nkb);
-  Scratch qt(p.D * BQ), st(BK * BQ), o(BQ * Dvp), mvec(BQ), lvec(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
-  int64_t current = -1;
+  Scratch kp(nkb * BK * ldk), vp(nkb * BK * ldv), packed(nkb);
+  Scratch qt(held * p.D * ldq), o(held * BQ * ldo), mvec(held * BQ), lvec(held * BQ);
+  Scratch st(BK * BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   PhaseClock<kFwdPhases> clock(p.phase_ns);
-  const int64_t head_items = G * nqb * p.nsplit;  // the items of one (batch, kv head)
-  for (int64_t turn = begin; turn < end; turn += stride) {
-    // Thread `begin` of `stride` takes items begin, begin + stride, ... or, owning kv heads,
-    // all of heads begin, begin + stride, ... in turn.
-    const int64_t k = turn / stride;
-    const int64_t it = p.threads_own_kv_heads ? (begin + stride * (k / head_items)) * head_items + k % head_items : turn;
+
+  // Query block q0 (mq real queries) of head hq: Q^T (times the scale) into qtb, O, max, sum
+  // cleared.
+  const auto start_block = [&](const SeqInfo<AttnFwdParams>& seq, int64_t hq, int64_t q0, int64_t mq, float* qtb,
+                               float* ob, float* mb, float* lb) {
+    const char* qbase = seq.query(p.q, hq, q0);
+    for (int64_t i = 0; i < mq; ++i) {
+      load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, row.p, p.scale);
+      for (int64_t d = 0; d < p.D; ++d) qtb[d * ldq + i] = row.p[d];
+    }
+    for (int64_t d = 0; d < p.D; ++d) fill(qtb + d * ldq + mq, BQ - mq, 0.f);
+    fill(mb, BQ, kLowest);  // finite, so that m_old - m_new is never inf - inf
+    fill(lb, BQ, 0.f);
+    fill(ob, mq * ldo, 0.f);
+  };
+  // Key block k0 for that query block: K and V packed on first use, S^T = K Q^T, cap, ALiBi,
+  // mask, online softmax, O += P V.
+  const auto attend_block = [&](const SeqInfo<AttnFwdParams>& seq, int64_t b, int64_t hq, int64_t q0, int64_t mq,
+                                int64_t k0, const float* qtb, float* ob, float* mb, float* lb) {
+    const int64_t kb = k0 / BK, nk = min64(BK, seq.len - k0);
+    bool per_query = false;
+    if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) return;
+    float* kpb = kp.p + kb * BK * ldk;
+    float* vpb = vp.p + kb * BK * ldv;
+    if (packed.p[kb] == 0.f) {
+      packed.p[kb] = 1.f;
+      for (int64_t j = 0; j < nk; ++j) {
+        load_row(seq.key(k0 + j), p.dtype, p.D, kpb + j * ldk, 1.f);
+        load_row(seq.value(k0 + j), p.dtype, p.Dv, vpb + j * ldv, 1.f);
+        fill(vpb + j * ldv + p.Dv, Dvp - p.Dv, 0.f);
+      }
+    }
+    clock.lap(kPhasePack);
+    gemm(kpb, ldk, qtb, ldq, st.p, BQ, nk, BQ / W, p.D, false);
+    clock.lap(kPhaseScores);
+    if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
+    const float slope = seq.alibi_slope(hq);
+    if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, seq.vis.diagonal);
+    const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
+    mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &seq.vis : nullptr, q0,
+                  k0);
+    for (int64_t i = 0; i < BQ; i += W) {
+      const R m_old = Vec::load(mb + i);
+      R m_new = m_old;
+      for (int64_t j = 0; j < nk; ++j) m_new = Vec::max(m_new, Vec::load(st.p + j * BQ + i));
+      const R a = exp_shifted(m_old, m_new);
+      R sum = Vec::zero();
+      for (int64_t j = 0; j < nk; ++j) {
+        const R e = exp_shifted(Vec::load(st.p + j * BQ + i), m_new);
+        Vec::store(st.p + j * BQ + i, e);
+        sum = Vec::add(sum, e);
+      }
+      Vec::store(lb + i, Vec::fma(Vec::load(lb + i), a, sum));
+      Vec::store(mb + i, m_new);
+      Vec::store(alpha.p + i, a);
+    }
+    for (int64_t i = 0; i < mq; ++i)  // rows whose running max moved
+      if (alpha.p[i] != 1.f) scale_row(ob + i * ldo, Dvp, alpha.p[i]);
+    // The row sums above are the undropped softmax's; only P V sees the dropped probabilities.
+    if constexpr (DROPOUT) drop_tile_t(p.dropout, b * p.Hq + hq, q0, k0, nk, BQ, st.p);
+    clock.lap(kPhaseSoftmax);
+    gemm<true>(st.p, BQ, vpb, ldv, ob, ldo, mq, Dvp / W, nk, true);
+    clock.lap(kPhaseValues);
+  };
+  // The query block's rows from its state, as split c.
+  const auto finish_block = [&](const SeqInfo<AttnFwdParams>& seq, int64_t c, int64_t hq, int64_t q0, int64_t mq,
+                                float* ob, const float* mb, const float* lb) {
+    for (int64_t i = 0; i < mq; ++i)
+      store_fwd_row(p, c, hq, seq.query_row(hq, q0 + i), seq.stat(hq, q0 + i), ob + i * ldo, mb[i], lb[i]);
+    clock.lap(kPhaseStore);
+  };
+
+  if (p.threads_own_kv_heads) {
+    // Whole kv heads begin, begin + stride, ...: key chunk by key chunk, each query block of a
+    // group attends to the chunk's blocks (only those its window shows), so the chunk's K and V
+    // stay in L2 while the query blocks' states stream through.
+    const int64_t chunk = fwd_chunk_blocks(ldk, ldv) * BK;
+    for (int64_t unit = begin; unit < p.B * p.Hkv; unit += stride) {
+      const int64_t b = unit / p.Hkv, hkv = unit % p.Hkv;
+      const SeqInfo<AttnFwdParams> seq(p, b, hkv);
+      fill(packed.p, nkb, 0.f);
+      for (int64_t s0 = 0; s0 < head_blocks; s0 += held) {
+        for (int64_t c0 = 0; c0 < max64(seq.len, 1); c0 += chunk) {
+          const bool first = c0 == 0, last = c0 + chunk >= seq.len;
+          for (int64_t s = s0; s < min64(s0 + held, head_blocks); ++s) {  // (query head, query block) s
+            const int64_t hq = hkv * G + s / nqb, q0 = (s % nqb) * BQ, mq = min64(BQ, seq.q_len - q0);
+            float* qtb = qt.p + (s - s0) * p.D * ldq;
+            float* ob = o.p + (s - s0) * BQ * ldo;
+            float* mb = mvec.p + (s - s0) * BQ;
+            float* lb = lvec.p + (s - s0) * BQ;
+            if (first) start_block(seq, hq, q0, mq, qtb, ob, mb, lb);
+            const int64_t kend = min64(c0 + chunk, seq.vis.key_end(q0, mq));
+            for (int64_t k0 = max64(c0, seq.vis.key_begin(q0) / BK * BK); k0 < kend; k0 += BK)
+              attend_block(seq, b, hq, q0, mq, k0, qtb, ob, mb, lb);
+            if (last) finish_block(seq, 0, hq, q0, mq, ob, mb, lb);
+          }
+        }
+      }
+    }
+    return;
+  }
+  // Items begin, begin + stride, ...: (batch, kv head, query head, query block, key split).
+  int64_t current = -1;
+  for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nsplit;  // split c: key blocks [kb0, kb1)
     const int64_t kb0 = c * nkb / p.nsplit, kb1 = (c + 1) * nkb / p.nsplit;
     int64_t rest = it / p.nsplit;
@@ -603,66 +721,12 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     const SeqInfo<AttnFwdParams> seq(p, b, hkv);
     const int64_t q0 = qb * BQ, mq = min64(BQ, seq.q_len - q0);
     if (mq <= 0) continue;  // a packed sequence shorter than the longest
-    const float slope = seq.alibi_slope(hq);
-    const char* qbase = seq.query(p.q, hq, q0);
-    for (int64_t i = 0; i < mq; ++i) {  // Q^T, with the softmax scale folded in
-      load_row(qbase + i * p.q.ss * esz, p.dtype, p.D, row.p, p.scale);
-      for (int64_t d = 0; d < p.D; ++d) qt.p[d * BQ + i] = row.p[d];
-    }
-    for (int64_t d = 0; d < p.D; ++d) fill(qt.p + d * BQ + mq, BQ - mq, 0.f);
-    fill(mvec.p, BQ, kLowest);  // finite, so that m_old - m_new is never inf - inf
-    fill(lvec.p, BQ, 0.f);
-    fill(o.p, mq * Dvp, 0.f);
+    start_block(seq, hq, q0, mq, qt.p, o.p, mvec.p, lvec.p);
     // Only the key blocks the window shows these queries are visited.
     const int64_t kend = min64(kb1 * BK, seq.vis.key_end(q0, mq));
-    for (int64_t k0 = max64(kb0, seq.vis.key_begin(q0) / BK) * BK; k0 < kend; k0 += BK) {
-      const int64_t kb = k0 / BK, nk = min64(BK, seq.len - k0);
-      bool per_query = false;
-      if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
-      float* kpb = kp.p + kb * BK * p.D;
-      float* vpb = vp.p + kb * BK * Dvp;
-      if (packed.p[kb] == 0.f) {
-        packed.p[kb] = 1.f;
-        for (int64_t j = 0; j < nk; ++j) {
-          load_row(seq.key(k0 + j), p.dtype, p.D, kpb + j * p.D, 1.f);
-          load_row(seq.value(k0 + j), p.dtype, p.Dv, vpb + j * Dvp, 1.f);
-          fill(vpb + j * Dvp + p.Dv, Dvp - p.Dv, 0.f);
-        }
-      }
-      clock.lap(kPhasePack);
-      gemm(kpb, p.D, qt.p, BQ, st.p, BQ, nk, BQ / W, p.D, false);
-      clock.lap(kPhaseScores);
-      if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
-      if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, seq.vis.diagonal);
-      const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
-      mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &seq.vis : nullptr,
-                    q0, k0);
-      for (int64_t i = 0; i < BQ; i += W) {
-        const R m_old = Vec::load(mvec.p + i);
-        R m_new = m_old;
-        for (int64_t j = 0; j < nk; ++j) m_new = Vec::max(m_new, Vec::load(st.p + j * BQ + i));
-        const R a = exp_shifted(m_old, m_new);
-        R sum = Vec::zero();
-        for (int64_t j = 0; j < nk; ++j) {
-          const R e = exp_shifted(Vec::load(st.p + j * BQ + i), m_new);
-          Vec::store(st.p + j * BQ + i, e);
-          sum = Vec::add(sum, e);
-        }
-        Vec::store(lvec.p + i, Vec::fma(Vec::load(lvec.p + i), a, sum));
-        Vec::store(mvec.p + i, m_new);
-        Vec::store(alpha.p + i, a);
-      }
-      for (int64_t i = 0; i < mq; ++i)  // rows whose running max moved
-        if (alpha.p[i] != 1.f) scale_row(o.p + i * Dvp, Dvp, alpha.p[i]);
-      // The row sums above are the undropped softmax's; only P V sees the dropped probabilities.
-      if constexpr (DROPOUT) drop_tile_t(p.dropout, b * p.Hq + hq, q0, k0, nk, BQ, st.p);
-      clock.lap(kPhaseSoftmax);
-      gemm<true>(st.p, BQ, vpb, Dvp, o.p, Dvp, mq, Dvp / W, nk, true);
-      clock.lap(kPhaseValues);
-    }
-    for (int64_t i = 0; i < mq; ++i)
-      store_fwd_row(p, c, hq, seq.query_row(hq, q0 + i), seq.stat(hq, q0 + i), o.p + i * Dvp, mvec.p[i], lvec.p[i]);
-    clock.lap(kPhaseStore);
+    for (int64_t k0 = max64(kb0, seq.vis.key_begin(q0) / BK) * BK; k0 < kend; k0 += BK)
+      attend_block(seq, b, hq, q0, mq, k0, qt.p, o.p, mvec.p, lvec.p);
+    finish_block(seq, c, hq, q0, mq, o.p, mvec.p, lvec.p);
   }
 }
 

@@ -114,8 +114,9 @@ struct AttnFwdParams {
   int64_t nsplit = 1;
   // The query-lane kernel's items go round-robin over the threads, except with
   // threads_own_kv_heads: each thread then takes whole (batch, kv head)s, whose K and V it
-  // packs once instead of every thread packing every head (set when the heads divide
-  // evenly among the threads and cost the same: padded batches, no key split).
+  // packs once instead of every thread packing every head, and walks their keys chunk by
+  // chunk for all its query blocks (set when the heads divide evenly among the threads and
+  // cost the same: padded batches, no key split).
   bool threads_own_kv_heads = false;
   float* out_partial = nullptr;
   float* row_max_partial = nullptr;
