@@ -936,12 +936,14 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
   // The transposed (dim x query) buffers Q^T, dO^T and dQ^T are stored one (dims x BQ) tile
   // per query block, so that a GEMM operand is one contiguous tile: a (dims x Sq) matrix
   // would put each of an operand's rows on its own page once Sq >= 1024 and thrash the TLB.
-  // Element (d, i) of a buffer of `dims` rows is at transposed(i, dims) + d * BQ.
-  const auto transposed = [BQ](int64_t i, int64_t dims) { return (i / BQ) * dims * BQ + i % BQ; };
-  Scratch qt(Sqp * Dp), qr(Sqp * Dp), dot(Sqp * Dvp), dor(Sqp * Dvp), delta(Sqp), row_max(Sqp),
-      neg_log2_sum(Sqp), dqt(Sqp * Dp);
-  Scratch kr(BK * Dp), vr(BK * Dvp), st(BK * BQ), dst(BK * BQ), dcap(BK * BQ), bias(BQ * BK),
-      row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * Dp), dvacc(max_chunk_keys * Dvp);
+  // Element (d, i) of a buffer of `dims` rows is at transposed(i, dims) + d * ldt.
+  const int64_t ldt = pitch(BQ), ldd = pitch(p.D), lddv = pitch(p.Dv);  // row pitches
+  const auto transposed = [BQ, ldt](int64_t i, int64_t dims) { return (i / BQ) * dims * ldt + i % BQ; };
+  const int64_t tiles = Sqp / BQ;
+  Scratch qt(tiles * Dp * ldt), qr(Sqp * ldd), dot(tiles * Dvp * ldt), dor(Sqp * lddv), delta(Sqp), row_max(Sqp),
+      neg_log2_sum(Sqp), dqt(tiles * Dp * ldt);
+  Scratch kr(BK * ldd), vr(BK * lddv), st(BK * BQ), dst(BK * BQ), dcap(BK * BQ), bias(BQ * BK),
+      row(Dp > Dvp ? Dp : Dvp), row2(Dvp), dkacc(max_chunk_keys * ldd), dvacc(max_chunk_keys * lddv);
   PhaseClock<kBwdPhases> clock(p.phase_ns);
   for (int64_t it = begin; it < end; it += stride) {
     const int64_t c = it % p.nchunks;
@@ -951,24 +953,24 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
     const int64_t sq = seq.q_len, sk = seq.len, nqb = ceil_div(sq, BQ);
     const Visibility& vis = seq.vis;
     const int64_t kb0 = c * nkb / p.nchunks, kb1 = (c + 1) * nkb / p.nchunks;
-    fill(dkacc.p, (kb1 - kb0) * BK * Dp, 0.f);
-    fill(dvacc.p, (kb1 - kb0) * BK * Dvp, 0.f);
+    fill(dkacc.p, (kb1 - kb0) * BK * ldd, 0.f);
+    fill(dvacc.p, (kb1 - kb0) * BK * lddv, 0.f);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hkv * G + g;
       const float slope = seq.alibi_slope(hq);
       // Pack this query head: Q (row-major) and Q^T (times scale), dO and dO^T, delta, the row
       // statistics.
       for (int64_t i = 0; i < sq; ++i) {
-        float* qrow = qr.p + i * Dp;
+        float* qrow = qr.p + i * ldd;
         load_row(seq.query(p.q, hq, i), p.dtype, p.D, qrow, 1.f);
         fill(qrow + p.D, Dp - p.D, 0.f);
         float* qcol = qt.p + transposed(i, Dp);
-        for (int64_t d = 0; d < p.D; ++d) qcol[d * BQ] = qrow[d] * p.scale;
-        float* dorow = dor.p + i * Dvp;
+        for (int64_t d = 0; d < p.D; ++d) qcol[d * ldt] = qrow[d] * p.scale;
+        float* dorow = dor.p + i * lddv;
         load_row(seq.query(p.dout, hq, i), p.dtype, p.Dv, dorow, 1.f);
         fill(dorow + p.Dv, Dvp - p.Dv, 0.f);
         float* docol = dot.p + transposed(i, Dvp);
-        for (int64_t d = 0; d < p.Dv; ++d) docol[d * BQ] = dorow[d];
+        for (int64_t d = 0; d < p.Dv; ++d) docol[d * ldt] = dorow[d];
         load_row(seq.query(p.out, hq, i), p.dtype, p.Dv, row2.p, 1.f);
         fill(row2.p + p.Dv, Dvp - p.Dv, 0.f);
         // delta = rowsum(dO * O) in double: on nearly one-hot rows dP - delta cancels to
@@ -986,15 +988,15 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         neg_log2_sum.p[i] = l == 0.f ? 0.f : -std::log2(l);
       }
       for (int64_t i = sq; i < nqb * BQ; ++i) {
-        fill(qr.p + i * Dp, Dp, 0.f);
-        fill(dor.p + i * Dvp, Dvp, 0.f);
-        for (int64_t d = 0; d < p.D; ++d) qt.p[transposed(i, Dp) + d * BQ] = 0.f;
-        for (int64_t d = 0; d < p.Dv; ++d) dot.p[transposed(i, Dvp) + d * BQ] = 0.f;
+        fill(qr.p + i * ldd, Dp, 0.f);
+        fill(dor.p + i * lddv, Dvp, 0.f);
+        for (int64_t d = 0; d < p.D; ++d) qt.p[transposed(i, Dp) + d * ldt] = 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) dot.p[transposed(i, Dvp) + d * ldt] = 0.f;
         delta.p[i] = 0.f;
         row_max.p[i] = kInf;
         neg_log2_sum.p[i] = 0.f;
       }
-      fill(dqt.p, nqb * BQ * Dp, 0.f);
+      fill(dqt.p, nqb * Dp * ldt, 0.f);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t k0 = kb * BK, nk = min64(BK, sk - k0);
         if (nk <= 0) break;  // past a packed sequence's keys
@@ -1002,18 +1004,18 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         const int64_t qstart = vis.query_begin(k0), qend = vis.query_end(k0, nk, sq);
         if (qstart >= qend) continue;
         for (int64_t j = 0; j < nk; ++j) {
-          load_row(seq.key(k0 + j), p.dtype, p.D, kr.p + j * Dp, 1.f);
-          load_row(seq.value(k0 + j), p.dtype, p.Dv, vr.p + j * Dvp, 1.f);
+          load_row(seq.key(k0 + j), p.dtype, p.D, kr.p + j * ldd, 1.f);
+          load_row(seq.value(k0 + j), p.dtype, p.Dv, vr.p + j * lddv, 1.f);
         }
-        float* dkb = dkacc.p + (kb - kb0) * BK * Dp;
-        float* dvb = dvacc.p + (kb - kb0) * BK * Dvp;
+        float* dkb = dkacc.p + (kb - kb0) * BK * ldd;
+        float* dvb = dvacc.p + (kb - kb0) * BK * lddv;
         for (int64_t qb = qstart / BQ; qb < ceil_div(qend, BQ); ++qb) {
           const int64_t q0 = qb * BQ, mq = min64(BQ, sq - q0);
           bool per_query = false;
           if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
           clock.lap(kBwdPack);
-          gemm(kr.p, Dp, qt.p + transposed(q0, Dp), BQ, st.p, BQ, nk, BQ / W, p.D, false);
-          gemm(vr.p, Dvp, dot.p + transposed(q0, Dvp), BQ, dst.p, BQ, nk, BQ / W, p.Dv, false);
+          gemm(kr.p, ldd, qt.p + transposed(q0, Dp), ldt, st.p, BQ, nk, BQ / W, p.D, false);
+          gemm(vr.p, lddv, dot.p + transposed(q0, Dvp), ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
           clock.lap(kBwdRecompute);
           if (p.softcap > 0.f) {
             cap_scores(st.p, nk * BQ, p.softcap);
@@ -1059,16 +1061,16 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
             for (int64_t e = 0; e < nk * BQ; e += W)
               Vec::store(dst.p + e, Vec::mul(Vec::load(dst.p + e), Vec::load(dcap.p + e)));
           clock.lap(kBwdSoftmax);
-          gemm(st.p, BQ, dor.p + q0 * Dvp, Dvp, dvb, Dvp, nk, Dvp / W, mq, true);
-          gemm(dst.p, BQ, qr.p + q0 * Dp, Dp, dkb, Dp, nk, Dp / W, mq, true);
-          gemm<true>(kr.p, Dp, dst.p, BQ, dqt.p + transposed(q0, Dp), BQ, p.D, BQ / W, nk, true);
+          gemm(st.p, BQ, dor.p + q0 * lddv, lddv, dvb, lddv, nk, Dvp / W, mq, true);
+          gemm(dst.p, BQ, qr.p + q0 * ldd, ldd, dkb, ldd, nk, Dp / W, mq, true);
+          gemm<true>(kr.p, ldd, dst.p, BQ, dqt.p + transposed(q0, Dp), ldt, p.D, BQ / W, nk, true);
           clock.lap(kBwdProducts);
         }
       }
       // dq of this head (transposed back); chunked items write unscaled fp32 partials.
       for (int64_t i = 0; i < sq; ++i) {
         const float* dqcol = dqt.p + transposed(i, Dp);
-        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqcol[d * BQ];
+        for (int64_t d = 0; d < p.D; ++d) row.p[d] = dqcol[d * ldt];
         if (p.nchunks == 1) {
           char* dq = static_cast<char*>(p.dq) + seq.query_row(hq, i) * p.D * esz;
           store_row(dq, p.dtype, p.D, row.p, p.scale);
@@ -1083,8 +1085,8 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
       const int64_t local = key - kb0 * BK;
       char* dk = static_cast<char*>(p.dk) + seq.key_row(key) * p.D * esz;
       char* dv = static_cast<char*>(p.dv) + seq.key_row(key) * p.Dv * esz;
-      store_row(dk, p.dtype, p.D, dkacc.p + local * Dp, p.scale);
-      store_row(dv, p.dtype, p.Dv, dvacc.p + local * Dvp, 1.f);
+      store_row(dk, p.dtype, p.D, dkacc.p + local * ldd, p.scale);
+      store_row(dv, p.dtype, p.Dv, dvacc.p + local * lddv, 1.f);
     }
     clock.lap(kBwdStore);
   }
