@@ -258,7 +258,6 @@ def test_kv_cache_decoding_matches_reference(paged):
         assert_within_baseline(f"row {b}", out[b:b + 1], ref, base)
 
 
-
 def _paged_rows(rows, block_table, block):
     """A pool of pages (NaN where no row's page lies) holding rows (B, Hkv, S, D) as block_table says."""
     B, Hkv, S, D = rows.shape
@@ -336,6 +335,7 @@ def test_cuda_kv_cache_decoding_replays_in_a_cuda_graph_and_compiles():
     eager = step()
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(), eager)
+
 
 def test_softmax_matches_torch():
     torch.manual_seed(3)
