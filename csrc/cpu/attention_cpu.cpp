@@ -127,11 +127,14 @@ DropoutParams dropout_params(double dropout_p, const std::optional<at::Tensor>& 
   return d;
 }
 
+// Threads that run_items spreads n items over.
+int64_t item_workers(int64_t n) { return std::min<int64_t>(at::get_num_threads(), n); }
+
 // Runs items [0, n) round-robin over the intra-op threads.
 template <class F>
 void run_items(int64_t n, const F& f) {
   if (n <= 0) return;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t workers = item_workers(n);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) f(t, n, workers);
   });
@@ -307,9 +310,8 @@ void run_forward(AttnFwdParams& p, at::Tensor out, at::Tensor lse, at::Tensor st
     p.row_max_partial = stats_partial[0].data_ptr<float>();
     p.row_sum_partial = stats_partial[1].data_ptr<float>();
   }
-  const int64_t workers = std::min(threads, items * p.nsplit);  // as run_items counts them
-  p.threads_own_kv_heads =
-      !few && p.nsplit == 1 && !p.seqs.cu_seqlens_q && !p.seqs.seqlens_k && (p.B * p.Hkv) % workers == 0;
+  p.threads_own_kv_heads = !few && p.nsplit == 1 && !p.seqs.cu_seqlens_q && !p.seqs.seqlens_k &&
+                           (p.B * p.Hkv) % item_workers(items * p.nsplit) == 0;
   const auto kernel = few ? kt.attn_fwd_rows : kt.attn_fwd;
   run_items(items * p.nsplit, [&](int64_t t, int64_t n, int64_t stride) { kernel(p, t, n, stride); });
   if (p.nsplit > 1) merge_splits(out_partial, stats_partial, sink_rows, out, lse, stats);

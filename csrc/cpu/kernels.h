@@ -19,12 +19,12 @@ using R = Vec::R;
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // Row pitch of a packed buffer whose rows hold n floats: whole vectors plus one cache line.
 // With a pitch of 256 or 512 bytes the 64 rows of a GEMM operand share 16 or 8 of L1's 64
-// sets and, at head dim 128, evict one another (GEMMs 10-15% slower); an odd number of lines
-// spreads them over every set.
+// sets and, at head dim 128, evict one another (the tile GEMMs alone ran 5-25% slower); an
+// odd number of lines spreads them over every set.
 static inline int64_t pitch(int64_t n) { return round_up(n, W) + 16; }
-static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t elem_size(int dtype) { return dtype == kF32 ? 4 : dtype == kBool ? 1 : 2; }
 static inline const char* at_elem(const void* base, int64_t offset, int dtype) {
   return static_cast<const char*>(base) + offset * elem_size(dtype);
@@ -576,8 +576,9 @@ static void store_fwd_row(const AttnFwdParams& p, int64_t c, int64_t hq, int64_t
 
 // Key blocks per chunk of the owned-head order below: K and V of a chunk (fp32, padded rows)
 // take about 256 KiB, half of a 512 KiB L2, so that they stay there while every query block of
-// the head passes over them. Streamed from L3 instead (K and V of a head once per query block)
-// the GEMMs ran at 0.6 of the FMA peak rather than 0.85 while the other core was busy too.
+// the head passes over them. Streamed from L3 instead (K and V of a head once per query block),
+// the tile GEMMs alone ran at 0.6 of the FMA peak rather than 0.85 while the other core was
+// busy too (in the whole forward the gain is within run-to-run noise).
 static inline int64_t fwd_chunk_blocks(int64_t ldk, int64_t ldv) {
   return max64(1, (int64_t(256) << 10) / (kFwdBK * (ldk + ldv) * int64_t(sizeof(float))));
 }

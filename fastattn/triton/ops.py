@@ -573,7 +573,8 @@ def triton_attn_fwd_kvcache(
     if q.device.type == "cpu" and not isinstance(cache_seqlens, FakeTensor):  # interpreted: lengths on the host
         lengths = cache_seqlens.tolist()
         if min(lengths) < 0 or max(lengths) > capacity:
-            raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the room of a row), got {lengths}")
+            raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the room of a row), got lengths up to "
+                             f"{max(lengths)} and down to {min(lengths)}")
     group = Hq // Hkv
     group_pad = triton.next_power_of_2(group)
     bucket = configs.head_bucket(_pad(D), _pad(Dv), q.element_size())
