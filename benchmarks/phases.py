@@ -18,6 +18,7 @@ breakdown says which of the two is missing, and by how much.
 """
 import json
 import os
+import resource
 import sys
 import time
 
@@ -54,7 +55,8 @@ def peak_flops_per_s():
 
 def measure(kind, shape, causal):
     """The median over REPEATS calls (by time) of the pass's time (s) and of each phase's CPU
-    time (s, summed over threads)."""
+    time (s, summed over threads), and the page faults per call (memory touched for the first
+    time: the outputs and any scratch the kernels did not keep)."""
     g = torch.Generator().manual_seed(0)
     q, k, v, grad_out = (torch.randn(*shape, generator=g) for _ in range(4))
     window = (-1, 0) if causal else (-1, -1)
@@ -66,14 +68,16 @@ def measure(kind, shape, causal):
             return ops._C.cpu_backward_phase_ns(q, k, v, grad_out, *window)
     run()  # warm-up: scratch buffers, caches
     runs = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(REPEATS):
         start = time.perf_counter()
         seconds = [t * 1e-9 for t in run()]
         wall = time.perf_counter() - start
         runs.append((wall if kind == "forward" else sum(seconds) / torch.get_num_threads(), seconds))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / REPEATS
     runs.sort(key=lambda r: r[0])
     elapsed, seconds = runs[REPEATS // 2]
-    return elapsed, dict(zip(PASSES[kind][0], seconds))
+    return elapsed, dict(zip(PASSES[kind][0], seconds)), faults
 
 
 def main():
@@ -94,8 +98,8 @@ def main():
     rows = []
     for kind, (names, gemms, flop_factor) in PASSES.items():
         print(f"\n{kind:<24} {'ms':>8} {'of peak':>8}  " + "  ".join(f"{p:>9}" for p in names)
-              + "  " + "  ".join(f"{g + '/peak':>14}" for g in gemms))
-        for label, shape, (elapsed, phase_s) in measured[kind]:
+              + "  " + "  ".join(f"{g + '/peak':>14}" for g in gemms) + f"  {'faults':>7}")
+        for label, shape, (elapsed, phase_s, faults) in measured[kind]:
             causal = label.startswith("causal")
             B, H, S, D = shape
             visible = S * (S + 1) / 2 if causal else S * S  # attention's scores
@@ -110,11 +114,12 @@ def main():
                 "phase share": {name: round(t / busy, 3) for name, t in phase_s.items()},
                 **{f"{name} GEMM / peak": round(count * tile_gemm_flops / phase_s[name] / per_core_peak, 3)
                    for name, count in gemms.items()},
+                "page faults per call": round(faults),
             }
             rows.append(row)
             shares = "  ".join(f"{row['phase share'][name]:>9.1%}" for name in names)
             rates = "  ".join(f"{row[f'{name} GEMM / peak']:>14.2f}" for name in gemms)
-            print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}")
+            print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}  {faults:>7.0f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": command_line(), "environment": environment("cpu"), "threads": threads,

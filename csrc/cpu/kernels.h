@@ -1,7 +1,7 @@
 // The CPU kernels, written once against `Vec` (vec_avx512.h / vec_avx2.h / vec_generic.h) and
 // compiled once per instruction set inside its own namespace (kernels_<isa>.cpp). Includes
 // nothing itself: the including unit provides <chrono>, <cmath>, <cstdint>, <cstdlib>, <cstring>,
-// <limits>, philox.h and params.h, then scalar.h and a Vec.
+// <limits>, philox.h, params.h and workspace.h (Scratch), then scalar.h and a Vec.
 //
 // Attention works on fp32 tiles packed from the inputs (any dtype, any strides), with a
 // register-blocked GEMM micro-kernel C[M x NV*W] (+)= A[M x K] * B[K x NV*W] (A broadcast
@@ -29,19 +29,6 @@ static inline int64_t elem_size(int dtype) { return dtype == kF32 ? 4 : dtype ==
 static inline const char* at_elem(const void* base, int64_t offset, int dtype) {
   return static_cast<const char*>(base) + offset * elem_size(dtype);
 }
-
-// 64-byte aligned scratch, freed on scope exit.
-struct Scratch {
-  float* p = nullptr;
-  explicit Scratch(int64_t n) {
-    const size_t bytes = size_t(round_up(max64(n, 1) * int64_t(sizeof(float)), 64));
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (p == nullptr) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(p); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
 
 static inline void fill(float* p, int64_t n, float x) {
   for (int64_t i = 0; i < n; ++i) p[i] = x;

@@ -9,6 +9,7 @@
 
 #include "../philox.h"
 #include "params.h"
+#include "workspace.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>

@@ -12,6 +12,7 @@
 
 #include "../philox.h"
 #include "params.h"
+#include "workspace.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #include <immintrin.h>

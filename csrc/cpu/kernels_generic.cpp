@@ -10,6 +10,7 @@
 
 #include "../philox.h"
 #include "params.h"
+#include "workspace.h"
 
 namespace fastattn {
 namespace cpu {
