@@ -14,7 +14,9 @@ whole rate is attention's FLOPs (forward 4 * Sq * Sk * D, backward 2.5 times tha
 half) over its time (the forward's wall time; the backward's busy time over the threads, as
 its call also runs an untimed forward), as a fraction of the peak of every core. A pass
 reaches the peak only if every phase but the GEMMs is free and the GEMMs run at the peak: the
-breakdown says which of the two is missing, and by how much.
+breakdown says which of the two is missing, and by how much. Also printed: page faults per
+call, and the CPU time per 64 x 64 tile of scores (all phases; the JSON has each phase's).
+`taskset -c 1 python benchmarks/phases.py` measures one thread alone.
 """
 import json
 import os
@@ -98,7 +100,7 @@ def main():
     rows = []
     for kind, (names, gemms, flop_factor) in PASSES.items():
         print(f"\n{kind:<24} {'ms':>8} {'of peak':>8}  " + "  ".join(f"{p:>9}" for p in names)
-              + "  " + "  ".join(f"{g + '/peak':>14}" for g in gemms) + f"  {'faults':>7}")
+              + "  " + "  ".join(f"{g + '/peak':>14}" for g in gemms) + f"  {'faults':>7}  {'us/tile':>7}")
         for label, shape, (elapsed, phase_s, faults) in measured[kind]:
             causal = label.startswith("causal")
             B, H, S, D = shape
@@ -112,6 +114,7 @@ def main():
                 "ms": round(elapsed * 1e3, 2),
                 "of peak": round(flop_factor * 4 * B * H * visible * D / elapsed / peak, 3),
                 "phase share": {name: round(t / busy, 3) for name, t in phase_s.items()},
+                "CPU us per tile": {name: round(t / (B * H * tiles) * 1e6, 2) for name, t in phase_s.items()},
                 **{f"{name} GEMM / peak": round(count * tile_gemm_flops / phase_s[name] / per_core_peak, 3)
                    for name, count in gemms.items()},
                 "page faults per call": round(faults),
@@ -119,7 +122,7 @@ def main():
             rows.append(row)
             shares = "  ".join(f"{row['phase share'][name]:>9.1%}" for name in names)
             rates = "  ".join(f"{row[f'{name} GEMM / peak']:>14.2f}" for name in gemms)
-            print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}  {faults:>7.0f}")
+            print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}  {faults:>7.0f}  {busy / (B * H * tiles) * 1e6:>7.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": command_line(), "environment": environment("cpu"), "threads": threads,
