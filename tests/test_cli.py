@@ -273,6 +273,8 @@ def test_targets_block_is_computed_from_the_results():
     bf16 = label["base fwd: fastattn bf16 time / its fp32 time"]
     memory = label["one long forward: fastattn peak memory increase (MB)"]
     assert base.subject[2] == "fastattn-cpu" and base.reference[2] == "sdpa" and base.bound == 1.3
+    # bf16 is compared with fp32 copies of its own inputs, timed in the same rounds
+    assert bf16.reference == (bf16.subject[0], bf16.subject[1], suites.FP32_TWIN)
 
     def check(base_ms, bf16_ms, peak_bytes):
         results = [
