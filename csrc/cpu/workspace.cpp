@@ -4,6 +4,17 @@
 #include <new>
 #include <vector>
 
+// Under AddressSanitizer a kept buffer is poisoned past the size asked for and while released,
+// so that overruns and late uses of scratch are still caught although the memory is reused.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -18,7 +29,10 @@ struct Workspace {
   size_t depth = 0;           // buffers in use
   size_t kept = 0;            // bytes held by all slots
   ~Workspace() {
-    for (Buffer& b : slots) std::free(b.p);
+    for (Buffer& b : slots) {
+      UNPOISON(b.p, b.bytes);
+      std::free(b.p);
+    }
   }
 };
 
@@ -32,6 +46,7 @@ float* acquire_scratch(int64_t n) {
   if (ws.depth == ws.slots.size()) ws.slots.emplace_back();
   Buffer& b = ws.slots[ws.depth];
   if (b.bytes < bytes) {
+    UNPOISON(b.p, b.bytes);
     std::free(b.p);
     ws.kept -= b.bytes;
     b = Buffer{};
@@ -40,6 +55,8 @@ float* acquire_scratch(int64_t n) {
     b.bytes = bytes;
     ws.kept += bytes;
   }
+  UNPOISON(b.p, bytes);
+  POISON(static_cast<char*>(b.p) + bytes, b.bytes - bytes);
   ++ws.depth;
   return static_cast<float*>(b.p);
 }
@@ -48,9 +65,12 @@ void release_scratch() {
   Workspace& ws = workspace;
   Buffer& b = ws.slots[--ws.depth];
   if (ws.kept > kKeptScratchBytes) {
+    UNPOISON(b.p, b.bytes);
     std::free(b.p);
     ws.kept -= b.bytes;
     b = Buffer{};
+  } else {
+    POISON(b.p, b.bytes);
   }
 }
 
