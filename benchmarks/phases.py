@@ -108,13 +108,14 @@ def main():
             tiles = S // TILE * (S // TILE + 1) / 2 if causal else (S // TILE) ** 2  # (S % TILE == 0)
             tile_gemm_flops = 2 * B * H * tiles * TILE * TILE * D  # one GEMM over every computed tile
             busy = sum(phase_s.values())
+            computed_tiles = B * H * tiles
             row = {
                 "pass": kind,
                 "case": f"{label} B{B} H{H} S{S} fp32",
                 "ms": round(elapsed * 1e3, 2),
                 "of peak": round(flop_factor * 4 * B * H * visible * D / elapsed / peak, 3),
                 "phase share": {name: round(t / busy, 3) for name, t in phase_s.items()},
-                "CPU us per tile": {name: round(t / (B * H * tiles) * 1e6, 2) for name, t in phase_s.items()},
+                "CPU us per tile": {name: round(t / computed_tiles * 1e6, 2) for name, t in phase_s.items()},
                 **{f"{name} GEMM / peak": round(count * tile_gemm_flops / phase_s[name] / per_core_peak, 3)
                    for name, count in gemms.items()},
                 "page faults per call": round(faults),
@@ -122,7 +123,7 @@ def main():
             rows.append(row)
             shares = "  ".join(f"{row['phase share'][name]:>9.1%}" for name in names)
             rates = "  ".join(f"{row[f'{name} GEMM / peak']:>14.2f}" for name in gemms)
-            print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}  {faults:>7.0f}  {busy / (B * H * tiles) * 1e6:>7.2f}")
+            print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}  {faults:>7.0f}  {busy / computed_tiles * 1e6:>7.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": command_line(), "environment": environment("cpu"), "threads": threads,

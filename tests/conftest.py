@@ -9,8 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _runs_triton(params):
-    """A test case's parameters name the Triton backend (as "triton" or ("triton", isa))."""
+def _runs_triton(item, params):
+    """A test case runs Triton: its module tests Triton alone (TRITON_ONLY = True), or its
+    parameters name the Triton backend (as "triton" or ("triton", isa))."""
+    if getattr(item.module, "TRITON_ONLY", False):
+        return True
     return any(v == "triton" or (isinstance(v, tuple) and v[:1] == ("triton",)) for v in params.values())
 
 
@@ -25,7 +28,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         marker = item.get_closest_marker("interpreted_triton_keeps")
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if marker is None or not _runs_triton(params):
+        if marker is None or not _runs_triton(item, params):
             continue
         if any(params[name] not in values for name, values in marker.kwargs.items()):
             item.add_marker(pytest.mark.slow)
