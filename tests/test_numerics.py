@@ -186,25 +186,33 @@ def test_large_logits_fp32(family, logit_scale, lse_in_loss):
     gen = torch.Generator().manual_seed(int(logit_scale) * 2 + lse_in_loss)
     q, k = ((torch.randn(1, 2, s, D, generator=gen) * logit_scale ** 0.5).bfloat16().float() for s in (Sq, Sk))
     v = torch.randn(1, 2, Sk, D, generator=gen)
-    grad_out = torch.randn(1, 2, Sq, D, generator=gen, dtype=torch.float64)
-    grad_lse = torch.randn(1, 2, Sq, generator=gen, dtype=torch.float64) if lse_in_loss else None
+    assert_grads_within_baseline(family, q, k, v, 1.0, lse_in_loss, gen, min_logit=30 * logit_scale)
+
+
+def assert_grads_within_baseline(family, q, k, v, scale, lse_in_loss, gen, min_logit):
+    """The backend's out, lse and gradients (loss: random weights on out, and on lse when
+    lse_in_loss) against float64 under the tolerance rule, for fp32 q, k, v whose largest |lse|
+    must exceed min_logit."""
+    B, H, Sq, D = q.shape
+    grad_out = torch.randn(B, H, Sq, v.shape[-1], generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(B, H, Sq, generator=gen, dtype=torch.float64) if lse_in_loss else None
 
     def fp32(t):
         return None if t is None else t.float()
 
-    got = run_with_grads(lambda q, k, v: attention(family, q, k, v, None, 1.0), (q, k, v), fp32(grad_out),
+    got = run_with_grads(lambda q, k, v: attention(family, q, k, v, None, scale), (q, k, v), fp32(grad_out),
                          fp32(grad_lse))
-    ref = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, 1.0), [t.double() for t in (q, k, v)],
+    ref = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, scale), [t.double() for t in (q, k, v)],
                          grad_out, grad_lse)
-    base = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, 1.0, upcast=False), (q, k, v),
+    base = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, scale, upcast=False), (q, k, v),
                           fp32(grad_out), fp32(grad_lse))
-    assert ref[1].abs().max() > 30 * logit_scale, "the case must have large logits"
+    assert ref[1].abs().max() > min_logit, "the case must have large logits"
     # A fused backward sees only its own rounded output (delta = rowsum(dO * out)); on nearly
     # one-hot rows dP - delta cancels, so the gradients' baseline is the worse of PyTorch's and
     # the exact gradients given that output (plus the exact lse term).
-    given = grads_from_given_out(q, k, v, None, 1.0, reference.UNBOUNDED, grad_out, got[0])[:3]
+    given = grads_from_given_out(q, k, v, None, scale, reference.UNBOUNDED, grad_out, got[0])[:3]
     if grad_lse is not None:
-        lse_term = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, 1.0),
+        lse_term = run_with_grads(lambda q, k, v: reference.attention(q, k, v, None, scale),
                                   [t.double() for t in (q, k, v)], torch.zeros_like(grad_out), grad_lse)[2:]
         given = [g + t.float() for g, t in zip(given, lse_term)]
     assert_within_baseline("out", got[0], ref[0], base[0])
@@ -212,6 +220,25 @@ def test_large_logits_fp32(family, logit_scale, lse_in_loss):
     for name, g, r, b, exact in zip(("dq", "dk", "dv"), got[2:], ref[2:], base[2:], given):
         worse = b if max_error(b, r) >= max_error(exact, r) else exact
         assert_within_baseline(name, g, r, worse)
+
+
+# ----------------------------------------------------------------------------- rising row max
+# Scores that climb key block by key block, by less than and by more than the margin within
+# which the CPU forward keeps a row's reference max (8 ln 2), and that fall: every way the
+# running max of an online softmax can move between key tiles (a negative step: falling).
+@pytest.mark.parametrize("step", [2.0, 48.0, -48.0])
+def test_row_max_moving_between_key_tiles(family, step):
+    if ops.NATIVE_OPS is None:
+        pytest.skip("the exact-gradient baseline lives in test_cpu_kernels, which needs fastattn._C")
+    Sq, Sk, D, block = (16, 96, 16, 16) if is_triton(family) else (64, 384, 32, 64)
+    gen = torch.Generator().manual_seed(int(step) + 100)
+    q, k = (torch.randn(1, 2, s, D, generator=gen) * 0.5 for s in (Sq, Sk))
+    q[..., 0] = 1.0
+    blocks = torch.arange(Sk) // block
+    climbed = blocks if step > 0 else blocks.max() - blocks  # how many steps up each key's score is
+    k[..., 0] = abs(step) * climbed.float()
+    v = torch.randn(1, 2, Sk, D, generator=gen)
+    assert_grads_within_baseline(family, q, k, v, 1.0, True, gen, min_logit=abs(step) * (Sk // block - 1) - 2)
 
 
 # ----------------------------------------------------------------------------- nearly one-hot rows

@@ -500,6 +500,10 @@ static inline int64_t fwd_block_q(int64_t Sq) {
   return round_up(ceil_div(Sq, ceil_div(Sq, kFwdBQ)), W);
 }
 static constexpr int64_t kFwdBK = 64;  // keys per tile
+// The running max of a row moves only when a tile's scores pass it by more than this (8 in
+// base 2, as FlashAttention-4 does): probabilities stay below 2^8, far from fp32 overflow, and
+// O is rescaled a few times per row rather than at every new max.
+static constexpr float kRescaleMargin = 8.f / kLog2e;
 
 // Masks and, on a partially visible tile (`window` not null), the visibility rule on an S^T
 // tile: keys [k0, k0 + nk) x queries [q0, q0 + BQ), of which only the first mq are real.
@@ -631,10 +635,13 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
     mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &seq.vis : nullptr, q0,
                   k0);
+    // mb holds each row's reference max: moved to the tile's max only past kRescaleMargin.
+    const R margin = Vec::set1(kRescaleMargin);
     for (int64_t i = 0; i < BQ; i += W) {
       const R m_old = Vec::load(mb + i);
-      R m_new = m_old;
-      for (int64_t j = 0; j < nk; ++j) m_new = Vec::max(m_new, Vec::load(st.p + j * BQ + i));
+      R tile_max = Vec::set1(-kInf);
+      for (int64_t j = 0; j < nk; ++j) tile_max = Vec::max(tile_max, Vec::load(st.p + j * BQ + i));
+      const R m_new = Vec::select_lt(Vec::add(m_old, margin), tile_max, tile_max, m_old);
       const R a = exp_shifted(m_old, m_new);
       R sum = Vec::zero();
       for (int64_t j = 0; j < nk; ++j) {
@@ -967,7 +974,7 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         for (int64_t d = 0; d < p.Dv; ++d) acc += double(dorow[d]) * double(row2.p[d]);
         delta.p[i] = float(acc);
         // P = exp2((s - row_max) * log2(e) - log2(row_sum)): the max subtracted exactly first,
-        // then one fma; log2(row_sum) is small (the sum lies in [1, Sk]), so its rounding costs
+        // then one fma; log2(row_sum) is small (the sum lies in [1, 2^8 Sk]), so its rounding costs
         // P far less than an fp32 lse would. A row that saw no key has row_sum 0: row_max +inf
         // makes its P (and gradients) exactly 0.
         const int64_t stat = seq.stat(hq, i);

@@ -104,7 +104,9 @@ struct AttnFwdParams {
   float* lse = nullptr;  // row_max + log(row_sum), numbered by seqs.stat_rows
   // The softmax statistics the backward recomputes P from, kept apart because an fp32 lse
   // rounds away the row sum when |lse| is large: numbered by seqs.stat_rows.
-  float* row_max = nullptr;  // the largest score of the row (natural units, as torch sees it)
+  // A reference max of the row (natural units, as torch sees it): its largest score, or a score
+  // at most kRescaleMargin (kernels.h) below it.
+  float* row_max = nullptr;
   float* row_sum = nullptr;  // sum over keys of exp(score - row_max)
   // Keys split into nsplit ranges of key blocks (work items per query block, or per (batch,
   // kv head) in the few-query kernel); with nsplit > 1 split c writes its normalised fp32
