@@ -128,6 +128,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_fma_peak", &fastattn::cpu::fma_peak_all_threads, py::arg("iterations"),
         "Runs a register-resident FMA loop (the CPU kernels' vectors) `iterations` times on every "
         "intra-op thread at once and returns the FLOPs done: timed, the machine's peak FMA rate.");
+  m.def("cpu_kernel_isa", &fastattn::cpu::kernel_isa,
+        "The instruction-set variant the CPU kernels run now: avx512, avx2 or generic (the fastest the "
+        "CPU supports, unless FASTATTN_CPU_ISA forces one).");
   m.def("cpu_forward_phase_ns", &fastattn::cpu::forward_phase_ns, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("window_left") = -1, py::arg("window_right") = -1,
         "Runs the CPU attention forward once on q, k, v (scale 1/sqrt(D), the window bottom-right) and "

@@ -264,6 +264,13 @@ def test_isa_variants_agree():
         torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
 
 
+def test_kernel_isa_names_the_variant_that_runs(isa):
+    """Benchmarks record it next to their figures (fastattn.benchmark.report.environment)."""
+    from fastattn import ops as fastattn_ops
+
+    assert fastattn_ops._C.cpu_kernel_isa() == isa
+
+
 # ---------------------------------------------------------------- fused softmax
 # (B, H, R, C, dtype, causal, mask kind, transposed x)
 SOFTMAX_CASES = [

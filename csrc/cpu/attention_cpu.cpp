@@ -651,6 +651,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("softmax_bwd", &softmax_bwd_cpu);
 }
 
+const char* kernel_isa() { return kernels().name; }
+
 int64_t fma_peak_all_threads(int64_t iterations) {
   TORCH_CHECK(iterations >= 0, "iterations must be >= 0, got ", iterations);
   const KernelTable& kt = kernels();

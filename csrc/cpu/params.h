@@ -194,6 +194,8 @@ const KernelTable* kernels_generic();
 // The FMA loop of the selected variant on every thread at once, `iterations` each; returns
 // the FLOPs done (the benchmark times it for the machine's peak FMA rate).
 int64_t fma_peak_all_threads(int64_t iterations);
+// The name of the variant the kernels run now ("avx512", "avx2" or "generic").
+const char* kernel_isa();
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -21,14 +21,27 @@ CSV_FIELDS = (
 
 
 def cpu_model():
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them:
+    virtual machines often report only a brand ("AMD EPYC"), which covers several designs."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def cpu_kernel_isa():
+    """The instruction-set variant fastattn's CPU kernels run (None without the extension)."""
+    from fastattn import ops
+
+    return ops._C.cpu_kernel_isa() if ops._C is not None else None
 
 
 def environment(device):
@@ -38,6 +51,7 @@ def environment(device):
     return {
         "device": device,
         "cpu_model": cpu_model(),
+        "cpu_kernel_isa": cpu_kernel_isa(),
         "cpu_threads": torch.get_num_threads(),
         "gpu_model": torch.cuda.get_device_name() if device == "cuda" else None,
         "platform": platform.platform(),
