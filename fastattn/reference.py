@@ -33,9 +33,9 @@ CAUSAL_TOP_LEFT = Window(-1, 0, True)  # SDPA's rule: query i sees keys <= i
 # The fused forwards' third output, softmax_stats (SOFTMAX_STATS, B, Hq, Sq) float32: [0] a
 # reference max of the row (its largest score; the CPU kernels may keep one up to 8 ln 2 below
 # it, to rescale their accumulators less often), [1] the row sum of exp(score - [0]), so
-# lse = [0] + log([1]); rows that see no key: -inf and 0. The backwards recompute P = exp(score - [0]) / [1] from them:
-# an fp32 lse keeps the row sum only to |lse| * 2^-24, which at large logits costs P many
-# times PyTorch's accuracy.
+# lse = [0] + log([1]); rows that see no key: -inf and 0. The backwards recompute
+# P = exp(score - [0]) / [1] from them: an fp32 lse keeps the row sum only to |lse| * 2^-24,
+# which at large logits costs P many times PyTorch's accuracy.
 SOFTMAX_STATS = 2
 
 
