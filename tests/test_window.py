@@ -97,6 +97,8 @@ CASES = [
     (1, 4, 2, 70, 120, 32, torch.float32, "padding", True, (30, None), 5.0),  # everything at once
     (1, 4, 1, 3, 200, 64, torch.float32, "padding", True, (40, None), 3.0),  # few queries (decode kernel)
     (2, 2, 2, 12, 90, 32, torch.bfloat16, None, False, (3, 2), None),  # few queries, some see nothing
+    # Long enough that the CPU backward takes key blocks in groups, each seen by other query blocks.
+    (1, 2, 1, 800, 800, 64, torch.float32, "padding", True, (100, None), 4.0),
 ]
 
 
