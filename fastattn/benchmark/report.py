@@ -20,9 +20,8 @@ CSV_FIELDS = (
 )
 
 
-def cpu_model():
-    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them:
-    virtual machines often report only a brand ("AMD EPYC"), which covers several designs."""
+def _cpuinfo():
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -31,10 +30,28 @@ def cpu_model():
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model():
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them:
+    virtual machines often report only a brand ("AMD EPYC"), which covers several designs."""
+    fields = _cpuinfo()
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     return name
+
+
+# Instructions that run bf16 (and fp16) products faster than fp32 FMAs: where the CPU has them,
+# PyTorch's bf16 kernels (oneDNN) can outrun any fp32-FMA kernel, fastattn's included.
+LOW_PRECISION_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def cpu_low_precision_units():
+    """Which of LOW_PRECISION_FLAGS the CPU reports (from /proc/cpuinfo's flags)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [flag for flag in LOW_PRECISION_FLAGS if flag in flags]
 
 
 def cpu_kernel_isa():
@@ -52,6 +69,7 @@ def environment(device):
         "device": device,
         "cpu_model": cpu_model(),
         "cpu_kernel_isa": cpu_kernel_isa(),
+        "cpu_low_precision_units": cpu_low_precision_units(),
         "cpu_threads": torch.get_num_threads(),
         "gpu_model": torch.cuda.get_device_name() if device == "cuda" else None,
         "platform": platform.platform(),
