@@ -220,6 +220,16 @@ static inline float row_max(const float* x, int64_t n) {  // n multiple of W
   for (int64_t j = 0; j < n; j += W) m = Vec::max(m, Vec::load(x + j));
   return Vec::hmax(m);
 }
+// The max over rows [0, n) of a column of vectors (row pitch ld), in four independent chains:
+// one chain waits for vmaxps at every row (4 cycles on Intel cores, against 0.5 a load).
+static inline R column_max(const float* x, int64_t ld, int64_t n) {
+  R m[4] = {Vec::set1(-kInf), Vec::set1(-kInf), Vec::set1(-kInf), Vec::set1(-kInf)};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int u = 0; u < 4; ++u) m[u] = Vec::max(m[u], Vec::load(x + (j + u) * ld));
+  for (; j < n; ++j) m[0] = Vec::max(m[0], Vec::load(x + j * ld));
+  return Vec::max(Vec::max(m[0], m[1]), Vec::max(m[2], m[3]));
+}
 // exp(s - shift) for a vector of scores s (natural units).
 static inline R exp_shifted(R s, R shift) { return Vec::exp2(Vec::mul(Vec::sub(s, shift), Vec::set1(kLog2e))); }
 static inline float exp_shifted(float s, float shift) { return std::exp2((s - shift) * kLog2e); }
@@ -639,8 +649,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     const R margin = Vec::set1(kRescaleMargin);
     for (int64_t i = 0; i < BQ; i += W) {
       const R m_old = Vec::load(mb + i);
-      R tile_max = Vec::set1(-kInf);
-      for (int64_t j = 0; j < nk; ++j) tile_max = Vec::max(tile_max, Vec::load(st.p + j * BQ + i));
+      const R tile_max = column_max(st.p + i, BQ, nk);
       const R m_new = Vec::select_lt(Vec::add(m_old, margin), tile_max, tile_max, m_old);
       const R a = exp_shifted(m_old, m_new);
       R sum = Vec::zero();
