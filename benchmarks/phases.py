@@ -14,7 +14,10 @@ whole rate is attention's FLOPs (forward 4 * Sq * Sk * D, backward 2.5 times tha
 half) over its time (the forward's wall time; the backward's busy time over the threads, as
 its call also runs an untimed forward), as a fraction of the peak of every core. A pass
 reaches the peak only if every phase but the GEMMs is free and the GEMMs run at the peak: the
-breakdown says which of the two is missing, and by how much. Also printed: page faults per
+breakdown says which of the two is missing, and by how much. The GEMM phases are also given
+as a fraction of the kernels' own tile GEMM on one L1-resident tile (fastattn._C.
+cpu_tile_gemm_peak), timed in the same run: below 1, the GEMMs lose to cache misses; the tile
+GEMM's own fraction of the peak is what the micro-kernel loses. Also printed: page faults per
 call, and the CPU time per 64 x 64 tile of scores (all phases; the JSON has each phase's).
 `taskset -c 1 python benchmarks/phases.py` measures one thread alone.
 """
@@ -34,6 +37,7 @@ from fastattn.benchmark.report import command_line, environment, script_args  # 
 # (label, (B, H, S, D)): the CPU targets' shapes (head dims 64 and 128, causal).
 CASES = [("D64", (4, 12, 512, 64)), ("D128", (2, 8, 1024, 128)), ("causal D64", (1, 12, 2048, 64))]
 FMA_ITERATIONS = 2_000_000
+TILE_GEMM_ITERATIONS = 20_000
 REPEATS = 5
 TILE = 64  # queries and keys per tile of both kernels (csrc/cpu/kernels.h kFwdBQ/BK, kBwdBQ/BK)
 # pass: (its phases, its GEMM phases with the number of tile GEMMs each runs, FLOPs / forward's)
@@ -43,16 +47,22 @@ PASSES = {
 }
 
 
-def peak_flops_per_s():
-    """The peak FMA rate of all intra-op threads together, FLOP/s (the best of five runs, after
-    one that starts the thread pool)."""
-    ops._C.cpu_fma_peak(FMA_ITERATIONS // 100)
+def ceiling_flops_per_s(loop, iterations):
+    """The rate of a ceiling loop (ops._C.cpu_fma_peak or cpu_tile_gemm_peak) on all intra-op
+    threads together, FLOP/s: the best of five runs, after one that starts the thread pool."""
+    loop(iterations // 100)
     best = 0.0
     for _ in range(5):
         start = time.perf_counter()
-        flops = ops._C.cpu_fma_peak(FMA_ITERATIONS)
+        flops = loop(iterations)
         best = max(best, flops / (time.perf_counter() - start))
     return best
+
+
+def ceilings():
+    """(peak FMA rate, L1-resident tile GEMM rate), FLOP/s."""
+    return (ceiling_flops_per_s(ops._C.cpu_fma_peak, FMA_ITERATIONS),
+            ceiling_flops_per_s(ops._C.cpu_tile_gemm_peak, TILE_GEMM_ITERATIONS))
 
 
 def measure(kind, shape, causal):
@@ -87,20 +97,22 @@ def main():
     threads = torch.get_num_threads()
     # Timed before and after the cases, the best kept: a core taken by something else for a
     # moment must not lower the ceiling every figure is divided by.
-    peak_before = peak_flops_per_s()
+    ceilings_before = ceilings()
     measured = {kind: [] for kind in PASSES}
     for kind in PASSES:
         for label, shape in CASES:
             if args.quick:
                 shape = (1, 2, shape[2] // 4, shape[3])
             measured[kind].append((label, shape, measure(kind, shape, label.startswith("causal"))))
-    peak = max(peak_before, peak_flops_per_s())
-    per_core_peak = peak / threads
-    print(f"peak FMA rate: {peak / 1e9:.1f} GFLOP/s on {threads} threads")
+    peak, tile_peak = (max(pair) for pair in zip(ceilings_before, ceilings()))
+    per_core_peak, per_core_tile = peak / threads, tile_peak / threads
+    print(f"peak FMA rate: {peak / 1e9:.1f} GFLOP/s on {threads} threads; the kernels' tile GEMM in L1: "
+          f"{tile_peak / 1e9:.1f} ({tile_peak / peak:.2f} of the peak)")
     rows = []
     for kind, (names, gemms, flop_factor) in PASSES.items():
         print(f"\n{kind:<24} {'ms':>8} {'of peak':>8}  " + "  ".join(f"{p:>9}" for p in names)
-              + "  " + "  ".join(f"{g + '/peak':>14}" for g in gemms) + f"  {'faults':>7}  {'us/tile':>7}")
+              + "  " + "  ".join(f"{g + '/peak':>14}  {g + '/tile':>14}" for g in gemms)
+              + f"  {'faults':>7}  {'us/tile':>7}")
         for label, shape, (elapsed, phase_s, faults) in measured[kind]:
             causal = label.startswith("causal")
             B, H, S, D = shape
@@ -118,16 +130,20 @@ def main():
                 "CPU us per tile": {name: round(t / computed_tiles * 1e6, 2) for name, t in phase_s.items()},
                 **{f"{name} GEMM / peak": round(count * tile_gemm_flops / phase_s[name] / per_core_peak, 3)
                    for name, count in gemms.items()},
+                **{f"{name} GEMM / tile GEMM": round(count * tile_gemm_flops / phase_s[name] / per_core_tile, 3)
+                   for name, count in gemms.items()},
                 "page faults per call": round(faults),
             }
             rows.append(row)
             shares = "  ".join(f"{row['phase share'][name]:>9.1%}" for name in names)
-            rates = "  ".join(f"{row[f'{name} GEMM / peak']:>14.2f}" for name in gemms)
+            rates = "  ".join(f"{row[f'{name} GEMM / peak']:>14.2f}  {row[f'{name} GEMM / tile GEMM']:>14.2f}"
+                              for name in gemms)
             print(f"{label + f' S{S} D{D}':<24} {row['ms']:>8} {row['of peak']:>8.2f}  {shares}  {rates}  {faults:>7.0f}  {busy / computed_tiles * 1e6:>7.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": command_line(), "environment": environment("cpu"), "threads": threads,
-                   "peak_gflops": round(peak / 1e9, 1), "rows": rows}, f, indent=1)
+                   "peak_gflops": round(peak / 1e9, 1), "tile_gemm_gflops": round(tile_peak / 1e9, 1),
+                   "rows": rows}, f, indent=1)
     print(f"\nwrote {args.out}")
 
 

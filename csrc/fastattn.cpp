@@ -128,6 +128,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_fma_peak", &fastattn::cpu::fma_peak_all_threads, py::arg("iterations"),
         "Runs a register-resident FMA loop (the CPU kernels' vectors) `iterations` times on every "
         "intra-op thread at once and returns the FLOPs done: timed, the machine's peak FMA rate.");
+  m.def("cpu_tile_gemm_peak", &fastattn::cpu::tile_gemm_peak_all_threads, py::arg("iterations"),
+        "Runs the CPU kernels' own tile GEMM on one L1-resident 64 x 64 x 64 tile `iterations` times on "
+        "every intra-op thread at once and returns the FLOPs done: timed, the rate the kernels' GEMM "
+        "phases would reach without cache misses.");
   m.def("cpu_kernel_isa", &fastattn::cpu::kernel_isa,
         "The instruction-set variant the CPU kernels run now: avx512, avx2 or generic (the fastest the "
         "CPU supports, unless FASTATTN_CPU_ISA forces one).");

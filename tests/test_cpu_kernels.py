@@ -368,3 +368,15 @@ def test_fma_peak_loop_counts_its_flops(isa, monkeypatch):
     assert ops._C.cpu_fma_peak(1000) == 1000 * per_iteration
     with pytest.raises(RuntimeError, match="iterations must be >= 0"):
         ops._C.cpu_fma_peak(-1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_tile_gemm_loop_counts_its_flops(isa, monkeypatch):
+    """The GEMM ceiling: one 64 x 64 x 64 tile GEMM (2 * 64^3 FLOPs) per iteration per thread."""
+    from fastattn import ops
+
+    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+    assert ops._C.cpu_tile_gemm_peak(1) == 2 * 64**3 * torch.get_num_threads()
+    assert ops._C.cpu_tile_gemm_peak(7) == 7 * ops._C.cpu_tile_gemm_peak(1)
+    with pytest.raises(RuntimeError, match="iterations must be >= 0"):
+        ops._C.cpu_tile_gemm_peak(-1)

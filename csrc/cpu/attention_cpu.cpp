@@ -653,15 +653,21 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
 
 const char* kernel_isa() { return kernels().name; }
 
-int64_t fma_peak_all_threads(int64_t iterations) {
+// `loop(iterations)` on every intra-op thread at once; the FLOPs of all of them.
+static int64_t flops_on_every_thread(int64_t (*loop)(int64_t), int64_t iterations) {
   TORCH_CHECK(iterations >= 0, "iterations must be >= 0, got ", iterations);
-  const KernelTable& kt = kernels();
   const int64_t threads = at::get_num_threads();
   std::atomic<int64_t> flops{0};
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) flops += kt.fma_peak(iterations);
+    for (int64_t t = b; t < e; ++t) flops += loop(iterations);
   });
   return flops.load();
+}
+
+int64_t fma_peak_all_threads(int64_t iterations) { return flops_on_every_thread(kernels().fma_peak, iterations); }
+
+int64_t tile_gemm_peak_all_threads(int64_t iterations) {
+  return flops_on_every_thread(kernels().tile_gemm_peak, iterations);
 }
 
 std::vector<int64_t> forward_phase_ns(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

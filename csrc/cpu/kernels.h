@@ -1214,6 +1214,25 @@ static int64_t fma_peak(int64_t iterations) {
   return 2 * Vec::W * kFmaChains * iterations;
 }
 
+// The attention kernels' own tile GEMM (`gemm`, accumulating) on one 64 x 64 x 64 tile that
+// stays in L1, `iterations` times on this thread; returns its FLOPs. Timed, the rate their
+// GEMM phases would reach with no cache misses: what the micro-kernel's loads, set-up and
+// stores leave of the FMA peak.
+static int64_t tile_gemm_peak(int64_t iterations) {
+  constexpr int64_t T = 64;
+  const int64_t ld = pitch(T);
+  Scratch a(T * ld), b(T * ld), c(T * ld);
+  for (int64_t i = 0; i < T * ld; ++i) {
+    a.p[i] = 1e-3f * static_cast<float>(i % 7);
+    b.p[i] = 1e-3f * static_cast<float>(i % 5);
+    c.p[i] = 0.f;
+  }
+  for (int64_t i = 0; i < iterations; ++i) gemm(a.p, ld, b.p, ld, c.p, ld, T, T / W, T, true);
+  volatile float keep = c.p[0];  // the GEMMs' result is used: they cannot be dropped
+  (void)keep;
+  return 2 * T * T * T * iterations;
+}
+
 static const KernelTable kTable = {
     kIsaName,
     kFwdBQ,
@@ -1226,4 +1245,5 @@ static const KernelTable kTable = {
     softmax_fwd,
     softmax_bwd,
     fma_peak,
+    tile_gemm_peak,
 };

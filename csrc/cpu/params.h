@@ -184,6 +184,8 @@ struct KernelTable {
   void (*softmax_bwd)(const SoftmaxBwdParams&, int64_t row_begin, int64_t row_end);
   // Runs `iterations` of a register-resident FMA loop on this thread; returns its FLOPs.
   int64_t (*fma_peak)(int64_t iterations);
+  // Runs the kernels' tile GEMM on one L1-resident 64^3 tile `iterations` times; its FLOPs.
+  int64_t (*tile_gemm_peak)(int64_t iterations);
 };
 
 // nullptr where the variant was not compiled (other architecture or compiler).
@@ -194,6 +196,8 @@ const KernelTable* kernels_generic();
 // The FMA loop of the selected variant on every thread at once, `iterations` each; returns
 // the FLOPs done (the benchmark times it for the machine's peak FMA rate).
 int64_t fma_peak_all_threads(int64_t iterations);
+// The same for the L1-resident tile GEMM (the ceiling of the kernels' GEMM phases).
+int64_t tile_gemm_peak_all_threads(int64_t iterations);
 // The name of the variant the kernels run now ("avx512", "avx2" or "generic").
 const char* kernel_isa();
 

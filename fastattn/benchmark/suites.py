@@ -223,25 +223,30 @@ MEMORY_CASE = ("memory", (1, 8, 8192, 64))
 MEMORY_BOUND_BYTES = 100e6
 
 
-# The machine's two ceilings, timed in the same run as the targets: the peak FMA rate (a
-# register-resident FMA loop with the CPU kernels' vectors on every intra-op thread) and an
-# fp32 matmul of a size comparable to attention's. Sizes: (tiny scale, full scale).
+# The ceilings, timed in the same run as the targets: the peak FMA rate (a register-resident
+# FMA loop with the CPU kernels' vectors on every intra-op thread), the kernels' own tile GEMM
+# on an L1-resident 64^3 tile (what their micro-kernel leaves of that peak) and an fp32
+# matmul of a size comparable to attention's. Sizes: (tiny scale, full scale).
 FMA_ITERATIONS = (2_000, 2_000_000)
+TILE_GEMM_ITERATIONS = (20, 20_000)
 SGEMM_SIZE = (128, 2048)
-CEILING_FMA, CEILING_SGEMM = "peak FMA rate", "sgemm"
+CEILING_FMA, CEILING_TILE_GEMM, CEILING_SGEMM = "peak FMA rate", "tile GEMM in L1", "sgemm"
 
 
 def _ceiling_cases(scale):
     """The ceilings as cases of the targets suite; report.roofline reads them by params["ceiling"]."""
     full = scale != "tiny"
-    iterations, size = FMA_ITERATIONS[full], SGEMM_SIZE[full]
+    size = SGEMM_SIZE[full]
     cases = []
     if ops._C is not None:
-        fma_loop = Impl("fma-loop", lambda inputs: torch.tensor(float(ops._C.cpu_fma_peak(iterations))))
-        cases.append(Case(suite="targets", label=f"ceiling: {CEILING_FMA}", params={"ceiling": CEILING_FMA},
-                          make_inputs=lambda requires_grad: {}, impls=[fma_loop], baseline="fma-loop",
-                          x=iterations, series="ceilings", passes=(FWD,),
-                          flops={FWD: iterations * ops._C.cpu_fma_peak(1)}))  # cpu_fma_peak returns FLOPs
+        loops = ((CEILING_FMA, "fma-loop", ops._C.cpu_fma_peak, FMA_ITERATIONS[full]),
+                 (CEILING_TILE_GEMM, "tile-gemm", ops._C.cpu_tile_gemm_peak, TILE_GEMM_ITERATIONS[full]))
+        for ceiling, impl, loop, iterations in loops:
+            run = Impl(impl, lambda inputs, loop=loop, iterations=iterations: torch.tensor(float(loop(iterations))))
+            cases.append(Case(suite="targets", label=f"ceiling: {ceiling}", params={"ceiling": ceiling},
+                              make_inputs=lambda requires_grad: {}, impls=[run], baseline=impl,
+                              x=iterations, series="ceilings", passes=(FWD,),
+                              flops={FWD: iterations * loop(1)}))  # the loops return their FLOPs
 
     def matrices(requires_grad):
         return {"a": torch.randn(size, size), "b": torch.randn(size, size)}
