@@ -130,6 +130,8 @@ CASES = {  # B, Hq, Hkv, Sq, Sk, D, Dv, attention() options
     "bool_mask": (2, 2, 1, 19, 50, 24, 40, {"attn_mask": "bool"}),
     "float_mask_softcap": (1, 3, 3, 64, 65, 16, 16, {"attn_mask": "float", "softcap": 5.0}),
     "few_queries": (2, 4, 1, 3, 97, 32, 32, {}),
+    # Long enough that the CPU backward takes key blocks in groups (too slow for interpreted Triton).
+    "long_window": (1, 2, 1, 720, 720, 64, 64, {"window": (100, 30)}),
 }
 
 
@@ -160,7 +162,7 @@ def _reference_run(inputs, grad_out, options, p, state, dtype, upcast):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.interpreted_triton_keeps(dtype=[F32])
+@pytest.mark.interpreted_triton_keeps(dtype=[F32], case=[name for name in CASES if name != "long_window"])
 def test_forward_and_backward_match_the_reference(fused_backend, case, dtype):
     B, Hq, Hkv, Sq, Sk, D, Dv, options = CASES[case]
     options = _options(options, B, Hq, Sq, Sk, dtype)
