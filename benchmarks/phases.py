@@ -33,11 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastattn import ops  # noqa: E402
 from fastattn.benchmark.report import command_line, environment, script_args  # noqa: E402
+from fastattn.benchmark.suites import FMA_ITERATIONS, TILE_GEMM_ITERATIONS  # noqa: E402
 
 # (label, (B, H, S, D)): the CPU targets' shapes (head dims 64 and 128, causal).
 CASES = [("D64", (4, 12, 512, 64)), ("D128", (2, 8, 1024, 128)), ("causal D64", (1, 12, 2048, 64))]
-FMA_ITERATIONS = 2_000_000
-TILE_GEMM_ITERATIONS = 20_000
 REPEATS = 5
 TILE = 64  # queries and keys per tile of both kernels (csrc/cpu/kernels.h kFwdBQ/BK, kBwdBQ/BK)
 # pass: (its phases, its GEMM phases with the number of tile GEMMs each runs, FLOPs / forward's)
@@ -60,9 +59,10 @@ def ceiling_flops_per_s(loop, iterations):
 
 
 def ceilings():
-    """(peak FMA rate, L1-resident tile GEMM rate), FLOP/s."""
-    return (ceiling_flops_per_s(ops._C.cpu_fma_peak, FMA_ITERATIONS),
-            ceiling_flops_per_s(ops._C.cpu_tile_gemm_peak, TILE_GEMM_ITERATIONS))
+    """(peak FMA rate, L1-resident tile GEMM rate), FLOP/s, with the attention benchmark's
+    full-scale loop sizes (the last of its (tiny, full) pairs)."""
+    return (ceiling_flops_per_s(ops._C.cpu_fma_peak, FMA_ITERATIONS[-1]),
+            ceiling_flops_per_s(ops._C.cpu_tile_gemm_peak, TILE_GEMM_ITERATIONS[-1]))
 
 
 def measure(kind, shape, causal):

@@ -1036,26 +1036,29 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
         const int64_t last = min64(kb1, first + group);
         int64_t qb_begin[kBwdMaxGroup], qb_end[kBwdMaxGroup], group_qb_begin = nqb, group_qb_end = 0;
         for (int64_t kb = first; kb < last; ++kb) {
-          const int64_t k0 = kb * BK, nk = min64(BK, sk - k0);
+          const int64_t slot = kb - first, k0 = kb * BK, nk = min64(BK, sk - k0);
+          qb_begin[slot] = qb_end[slot] = 0;  // no query block sees keys past a packed sequence's end
+          if (nk <= 0) continue;
           // Only the query blocks the window shows these keys to are visited.
-          const int64_t qstart = nk > 0 ? vis.query_begin(k0) : 0, qend = nk > 0 ? vis.query_end(k0, nk, sq) : 0;
-          qb_begin[kb - first] = qstart / BQ;
-          qb_end[kb - first] = qstart < qend ? ceil_div(qend, BQ) : 0;
-          if (qb_begin[kb - first] >= qb_end[kb - first]) continue;
-          group_qb_begin = min64(group_qb_begin, qb_begin[kb - first]);
-          group_qb_end = max64(group_qb_end, qb_end[kb - first]);
+          const int64_t qstart = vis.query_begin(k0), qend = vis.query_end(k0, nk, sq);
+          if (qstart >= qend) continue;
+          qb_begin[slot] = qstart / BQ;
+          qb_end[slot] = ceil_div(qend, BQ);
+          group_qb_begin = min64(group_qb_begin, qb_begin[slot]);
+          group_qb_end = max64(group_qb_end, qb_end[slot]);
           for (int64_t j = 0; j < nk; ++j) {
-            load_row(seq.key(k0 + j), p.dtype, p.D, kr.p + ((kb - first) * BK + j) * ldd, 1.f);
-            load_row(seq.value(k0 + j), p.dtype, p.Dv, vr.p + ((kb - first) * BK + j) * lddv, 1.f);
+            load_row(seq.key(k0 + j), p.dtype, p.D, kr.p + (slot * BK + j) * ldd, 1.f);
+            load_row(seq.value(k0 + j), p.dtype, p.Dv, vr.p + (slot * BK + j) * lddv, 1.f);
           }
         }
         for (int64_t qb = group_qb_begin; qb < group_qb_end; ++qb) {
           const int64_t q0 = qb * BQ, mq = min64(BQ, sq - q0);
           for (int64_t kb = first; kb < last; ++kb) {
-            if (qb < qb_begin[kb - first] || qb >= qb_end[kb - first]) continue;
+            const int64_t slot = kb - first;
+            if (qb < qb_begin[slot] || qb >= qb_end[slot]) continue;
             const int64_t k0 = kb * BK, nk = min64(BK, sk - k0);
-            const float* kt = kr.p + (kb - first) * BK * ldd;
-            const float* vt = vr.p + (kb - first) * BK * lddv;
+            const float* kt = kr.p + slot * BK * ldd;
+            const float* vt = vr.p + slot * BK * lddv;
             float* dkb = dkacc.p + (kb - kb0) * BK * ldd;
             float* dvb = dvacc.p + (kb - kb0) * BK * lddv;
             bool per_query = false;
