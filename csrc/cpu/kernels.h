@@ -140,10 +140,12 @@ static bool mask_tile(const MaskView& mk, int64_t b, int64_t h, int64_t q0, int6
 
 // ---------------------------------------------------------------- GEMM micro-kernel
 // C[M x NV*W] (+)= A[M x K] * B[K x NV*W]. A is row-major (element (m, k) at A[m*lda + k]) or,
-// with ACOL, column-major (at A[k*lda + m]); B and C are row-major.
+// with ACOL, column-major (at A[k*lda + m]); B and C are row-major. With col_max (NV*W floats)
+// given, each column's max over the M rows of C is folded into it while C is in registers: the
+// forward's softmax then needs no pass of its own for a tile's max.
 template <int M, int NV, bool ACOL>
 static inline void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                                int64_t ldc, int64_t K, bool accumulate) {
+                                int64_t ldc, int64_t K, bool accumulate, float* col_max) {
   R c[M][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -164,10 +166,19 @@ static inline void micro_kernel(const float* A, int64_t lda, const float* B, int
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int n = 0; n < NV; ++n) Vec::store(C + m * ldc + n * W, c[m][n]);
+  if (col_max) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NV; ++n) {
+      R mx = Vec::load(col_max + n * W);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) mx = Vec::max(mx, c[m][n]);
+      Vec::store(col_max + n * W, mx);
+    }
+  }
 }
 
 using MicroKernelFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
-                               bool);
+                               bool, float*);
 
 template <int M, bool ACOL>
 static MicroKernelFn pick_nv(int nv) {
@@ -191,21 +202,23 @@ static MicroKernelFn pick_kernel(int m, int nv) {
   }
 }
 
-// C[M x NVt*W] (+)= A[M x K] * B[K x NVt*W] (A column-major with ACOL, else row-major).
+// C[M x NVt*W] (+)= A[M x K] * B[K x NVt*W] (A column-major with ACOL, else row-major); with
+// col_max (NVt*W floats), the max of each column of C folded into it.
 template <bool ACOL = false>
 static void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                 int64_t M, int64_t NVt, int64_t K, bool accumulate) {
+                 int64_t M, int64_t NVt, int64_t K, bool accumulate, float* col_max = nullptr) {
   if (M <= 0 || NVt <= 0) return;
   const int64_t mstep = ACOL ? 1 : lda;  // distance between consecutive rows of A
   for (int64_t n0 = 0; n0 < NVt; n0 += Vec::NVR) {
     const int nv = int(min64(Vec::NVR, NVt - n0));
     const MicroKernelFn full = pick_kernel<ACOL>(Vec::MR, nv);
+    float* max_n = col_max ? col_max + n0 * W : nullptr;
     int64_t m0 = 0;
     for (; m0 + Vec::MR <= M; m0 += Vec::MR)
-      full(A + m0 * mstep, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K, accumulate);
+      full(A + m0 * mstep, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W, ldc, K, accumulate, max_n);
     if (m0 < M)
       pick_kernel<ACOL>(int(M - m0), nv)(A + m0 * mstep, lda, B + n0 * W, ldb, C + m0 * ldc + n0 * W,
-                                         ldc, K, accumulate);
+                                         ldc, K, accumulate, max_n);
   }
 }
 
@@ -612,7 +625,7 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
   // blocks the mask or the window hides are never touched.
   Scratch kp(nkb * BK * ldk), vp(nkb * BK * ldv), packed(nkb);
   Scratch qt(held * p.D * ldq), o(held * BQ * ldo), mvec(held * BQ), lvec(held * BQ);
-  Scratch st(BK * BQ), alpha(BQ), bias(BQ * BK), row(p.D);
+  Scratch st(BK * BQ), tile_max(BQ), alpha(BQ), bias(BQ * BK), row(p.D);
   PhaseClock<kFwdPhases> clock(p.phase_ns);
 
   // Query block q0 (mq real queries) of head hq: Q^T (times the scale) into qtb, O, max, sum
@@ -647,20 +660,23 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       }
     }
     clock.lap(kPhasePack);
-    gemm(kpb, ldk, qtb, ldq, st.p, BQ, nk, BQ / W, p.D, false);
+    const float slope = seq.alibi_slope(hq);
+    const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
+    // A tile that no modifier touches takes its column max from the GEMM.
+    const bool plain = !p.mask.ptr && p.softcap == 0.f && slope == 0.f && !partial;
+    if (plain) fill(tile_max.p, BQ, -kInf);
+    gemm(kpb, ldk, qtb, ldq, st.p, BQ, nk, BQ / W, p.D, false, plain ? tile_max.p : nullptr);
     clock.lap(kPhaseScores);
     if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
-    const float slope = seq.alibi_slope(hq);
     if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, seq.vis.diagonal);
-    const bool partial = seq.vis.classify(q0, mq, k0, nk) == Tile::kPartial;
     mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &seq.vis : nullptr, q0,
                   k0);
     // mb holds each row's reference max: moved to the tile's max only past kRescaleMargin.
     const R margin = Vec::set1(kRescaleMargin);
     for (int64_t i = 0; i < BQ; i += W) {
       const R m_old = Vec::load(mb + i);
-      const R tile_max = column_max(st.p + i, BQ, nk);
-      const R m_new = Vec::select_lt(Vec::add(m_old, margin), tile_max, tile_max, m_old);
+      const R tmax = plain ? Vec::load(tile_max.p + i) : column_max(st.p + i, BQ, nk);
+      const R m_new = Vec::select_lt(Vec::add(m_old, margin), tmax, tmax, m_old);
       const R a = exp_shifted(m_old, m_new);
       R sum = Vec::zero();
       for (int64_t j = 0; j < nk; ++j) {
