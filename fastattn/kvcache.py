@@ -75,7 +75,7 @@ def _capacity(k_cache, block_table):
     return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
 
 
-def _check_room(cache_seqlens, added, capacity):
+def check_room(cache_seqlens, added, capacity):
     """Raises unless every row's cache_seqlens + added entries fit in its `capacity`."""
     lengths = cache_seqlens.tolist()
     if lengths and (max(lengths) + added > capacity or min(lengths) < 0):
@@ -152,7 +152,7 @@ def attention_with_kvcache(
     # The KV-cache ops check the lengths of CPU tensors themselves; an append (which would
     # write out of the row) and the masked path (which would see every key) need it here.
     if (added or not native) and q.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_room(cache_seqlens, added, capacity)
+        check_room(cache_seqlens, added, capacity)
     if k_new is not None:
         positions = cache_seqlens.to(torch.int64).unsqueeze(1) + torch.arange(Sq, device=q.device)
         _append(k_cache, k_new, positions, block_table)

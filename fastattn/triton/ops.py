@@ -571,10 +571,8 @@ def triton_attn_fwd_kvcache(
     paged = block_table is not None
     capacity = k_cache.shape[2] * (block_table.shape[1] if paged else 1)
     if q.device.type == "cpu" and not isinstance(cache_seqlens, FakeTensor):  # interpreted: lengths on the host
-        lengths = cache_seqlens.tolist()
-        if min(lengths) < 0 or max(lengths) > capacity:
-            raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the room of a row), got lengths up to "
-                             f"{max(lengths)} and down to {min(lengths)}")
+        from ..kvcache import check_room  # imported at use: fastattn.kvcache imports this module's callers
+        check_room(cache_seqlens, 0, capacity)
     group = Hq // Hkv
     group_pad = triton.next_power_of_2(group)
     bucket = configs.head_bucket(_pad(D), _pad(Dv), q.element_size())
