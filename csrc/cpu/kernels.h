@@ -665,7 +665,19 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     // A tile that no modifier touches takes its column max from the GEMM.
     const bool plain = !p.mask.ptr && p.softcap == 0.f && slope == 0.f && !partial;
     if (plain) fill(tile_max.p, BQ, -kInf);
-    gemm(kpb, ldk, qtb, ldq, st.p, BQ, nk, BQ / W, p.D, false, plain ? tile_max.p : nullptr);
+    if (partial) {
+      // A tile the window cuts (a causal diagonal): each block of key rows is multiplied only
+      // by the vectors of queries that see one of its keys; mask_scores_t hides the rest.
+      for (int64_t j0 = 0; j0 < nk; j0 += Vec::MR) {
+        const int64_t rows = min64(Vec::MR, nk - j0);
+        const int64_t first = min64(BQ, max64(0, seq.vis.query_begin(k0 + j0) - q0)) / W;
+        const int64_t end = ceil_div(max64(0, seq.vis.query_end(k0 + j0, rows, q0 + BQ) - q0), W);
+        gemm(kpb + j0 * ldk, ldk, qtb + first * W, ldq, st.p + j0 * BQ + first * W, BQ, rows, end - first, p.D,
+             false);
+      }
+    } else {
+      gemm(kpb, ldk, qtb, ldq, st.p, BQ, nk, BQ / W, p.D, false, plain ? tile_max.p : nullptr);
+    }
     clock.lap(kPhaseScores);
     if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
     if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, seq.vis.diagonal);
@@ -693,7 +705,19 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     // The row sums above are the undropped softmax's; only P V sees the dropped probabilities.
     if constexpr (DROPOUT) drop_tile_t(p.dropout, b * p.Hq + hq, q0, k0, nk, BQ, st.p);
     clock.lap(kPhaseSoftmax);
-    gemm<true>(st.p, BQ, vpb, ldv, ob, ldo, mq, Dvp / W, nk, true);
+    if (partial) {
+      // Each block of query rows takes only the keys it sees (the others' P is 0).
+      for (int64_t i0 = 0; i0 < mq; i0 += Vec::MR) {
+        const int64_t rows = min64(Vec::MR, mq - i0);
+        const int64_t first = max64(0, seq.vis.key_begin(q0 + i0) - k0);
+        const int64_t end = min64(nk, seq.vis.key_end(q0 + i0, rows) - k0);
+        if (end > first)
+          gemm<true>(st.p + first * BQ + i0, BQ, vpb + first * ldv, ldv, ob + i0 * ldo, ldo, rows, Dvp / W,
+                     end - first, true);
+      }
+    } else {
+      gemm<true>(st.p, BQ, vpb, ldv, ob, ldo, mq, Dvp / W, nk, true);
+    }
     clock.lap(kPhaseValues);
   };
   // The query block's rows from its state, as split c.
