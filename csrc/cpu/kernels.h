@@ -564,6 +564,25 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
   }
 }
 
+// C = A B^T-shaped tile GEMM (S^T = K Q^T, dP^T = V dO^T) over keys [k0, k0 + nk) x queries
+// [q0, q0 + BQ) on a tile the window cuts (a causal diagonal, a sliding window's edge): each
+// block of key rows takes only the query vectors that see one of its keys, and the vectors it
+// skips are zeroed (mask_scores_t hides them in S^T; in dP^T they meet P = 0).
+static void gemm_in_window_t(const Visibility& vis, int64_t q0, int64_t k0, const float* a, int64_t lda,
+                             const float* bt, int64_t ldb, float* c, int64_t BQ, int64_t nk, int64_t depth) {
+  for (int64_t j0 = 0; j0 < nk; j0 += Vec::MR) {
+    const int64_t rows = min64(Vec::MR, nk - j0);
+    const int64_t first = min64(BQ, max64(0, vis.query_begin(k0 + j0) - q0)) / W;
+    const int64_t end = max64(first, ceil_div(max64(0, vis.query_end(k0 + j0, rows, q0 + BQ) - q0), W));
+    float* crows = c + j0 * BQ;
+    for (int64_t r = 0; r < rows; ++r) {
+      fill(crows + r * BQ, first * W, 0.f);
+      fill(crows + r * BQ + end * W, BQ - end * W, 0.f);
+    }
+    gemm(a + j0 * lda, lda, bt + first * W, ldb, crows + first * W, BQ, rows, end - first, depth, false);
+  }
+}
+
 // One output row of query head hq from its unnormalised accumulator o (Dvp long, clobbered),
 // running max m and sum l: `out_row` and `stat` are its numbers (SeqInfo::query_row,
 // SeqInfo::stat). With one key split it goes to out, lse and the statistics, the head's sink
@@ -665,19 +684,10 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
     // A tile that no modifier touches takes its column max from the GEMM.
     const bool plain = !p.mask.ptr && p.softcap == 0.f && slope == 0.f && !partial;
     if (plain) fill(tile_max.p, BQ, -kInf);
-    if (partial) {
-      // A tile the window cuts (a causal diagonal): each block of key rows is multiplied only
-      // by the vectors of queries that see one of its keys; mask_scores_t hides the rest.
-      for (int64_t j0 = 0; j0 < nk; j0 += Vec::MR) {
-        const int64_t rows = min64(Vec::MR, nk - j0);
-        const int64_t first = min64(BQ, max64(0, seq.vis.query_begin(k0 + j0) - q0)) / W;
-        const int64_t end = ceil_div(max64(0, seq.vis.query_end(k0 + j0, rows, q0 + BQ) - q0), W);
-        gemm(kpb + j0 * ldk, ldk, qtb + first * W, ldq, st.p + j0 * BQ + first * W, BQ, rows, end - first, p.D,
-             false);
-      }
-    } else {
+    if (partial)
+      gemm_in_window_t(seq.vis, q0, k0, kpb, ldk, qtb, ldq, st.p, BQ, nk, p.D);
+    else
       gemm(kpb, ldk, qtb, ldq, st.p, BQ, nk, BQ / W, p.D, false, plain ? tile_max.p : nullptr);
-    }
     clock.lap(kPhaseScores);
     if (p.softcap > 0.f) cap_scores(st.p, nk * BQ, p.softcap);
     if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, seq.vis.diagonal);
@@ -1117,15 +1127,20 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
             bool per_query = false;
             if (p.mask.ptr && !mask_tile(p.mask, b, hq, q0, mq, k0, nk, bias.p, BK, &per_query)) continue;
             clock.lap(kBwdPack);
-            gemm(kt, ldd, qt.p + transposed(q0, Dp), ldt, st.p, BQ, nk, BQ / W, p.D, false);
-            gemm(vt, lddv, dot.p + transposed(q0, Dvp), ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
+            const bool partial = vis.classify(q0, mq, k0, nk) == Tile::kPartial;
+            if (partial) {
+              gemm_in_window_t(vis, q0, k0, kt, ldd, qt.p + transposed(q0, Dp), ldt, st.p, BQ, nk, p.D);
+              gemm_in_window_t(vis, q0, k0, vt, lddv, dot.p + transposed(q0, Dvp), ldt, dst.p, BQ, nk, p.Dv);
+            } else {
+              gemm(kt, ldd, qt.p + transposed(q0, Dp), ldt, st.p, BQ, nk, BQ / W, p.D, false);
+              gemm(vt, lddv, dot.p + transposed(q0, Dvp), ldt, dst.p, BQ, nk, BQ / W, p.Dv, false);
+            }
             clock.lap(kBwdRecompute);
             if (p.softcap > 0.f) {
               cap_scores(st.p, nk * BQ, p.softcap);
               cap_derivative(st.p, nk * BQ, p.softcap, dcap.p);
             }
             if (slope != 0.f) alibi_tile_t(st.p, BQ, nk, slope, q0, k0, vis.diagonal);
-            const bool partial = vis.classify(q0, mq, k0, nk) == Tile::kPartial;
             mask_scores_t(st.p, BQ, nk, mq, bias.p, BK, per_query, p.mask.ptr != nullptr, partial ? &vis : nullptr,
                           q0, k0);
             // P, and dS = P (dP - delta) in place of S^T and dP^T. With dropout (factors Z / (1 - p),
@@ -1164,8 +1179,23 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
               for (int64_t e = 0; e < nk * BQ; e += W)
                 Vec::store(dst.p + e, Vec::mul(Vec::load(dst.p + e), Vec::load(dcap.p + e)));
             clock.lap(kBwdSoftmax);
-            gemm(st.p, BQ, dor.p + q0 * lddv, lddv, dvb, lddv, nk, Dvp / W, mq, true);
-            gemm(dst.p, BQ, qr.p + q0 * ldd, ldd, dkb, ldd, nk, Dp / W, mq, true);
+            if (partial) {
+              // Each block of key rows takes only the queries that see its keys (the others'
+              // P and dS are 0).
+              for (int64_t j0 = 0; j0 < nk; j0 += Vec::MR) {
+                const int64_t rows = min64(Vec::MR, nk - j0);
+                const int64_t first = max64(0, vis.query_begin(k0 + j0) - q0);
+                const int64_t end = min64(mq, vis.query_end(k0 + j0, rows, sq) - q0);
+                if (end <= first) continue;
+                gemm(st.p + j0 * BQ + first, BQ, dor.p + (q0 + first) * lddv, lddv, dvb + j0 * lddv, lddv, rows,
+                     Dvp / W, end - first, true);
+                gemm(dst.p + j0 * BQ + first, BQ, qr.p + (q0 + first) * ldd, ldd, dkb + j0 * ldd, ldd, rows, Dp / W,
+                     end - first, true);
+              }
+            } else {
+              gemm(st.p, BQ, dor.p + q0 * lddv, lddv, dvb, lddv, nk, Dvp / W, mq, true);
+              gemm(dst.p, BQ, qr.p + q0 * ldd, ldd, dkb, ldd, nk, Dp / W, mq, true);
+            }
             gemm<true>(kt, ldd, dst.p, BQ, dqt.p + transposed(q0, Dp), ldt, p.D, BQ / W, nk, true);
             clock.lap(kBwdProducts);
           }
