@@ -564,8 +564,8 @@ static void mask_scores_t(float* st, int64_t BQ, int64_t nk, int64_t mq, const f
   }
 }
 
-// C = A B^T-shaped tile GEMM (S^T = K Q^T, dP^T = V dO^T) over keys [k0, k0 + nk) x queries
-// [q0, q0 + BQ) on a tile the window cuts (a causal diagonal, a sliding window's edge): each
+// A transposed tile of scores, C = A B (S^T = K Q^T, dP^T = V dO^T: keys [k0, k0 + nk) x queries
+// [q0, q0 + BQ)), on a tile the window cuts (a causal diagonal, a sliding window's edge): each
 // block of key rows takes only the query vectors that see one of its keys, and the vectors it
 // skips are zeroed (mask_scores_t hides them in S^T; in dP^T they meet P = 0).
 static void gemm_in_window_t(const Visibility& vis, int64_t q0, int64_t k0, const float* a, int64_t lda,
