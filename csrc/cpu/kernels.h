@@ -719,11 +719,11 @@ static void attn_fwd(const AttnFwdParams& p, int64_t begin, int64_t end, int64_t
       // Each block of query rows takes only the keys it sees (the others' P is 0).
       for (int64_t i0 = 0; i0 < mq; i0 += Vec::MR) {
         const int64_t rows = min64(Vec::MR, mq - i0);
-        const int64_t first = max64(0, seq.vis.key_begin(q0 + i0) - k0);
-        const int64_t end = min64(nk, seq.vis.key_end(q0 + i0, rows) - k0);
-        if (end > first)
-          gemm<true>(st.p + first * BQ + i0, BQ, vpb + first * ldv, ldv, ob + i0 * ldo, ldo, rows, Dvp / W,
-                     end - first, true);
+        const int64_t keys_from = max64(0, seq.vis.key_begin(q0 + i0) - k0);
+        const int64_t keys_to = min64(nk, seq.vis.key_end(q0 + i0, rows) - k0);
+        if (keys_to > keys_from)
+          gemm<true>(st.p + keys_from * BQ + i0, BQ, vpb + keys_from * ldv, ldv, ob + i0 * ldo, ldo, rows, Dvp / W,
+                     keys_to - keys_from, true);
       }
     } else {
       gemm<true>(st.p, BQ, vpb, ldv, ob, ldo, mq, Dvp / W, nk, true);
@@ -1184,13 +1184,14 @@ static void attn_bwd(const AttnBwdParams& p, int64_t begin, int64_t end, int64_t
               // P and dS are 0).
               for (int64_t j0 = 0; j0 < nk; j0 += Vec::MR) {
                 const int64_t rows = min64(Vec::MR, nk - j0);
-                const int64_t first = max64(0, vis.query_begin(k0 + j0) - q0);
-                const int64_t end = min64(mq, vis.query_end(k0 + j0, rows, sq) - q0);
-                if (end <= first) continue;
-                gemm(st.p + j0 * BQ + first, BQ, dor.p + (q0 + first) * lddv, lddv, dvb + j0 * lddv, lddv, rows,
-                     Dvp / W, end - first, true);
-                gemm(dst.p + j0 * BQ + first, BQ, qr.p + (q0 + first) * ldd, ldd, dkb + j0 * ldd, ldd, rows, Dp / W,
-                     end - first, true);
+                const int64_t queries_from = max64(0, vis.query_begin(k0 + j0) - q0);
+                const int64_t queries_to = min64(mq, vis.query_end(k0 + j0, rows, sq) - q0);
+                if (queries_to <= queries_from) continue;
+                const int64_t depth = queries_to - queries_from;
+                gemm(st.p + j0 * BQ + queries_from, BQ, dor.p + (q0 + queries_from) * lddv, lddv, dvb + j0 * lddv,
+                     lddv, rows, Dvp / W, depth, true);
+                gemm(dst.p + j0 * BQ + queries_from, BQ, qr.p + (q0 + queries_from) * ldd, ldd, dkb + j0 * ldd, ldd,
+                     rows, Dp / W, depth, true);
               }
             } else {
               gemm(st.p, BQ, dor.p + q0 * lddv, lddv, dvb, lddv, nk, Dvp / W, mq, true);
